@@ -1,0 +1,127 @@
+"""Canonical request -> cache key.
+
+An exact entry is keyed by a hash of the canonical JSON of everything that changes the
+answer: the endpoint and the whole request body (model, messages, system prompt, every
+generation parameter, tools...) except the transport-only fields ``stream`` and
+``stream_options``. Canonical JSON sorts keys, drops insignificant whitespace and writes
+integral floats as integers (``1.0`` and ``1`` are the same temperature), so the key never
+depends on how a client serialised its body. String contents are kept byte for byte.
+
+Keys are scoped: the tenant (a hash of the caller's credential, unless sharing across
+credentials is switched on) and the namespace (``X-Cache-Namespace``) are hashed into the
+digest, so two scopes can never share an entry, and the namespace is also part of the Redis
+key so that a namespace can be invalidated with one prefix scan.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from typing import Any, Final, Literal
+
+from promptcache.cache.errors import RequestError
+
+Api = Literal["chat", "completions", "embeddings", "messages"]
+
+#: The cached routes and the API shape each one speaks.
+ENDPOINTS: Final[dict[str, Api]] = {
+    "/v1/chat/completions": "chat",
+    "/v1/completions": "completions",
+    "/v1/embeddings": "embeddings",
+    "/v1/messages": "messages",
+}
+
+#: Fields that change how an answer is delivered, not what it is.
+TRANSPORT_FIELDS: Final = frozenset({"stream", "stream_options"})
+
+SHARED_TENANT: Final = "shared"
+DEFAULT_NAMESPACE: Final = ""
+MAX_NAMESPACE_LEN: Final = 128
+_KEY_VERSION: Final = b"promptcache/exact/v1"
+
+
+@dataclass(frozen=True, slots=True)
+class CacheKey:
+    """The identity of one exact entry."""
+
+    tenant: str
+    namespace: str
+    endpoint: str
+    digest: str  # 32 hex characters (128 bits); shown to callers as the key id
+
+    @property
+    def namespace_id(self) -> str:
+        return namespace_id(self.namespace)
+
+    def redis_key(self, prefix: str) -> str:
+        return entry_key(prefix, self.namespace, self.digest)
+
+
+def namespace_id(namespace: str) -> str:
+    """A short, glob-safe id of a namespace name (names are caller-chosen strings)."""
+    return hashlib.sha256(b"ns\0" + namespace.encode()).hexdigest()[:16]
+
+
+def entry_key(prefix: str, namespace: str, digest: str) -> str:
+    return f"{prefix}e:{namespace_id(namespace)}:{digest}"
+
+
+def namespace_pattern(prefix: str, namespace: str) -> str:
+    """The Redis SCAN pattern that matches every entry of one namespace."""
+    return f"{prefix}e:{namespace_id(namespace)}:*"
+
+
+def tenant_id(credential: str | None, *, shared: bool = False) -> str:
+    """Scope by credential: callers with different keys never share an entry."""
+    if shared:
+        return SHARED_TENANT
+    return hashlib.sha256(b"tenant\0" + (credential or "").encode()).hexdigest()[:24]
+
+
+def check_namespace(value: str) -> str:
+    if len(value) > MAX_NAMESPACE_LEN or not value.isprintable():
+        raise RequestError(
+            f"X-Cache-Namespace must be printable and at most {MAX_NAMESPACE_LEN} characters",
+            param="X-Cache-Namespace",
+        )
+    return value
+
+
+def _normalise(value: Any) -> Any:
+    if isinstance(value, float):
+        if math.isfinite(value) and value.is_integer():
+            return int(value)
+        return value
+    if isinstance(value, dict):
+        return {k: _normalise(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_normalise(v) for v in value]
+    return value
+
+
+def canonical_json(value: Any) -> bytes:
+    """Sorted keys, no whitespace, integral floats as ints, UTF-8 kept as is."""
+    return json.dumps(
+        _normalise(value),
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=False,
+        allow_nan=False,
+    ).encode()
+
+
+def keyed_fields(body: dict[str, Any]) -> dict[str, Any]:
+    """The part of a request body that determines the answer."""
+    return {k: v for k, v in body.items() if k not in TRANSPORT_FIELDS}
+
+
+def request_key(
+    endpoint: str, body: dict[str, Any], *, tenant: str, namespace: str = DEFAULT_NAMESPACE
+) -> CacheKey:
+    h = hashlib.sha256(_KEY_VERSION)
+    for part in (tenant.encode(), namespace.encode(), endpoint.encode()):
+        h.update(b"\0" + part)
+    h.update(b"\0" + canonical_json(keyed_fields(body)))
+    return CacheKey(tenant, namespace, endpoint, h.hexdigest()[:32])

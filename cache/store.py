@@ -1,0 +1,87 @@
+"""Entry stores: where encoded entries live.
+
+:class:`EntryStore` is the seam; :class:`RedisStore` is the implementation (a single
+Redis, reached through ``redis.asyncio``). Stores deal in bytes and Redis keys only;
+keys, encoding, timeouts and the circuit breaker are the engine's job
+(:mod:`promptcache.cache.engine`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+
+class EntryStore(Protocol):
+    async def get(self, key: str) -> bytes | None: ...
+
+    async def set(self, key: str, value: bytes, ttl_ms: int | None) -> None: ...
+
+    async def delete(self, key: str) -> int: ...
+
+    async def delete_matching(self, pattern: str) -> int: ...
+
+    async def ping(self) -> None: ...
+
+    async def info(self) -> dict[str, Any]: ...
+
+    async def close(self) -> None: ...
+
+
+def redis_client(url: str, *, timeout: float, max_connections: int = 256) -> aioredis.Redis:
+    """A client for ``url`` (redis://, rediss://, unix://, with password) with short timeouts.
+
+    One immediate retry covers a pooled connection that went stale when Redis restarted;
+    anything longer is the circuit breaker's decision, not the client's.
+    """
+    return aioredis.Redis.from_url(
+        url,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        retry=Retry(NoBackoff(), 1),
+        max_connections=max_connections,
+        health_check_interval=30,
+    )
+
+
+class RedisStore:
+    def __init__(self, client: aioredis.Redis) -> None:
+        self._redis = client
+
+    async def get(self, key: str) -> bytes | None:
+        value = await self._redis.get(key)
+        return value if isinstance(value, bytes) or value is None else value.encode()
+
+    async def set(self, key: str, value: bytes, ttl_ms: int | None) -> None:
+        await self._redis.set(key, value, px=ttl_ms)
+
+    async def delete(self, key: str) -> int:
+        return int(await self._redis.unlink(key))
+
+    async def delete_matching(self, pattern: str) -> int:
+        deleted = 0
+        batch: list[bytes] = []
+        async for key in self._redis.scan_iter(match=pattern, count=1000):
+            batch.append(key)
+            if len(batch) >= 500:
+                deleted += int(await self._redis.unlink(*batch))
+                batch.clear()
+        if batch:
+            deleted += int(await self._redis.unlink(*batch))
+        return deleted
+
+    async def ping(self) -> None:
+        await self._redis.ping()
+
+    async def info(self) -> dict[str, Any]:
+        memory = await self._redis.info("memory")
+        return {
+            "keys": int(await self._redis.dbsize()),
+            "used_memory_bytes": int(memory.get("used_memory", 0)),
+        }
+
+    async def close(self) -> None:
+        await self._redis.aclose()

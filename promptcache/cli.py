@@ -1,0 +1,45 @@
+"""The ``promptcache`` command: ``serve`` runs the sidecar."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from promptcache import __version__
+from promptcache.cache.errors import PromptCacheError
+from promptcache.server.config import add_arguments, build_settings
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="promptcache",
+        description="A prompt/response cache for LLM traffic.",
+    )
+    p.add_argument("--version", action="version", version=f"promptcache {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    serve = sub.add_parser(
+        "serve",
+        help="run the caching sidecar in front of a model API",
+        description="Run the caching sidecar: an OpenAI/Anthropic-compatible proxy that "
+        "answers repeated requests from Redis. Without --redis-url it starts and owns a "
+        "private redis-server with its data in --data-dir. Every option can also be set "
+        "as the environment variable shown, or in the --config TOML file; flags win over "
+        "the environment, which wins over the file.",
+    )
+    add_arguments(serve)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            from promptcache.server.app import serve
+
+            return serve(build_settings(vars(args) | {"command": None}, os.environ))
+    except PromptCacheError as exc:
+        print(f"promptcache: error: {exc}", file=sys.stderr)
+        return 2
+    return 2

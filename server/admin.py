@@ -1,0 +1,141 @@
+"""Operations routes: health, readiness, metrics, stats, and cache invalidation."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import time
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from promptcache.cache.errors import CacheUnavailable, RequestError
+from promptcache.cache.keys import check_namespace
+from promptcache.server.state import SIDECAR, Sidecar
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    sc = request.app[SIDECAR]
+    if await sc.cache.ping():
+        return web.json_response({"status": "ready", "cache": "ok"})
+    return web.json_response(
+        {"status": "degraded", "cache": "unreachable",
+         "detail": "requests are passed upstream uncached until the cache is back"},
+        status=503,
+    )
+
+
+async def _refresh_gauges(sc: Sidecar) -> dict[str, Any] | None:
+    sc.metrics.breaker_open.set(1 if sc.cache.breaker.state != "closed" else 0)
+    try:
+        info = await sc.cache.info()
+    except CacheUnavailable:
+        return None
+    sc.metrics.entries.set(info["keys"])
+    sc.metrics.bytes_stored.set(info["used_memory_bytes"])
+    return info
+
+
+async def metrics(request: web.Request) -> web.Response:
+    sc = request.app[SIDECAR]
+    await _refresh_gauges(sc)
+    resp = web.Response(body=generate_latest(sc.metrics.registry))
+    resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
+    return resp
+
+
+def _counts(sc: Sidecar) -> dict[str, dict[str, int]]:
+    out: dict[str, dict[str, int]] = {}
+    for metric in sc.metrics.requests.collect():
+        for sample in metric.samples:
+            if sample.name.endswith("_total"):
+                route, status = sample.labels["route"], sample.labels["cache"]
+                out.setdefault(route, {})[status] = int(sample.value)
+    return out
+
+
+async def stats(request: web.Request) -> web.Response:
+    sc = request.app[SIDECAR]
+    info = await _refresh_gauges(sc)
+    counts = _counts(sc)
+    hits = sum(c.get("HIT", 0) for c in counts.values())
+    lookups = hits + sum(c.get("MISS", 0) for c in counts.values())
+    return web.json_response(
+        {
+            "uptime_seconds": round(time.time() - sc.started, 3),
+            "requests": counts,
+            "hit_ratio": round(hits / lookups, 4) if lookups else None,
+            "cache": {
+                "reachable": info is not None,
+                "circuit": sc.cache.breaker.state,
+                "circuit_trips": sc.cache.breaker.trips,
+                **(info or {}),
+            },
+            "flights_in_progress": len(sc.flights),
+            "settings": sc.settings.public(),
+        },
+        dumps=lambda o: json.dumps(o, default=str),
+    )
+
+
+def _authorised(request: web.Request, sc: Sidecar) -> web.Response | None:
+    token = sc.settings.admin_token
+    if not token:
+        return web.json_response(
+            {"error": {"message": "admin routes are disabled: set PROMPTCACHE_ADMIN_TOKEN",
+                       "type": "forbidden"}}, status=403)
+    given = request.headers.get("Authorization", "")
+    if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+        return web.json_response(
+            {"error": {"message": "admin token missing or wrong", "type": "unauthorized"}},
+            status=401, headers={"WWW-Authenticate": "Bearer"})
+    return None
+
+
+async def _selector(request: web.Request) -> dict[str, Any]:
+    """The target of DELETE /cache, from the query string or a JSON body."""
+    if request.can_read_body:
+        try:
+            body = await request.json()
+        except ValueError as exc:
+            raise RequestError("the body must be a JSON object") from exc
+        if not isinstance(body, dict):
+            raise RequestError("the body must be a JSON object")
+        return body
+    return dict(request.query)
+
+
+async def delete_cache(request: web.Request) -> web.Response:
+    """DELETE /cache {"namespace": NS} | {"key": ID, "namespace": NS} | {"all": true}."""
+    sc = request.app[SIDECAR]
+    refused = _authorised(request, sc)
+    if refused is not None:
+        return refused
+    try:
+        target = await _selector(request)
+        namespace = check_namespace(str(target.get("namespace", "")))
+        key, everything = target.get("key"), str(target.get("all", "")).lower() == "true"
+        if key is not None and not (isinstance(key, str) and len(key) == 32
+                                    and all(c in "0123456789abcdef" for c in key)):
+            raise RequestError("'key' must be the 32-hex-digit id from X-Cache-Key")
+        if key is None and "namespace" not in target and not everything:
+            raise RequestError("name a 'namespace', a 'key' (with its namespace) or 'all': true")
+    except RequestError as exc:
+        return web.json_response({"error": {"message": exc.message,
+                                             "type": "invalid_request_error"}}, status=400)
+    try:
+        if key is not None:
+            deleted = await sc.cache.invalidate_key(namespace, key)
+        elif everything:
+            deleted = await sc.cache.invalidate_all()
+        else:
+            deleted = await sc.cache.invalidate_namespace(namespace)
+    except CacheUnavailable as exc:
+        return web.json_response({"error": {"message": str(exc), "type": "cache_unavailable"}},
+                                 status=503)
+    return web.json_response({"deleted": deleted})

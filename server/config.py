@@ -1,0 +1,237 @@
+"""The sidecar's configuration: one typed object, built once at start-up.
+
+Every option is declared once in :data:`OPTIONS` and can come from (highest first) a
+command-line flag, a ``PROMPTCACHE_<NAME>`` environment variable, the TOML file named by
+``--config`` / ``PROMPTCACHE_CONFIG``, or its default. ``promptcache serve --help`` is
+generated from the same table, so the help text, the defaults and the behaviour agree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import tomllib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import MISSING, dataclass, fields
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import platformdirs
+
+from promptcache.cache.errors import ConfigError
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
+
+
+def parse_size(value: str | int) -> int:
+    """``512MB`` -> 512000000, ``64KiB`` -> 65536, ``1048576`` -> 1048576."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    m = _SIZE.match(str(value))
+    if not m:
+        raise ValueError(f"not a size: {value!r} (use e.g. 1048576, 64KiB, 512MB)")
+    number, unit = float(m.group(1)), (m.group(2) or "").lower()
+    base = 1024 if "i" in unit else 1000
+    power = "bkmgt".index(unit[0]) if unit else 0
+    return int(number * base**power)
+
+
+def parse_bool(value: str | bool) -> bool:
+    if isinstance(value, bool):
+        return value
+    v = str(value).strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"not a boolean: {value!r}")
+
+
+def _url(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"not an http(s) URL: {value!r}")
+    return value.rstrip("/")
+
+
+def _redis_url(value: str) -> str:
+    if urlsplit(value).scheme not in ("redis", "rediss", "unix"):
+        raise ValueError(f"not a redis://, rediss:// or unix:// URL: {value!r}")
+    return value
+
+
+def _optional_str(value: str) -> str | None:
+    return value or None
+
+
+@dataclass(frozen=True, slots=True)
+class Option:
+    name: str  # attribute name; the flag is --name-with-dashes, the env var PROMPTCACHE_NAME
+    parse: Callable[[Any], Any]
+    help: str
+    metavar: str | None = None
+    secret: bool = False  # never echoed back in /stats or logs
+
+
+def _default_data_dir() -> str:
+    return str(Path(platformdirs.user_cache_dir("promptcache")) / "redis")
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("upstream", _url, "base URL of the model API to cache, e.g. "
+           "https://api.openai.com or http://localhost:8000/v1 (required)", "URL"),
+    Option("host", str, "address to listen on", "ADDR"),
+    Option("port", int, "port to listen on", "PORT"),
+    Option("redis_url", _redis_url, "use this Redis (redis://, rediss://, unix://, "
+           "with password) instead of starting the embedded one", "URL"),
+    Option("data_dir", str, "where the embedded Redis keeps its data "
+           f"(default: {_default_data_dir()})", "DIR"),
+    Option("default_ttl", float, "seconds an entry lives unless the request says "
+           "max-age=N; 0 means no expiry", "SECONDS"),
+    Option("max_entry_bytes", parse_size, "larger responses are not cached", "SIZE"),
+    Option("max_body_bytes", parse_size, "larger request bodies to cached routes "
+           "are refused with 413", "SIZE"),
+    Option("shared_cache", parse_bool, "share entries across credentials (by default "
+           "each Authorization / x-api-key value is its own tenant)", "BOOL"),
+    Option("pass_credentials", parse_bool, "forward the caller's Authorization / "
+           "x-api-key to the upstream", "BOOL"),
+    Option("upstream_api_key", _optional_str, "credential sent upstream when the caller "
+           "sends none (or always, with --pass-credentials false)", "KEY", secret=True),
+    Option("upstream_connect_timeout", float, "seconds to connect to the upstream",
+           "SECONDS"),
+    Option("upstream_read_timeout", float, "seconds to wait for the next bytes from the "
+           "upstream", "SECONDS"),
+    Option("redis_timeout", float, "seconds a cache operation may take before the request "
+           "bypasses the cache", "SECONDS"),
+    Option("breaker_threshold", int, "consecutive cache failures that open the circuit "
+           "(requests then bypass the cache without waiting)", "N"),
+    Option("breaker_reset", float, "seconds before an open circuit lets a probe through "
+           "(doubles while Redis stays down, up to 30)", "SECONDS"),
+    Option("key_prefix", str, "prefix of every Redis key the cache writes", "PREFIX"),
+    Option("admin_token", _optional_str, "bearer token for the admin routes "
+           "(DELETE /cache); without one they refuse", "TOKEN", secret=True),
+    Option("log_level", str, "debug, info, warning or error", "LEVEL"),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    upstream: str
+    host: str = "127.0.0.1"
+    port: int = 8080
+    redis_url: str | None = None
+    data_dir: str | None = None
+    default_ttl: float = 86400.0
+    max_entry_bytes: int = 1 << 20
+    max_body_bytes: int = 10 << 20
+    shared_cache: bool = False
+    pass_credentials: bool = True
+    upstream_api_key: str | None = None
+    upstream_connect_timeout: float = 10.0
+    upstream_read_timeout: float = 600.0
+    redis_timeout: float = 0.25
+    breaker_threshold: int = 3
+    breaker_reset: float = 1.0
+    key_prefix: str = "pc:"
+    admin_token: str | None = None
+    log_level: str = "info"
+
+    @property
+    def resolved_data_dir(self) -> Path:
+        return Path(self.data_dir or _default_data_dir())
+
+    def public(self) -> dict[str, Any]:
+        """The settings without secrets, for /stats and the start-up log."""
+        secret = {o.name for o in OPTIONS if o.secret}
+        return {
+            f.name: ("***" if f.name in secret and getattr(self, f.name) else getattr(self, f.name))
+            for f in fields(self)
+        }
+
+
+_DEFAULTS: dict[str, Any] = {
+    f.name: f.default for f in fields(Settings) if f.default is not MISSING
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Declare every option as a flag; a flag left out stays None so lower layers apply."""
+    parser.add_argument("--config", metavar="FILE", help="TOML file with any of the options "
+                        "below (keys as in the flags, with - or _); env PROMPTCACHE_CONFIG")
+    for o in OPTIONS:
+        env = f"PROMPTCACHE_{o.name.upper()}"
+        default = _DEFAULTS.get(o.name)
+        shown = "see above" if o.name == "data_dir" else "(none)" if default is None else default
+        parser.add_argument(
+            "--" + o.name.replace("_", "-"),
+            dest=o.name,
+            metavar=o.metavar,
+            default=None,
+            help=f"{o.help}; env {env}; default: {shown}",
+        )
+
+
+def _load_toml(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+    section = data.get("promptcache", data)  # a [promptcache] table, or top-level keys
+    return {k.replace("-", "_"): v for k, v in section.items()}
+
+
+def build_settings(
+    flags: Mapping[str, Any] | argparse.Namespace, env: Mapping[str, str]
+) -> Settings:
+    """Merge flags > environment > TOML file > defaults into one validated Settings."""
+    given = dict(vars(flags) if isinstance(flags, argparse.Namespace) else flags)
+    config_path = given.pop("config", None) or env.get("PROMPTCACHE_CONFIG")
+    from_file = _load_toml(config_path) if config_path else {}
+    known = {o.name for o in OPTIONS}
+    unknown = set(from_file) - known
+    if unknown:
+        raise ConfigError(f"unknown option(s) in {config_path}: {', '.join(sorted(unknown))}")
+    values: dict[str, Any] = {}
+    for o in OPTIONS:
+        env_name = f"PROMPTCACHE_{o.name.upper()}"
+        for source, raw in (
+            (f"--{o.name.replace('_', '-')}", given.get(o.name)),
+            (env_name, env.get(env_name)),
+            (f"{config_path}: {o.name}", from_file.get(o.name)),
+        ):
+            if raw is not None:
+                try:
+                    values[o.name] = o.parse(raw)
+                except (TypeError, ValueError) as exc:
+                    raise ConfigError(f"{source}: {exc}") from exc
+                break
+        else:
+            if o.name in _DEFAULTS:
+                values[o.name] = _DEFAULTS[o.name]
+    if not values.get("upstream"):
+        raise ConfigError("--upstream is required (or PROMPTCACHE_UPSTREAM, or the config file)")
+    _check_ranges(values)
+    return Settings(**values)
+
+
+def _check_ranges(v: dict[str, Any]) -> None:
+    checks: Sequence[tuple[bool, str]] = (
+        (0 <= v["port"] <= 65535, "--port must be 0..65535"),
+        (v["default_ttl"] >= 0, "--default-ttl must be >= 0"),
+        (v["max_entry_bytes"] > 0, "--max-entry-bytes must be > 0"),
+        (v["max_body_bytes"] > 0, "--max-body-bytes must be > 0"),
+        (v["redis_timeout"] > 0, "--redis-timeout must be > 0"),
+        (v["breaker_threshold"] >= 1, "--breaker-threshold must be >= 1"),
+        (v["breaker_reset"] > 0, "--breaker-reset must be > 0"),
+        (v["upstream_connect_timeout"] > 0, "--upstream-connect-timeout must be > 0"),
+        (v["upstream_read_timeout"] > 0, "--upstream-read-timeout must be > 0"),
+        (v["log_level"].lower() in ("debug", "info", "warning", "error"),
+         "--log-level must be debug, info, warning or error"),
+    )
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)

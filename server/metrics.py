@@ -1,0 +1,55 @@
+"""Prometheus metrics of one sidecar, on a registry of its own (no process globals)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60,
+)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "promptcache_requests", "Requests by route and cache status "
+            "(HIT, MISS, BYPASS, ERROR for refused input, PASS for uncached routes)",
+            ["route", "cache"], registry=r,
+        )
+        self.upstream_seconds = Histogram(
+            "promptcache_upstream_seconds", "Upstream call latency (to the end of the body)",
+            ["route"], buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.lookup_seconds = Histogram(
+            "promptcache_lookup_seconds", "Cache lookup latency", buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.bypasses = Counter(
+            "promptcache_bypasses", "Requests that went upstream because the cache failed",
+            registry=r,
+        )
+        self.stores = Counter("promptcache_stores", "Entries written", registry=r)
+        self.stored_bytes = Counter(
+            "promptcache_stored_bytes", "Bytes of entries written", registry=r
+        )
+        self.not_stored = Counter(
+            "promptcache_not_stored", "Answers not cached, by reason", ["reason"], registry=r
+        )
+        self.coalesced = Counter(
+            "promptcache_coalesced", "Misses answered by another request's upstream call "
+            "(single flight)", registry=r,
+        )
+        self.entries = Gauge(
+            "promptcache_entries", "Keys in the cache's Redis database (read at scrape time)",
+            registry=r,
+        )
+        self.bytes_stored = Gauge(
+            "promptcache_redis_used_memory_bytes", "Redis used_memory (read at scrape time)",
+            registry=r,
+        )
+        self.breaker_open = Gauge(
+            "promptcache_cache_circuit_open", "1 while the cache circuit breaker is open",
+            registry=r,
+        )
