@@ -9,7 +9,7 @@ followers fall back to doing the work themselves.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterator
 from typing import Generic, TypeVar
 
 K = TypeVar("K", bound=Hashable)
@@ -32,6 +32,15 @@ class SingleFlight(Generic[K, V]):
 
     def __len__(self) -> int:
         return len(self._flights)
+
+    def __iter__(self) -> Iterator[K]:
+        """The keys of the flights in the air."""
+        return iter(list(self._flights))
+
+    def followers(self, key: K) -> int:
+        """How many callers wait on the flight for ``key`` (0 if none is in the air)."""
+        flight = self._flights.get(key)
+        return flight.followers if flight is not None else 0
 
     def join(self, key: K) -> tuple[Flight[V], bool]:
         """Return the flight for ``key`` and whether the caller is its leader."""

