@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -84,7 +85,7 @@ class ExactCache:
         if len(data) > self.policy.max_entry_bytes:
             return 0
         ttl = self.policy.default_ttl if ttl is None else ttl
-        ttl_ms = int(ttl * 1000) if ttl else None
+        ttl_ms = max(1, math.ceil(ttl * 1000)) if ttl else None
         await self._call(
             lambda: self.store.set(key.redis_key(self.policy.key_prefix), data, ttl_ms)
         )

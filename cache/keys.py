@@ -101,10 +101,24 @@ def _normalise(value: Any) -> Any:
     return value
 
 
-def canonical_json(value: Any) -> bytes:
-    """Sorted keys, no whitespace, integral floats as ints, UTF-8 kept as is."""
+def parse_number(text: str) -> int | float:
+    """``json.loads(..., parse_float=parse_number)`` yields bodies already normalised."""
+    value = float(text)
+    return int(value) if math.isfinite(value) and value.is_integer() else value
+
+
+def loads_normalised(data: bytes | str) -> Any:
+    """Parse JSON with integral floats as ints, so :func:`request_key` can skip a pass."""
+    return json.loads(data, parse_float=parse_number)
+
+
+def canonical_json(value: Any, *, normalised: bool = False) -> bytes:
+    """Sorted keys, no whitespace, integral floats as ints, UTF-8 kept as is.
+
+    ``normalised=True`` says ``value`` came from :func:`loads_normalised` (no float to fix).
+    """
     return json.dumps(
-        _normalise(value),
+        value if normalised else _normalise(value),
         sort_keys=True,
         separators=(",", ":"),
         ensure_ascii=False,
@@ -118,10 +132,15 @@ def keyed_fields(body: dict[str, Any]) -> dict[str, Any]:
 
 
 def request_key(
-    endpoint: str, body: dict[str, Any], *, tenant: str, namespace: str = DEFAULT_NAMESPACE
+    endpoint: str,
+    body: dict[str, Any],
+    *,
+    tenant: str,
+    namespace: str = DEFAULT_NAMESPACE,
+    normalised: bool = False,
 ) -> CacheKey:
     h = hashlib.sha256(_KEY_VERSION)
     for part in (tenant.encode(), namespace.encode(), endpoint.encode()):
         h.update(b"\0" + part)
-    h.update(b"\0" + canonical_json(keyed_fields(body)))
+    h.update(b"\0" + canonical_json(keyed_fields(body), normalised=normalised))
     return CacheKey(tenant, namespace, endpoint, h.hexdigest()[:32])

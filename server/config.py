@@ -9,6 +9,7 @@ generated from the same table, so the help text, the defaults and the behaviour 
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
@@ -21,6 +22,8 @@ import platformdirs
 
 from promptcache.cache.errors import ConfigError
 
+#: Redis keeps expiries in milliseconds; ~68 years is far beyond any sensible TTL.
+MAX_SECONDS = 2**31
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
 
 
@@ -28,7 +31,7 @@ def parse_size(value: str | int) -> int:
     """``512MB`` -> 512000000, ``64KiB`` -> 65536, ``1048576`` -> 1048576."""
     if isinstance(value, int) and not isinstance(value, bool):
         return value
-    m = _SIZE.match(str(value))
+    m = _SIZE.match(value) if isinstance(value, str) else None
     if not m:
         raise ValueError(f"not a size: {value!r} (use e.g. 1048576, 64KiB, 512MB)")
     number, unit = float(m.group(1)), (m.group(2) or "").lower()
@@ -48,21 +51,42 @@ def parse_bool(value: str | bool) -> bool:
     raise ValueError(f"not a boolean: {value!r}")
 
 
-def _url(value: str) -> str:
-    parts = urlsplit(value)
+def _str(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, got {value!r}")
+    return value
+
+
+def _int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ValueError(f"expected an integer, got {value!r}")
+    return int(value)
+
+
+def _seconds(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError(f"expected a number of seconds, got {value!r}")
+    number = float(value)
+    if not math.isfinite(number) or not 0 <= number < MAX_SECONDS:
+        raise ValueError(f"expected 0 <= seconds < {MAX_SECONDS}, got {value!r}")
+    return number
+
+
+def _url(value: Any) -> str:
+    parts = urlsplit(_str(value))
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise ValueError(f"not an http(s) URL: {value!r}")
     return value.rstrip("/")
 
 
-def _redis_url(value: str) -> str:
-    if urlsplit(value).scheme not in ("redis", "rediss", "unix"):
+def _redis_url(value: Any) -> str:
+    if urlsplit(_str(value)).scheme not in ("redis", "rediss", "unix"):
         raise ValueError(f"not a redis://, rediss:// or unix:// URL: {value!r}")
     return value
 
 
-def _optional_str(value: str) -> str | None:
-    return value or None
+def _optional_str(value: Any) -> str | None:
+    return _str(value) or None
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,13 +105,13 @@ def _default_data_dir() -> str:
 OPTIONS: tuple[Option, ...] = (
     Option("upstream", _url, "base URL of the model API to cache, e.g. "
            "https://api.openai.com or http://localhost:8000/v1 (required)", "URL"),
-    Option("host", str, "address to listen on", "ADDR"),
-    Option("port", int, "port to listen on", "PORT"),
+    Option("host", _str, "address to listen on", "ADDR"),
+    Option("port", _int, "port to listen on", "PORT"),
     Option("redis_url", _redis_url, "use this Redis (redis://, rediss://, unix://, "
            "with password) instead of starting the embedded one", "URL"),
-    Option("data_dir", str, "where the embedded Redis keeps its data "
+    Option("data_dir", _str, "where the embedded Redis keeps its data "
            f"(default: {_default_data_dir()})", "DIR"),
-    Option("default_ttl", float, "seconds an entry lives unless the request says "
+    Option("default_ttl", _seconds, "seconds an entry lives unless the request says "
            "max-age=N; 0 means no expiry", "SECONDS"),
     Option("max_entry_bytes", parse_size, "larger responses are not cached", "SIZE"),
     Option("max_body_bytes", parse_size, "larger request bodies to cached routes "
@@ -98,20 +122,20 @@ OPTIONS: tuple[Option, ...] = (
            "x-api-key to the upstream", "BOOL"),
     Option("upstream_api_key", _optional_str, "credential sent upstream when the caller "
            "sends none (or always, with --pass-credentials false)", "KEY", secret=True),
-    Option("upstream_connect_timeout", float, "seconds to connect to the upstream",
+    Option("upstream_connect_timeout", _seconds, "seconds to connect to the upstream",
            "SECONDS"),
-    Option("upstream_read_timeout", float, "seconds to wait for the next bytes from the "
+    Option("upstream_read_timeout", _seconds, "seconds to wait for the next bytes from the "
            "upstream", "SECONDS"),
-    Option("redis_timeout", float, "seconds a cache operation may take before the request "
+    Option("redis_timeout", _seconds, "seconds a cache operation may take before the request "
            "bypasses the cache", "SECONDS"),
-    Option("breaker_threshold", int, "consecutive cache failures that open the circuit "
+    Option("breaker_threshold", _int, "consecutive cache failures that open the circuit "
            "(requests then bypass the cache without waiting)", "N"),
-    Option("breaker_reset", float, "seconds before an open circuit lets a probe through "
+    Option("breaker_reset", _seconds, "seconds before an open circuit lets a probe through "
            "(doubles while Redis stays down, up to 30)", "SECONDS"),
-    Option("key_prefix", str, "prefix of every Redis key the cache writes", "PREFIX"),
+    Option("key_prefix", _str, "prefix of every Redis key the cache writes", "PREFIX"),
     Option("admin_token", _optional_str, "bearer token for the admin routes "
            "(DELETE /cache); without one they refuse", "TOKEN", secret=True),
-    Option("log_level", str, "debug, info, warning or error", "LEVEL"),
+    Option("log_level", _str, "debug, info, warning or error", "LEVEL"),
 )
 
 
@@ -201,7 +225,7 @@ def build_settings(
         for source, raw in (
             (f"--{o.name.replace('_', '-')}", given.get(o.name)),
             (env_name, env.get(env_name)),
-            (f"{config_path}: {o.name}", from_file.get(o.name)),
+            (f"{config_path}: {o.name.replace('_', '-')}", from_file.get(o.name)),
         ):
             if raw is not None:
                 try:

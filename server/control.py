@@ -14,6 +14,9 @@ from dataclasses import dataclass
 
 from promptcache.cache.errors import RequestError
 
+#: RFC 9111 section 1.2.2: delta-seconds too large to hold are taken as 2**31.
+MAX_AGE_CAP = 2**31
+
 
 @dataclass(frozen=True, slots=True)
 class CacheControl:
@@ -35,12 +38,12 @@ class CacheControl:
                     no_store = True
                 elif name == "max-age":
                     arg = arg.strip().strip('"')
-                    if not arg.isdigit():
+                    if not (arg.isascii() and arg.isdigit()):
                         raise RequestError(
                             "Cache-Control max-age must be a non-negative integer of seconds",
                             param="Cache-Control",
                         )
-                    max_age = int(arg)
+                    max_age = min(int(arg), MAX_AGE_CAP)
         if max_age == 0:
             no_cache = no_store = True
         return cls(no_cache, no_store, max_age)

@@ -21,7 +21,14 @@ import aiohttp
 from aiohttp import web
 
 from promptcache.cache.errors import BodyTooLarge, CacheUnavailable, RequestError
-from promptcache.cache.keys import ENDPOINTS, Api, CacheKey, check_namespace, request_key
+from promptcache.cache.keys import (
+    ENDPOINTS,
+    Api,
+    CacheKey,
+    check_namespace,
+    loads_normalised,
+    request_key,
+)
 from promptcache.cache.streams import SSEParser, assembler_for, replay
 from promptcache.cache.validate import validate_body
 from promptcache.server.control import CacheControl
@@ -77,14 +84,14 @@ async def read_body(request: web.Request, limit: int) -> bytes:
 def parse_call(request: web.Request, body_bytes: bytes, sc: Sidecar) -> Call:
     api = ENDPOINTS[request.path]
     try:
-        body = json.loads(body_bytes)
+        body = loads_normalised(body_bytes)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise RequestError(f"the request body is not valid JSON: {exc}", param="body") from exc
     validate_body(api, body)
     namespace = check_namespace(request.headers.get("X-Cache-Namespace", ""))
     control = CacheControl.parse(request.headers.getall("Cache-Control", []))
     tenant = sc.tenant(credential(request.headers))
-    key = request_key(request.path, body, tenant=tenant, namespace=namespace)
+    key = request_key(request.path, body, tenant=tenant, namespace=namespace, normalised=True)
     streaming = api in STREAMABLE and body.get("stream") is True
     return Call(request, api, body_bytes, body, key, control, streaming)
 
@@ -114,10 +121,11 @@ async def cached_route(request: web.Request) -> web.StreamResponse:
         except CacheUnavailable:
             cache_ok, entry = False, None
         sc.metrics.lookup_seconds.observe(time.perf_counter() - started)
-        if entry is not None and cc.accepts_age(sc.cache.age(entry)):
+        age = sc.cache.age(entry) if entry is not None else 0
+        if entry is not None and cc.accepts_age(age):
             sc.metrics.requests.labels(route, "HIT").inc()
             return await serve(call, Answer(entry.status, entry.body, entry.content_type),
-                               status="HIT", age=sc.cache.age(entry))
+                               status="HIT", age=age)
     status = "MISS" if cache_ok else "BYPASS"
     if not cache_ok:
         sc.metrics.bypasses.inc()
