@@ -1,0 +1,66 @@
+"""README.md says what the code does: set-up commands, options, and the quickstart."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+from pathlib import Path
+
+from promptcache.benchmarks.fake_upstream import FakeUpstream
+from promptcache.server.config import OPTIONS
+from tests.harness import RunningSidecar
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
+
+
+def section(title: str) -> str:
+    match = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## )", README, re.S | re.M)
+    assert match, f"README has no '## {title}' section"
+    return match.group(1)
+
+
+def bash_blocks(text: str) -> list[str]:
+    return [b.strip() for b in re.findall(r"```bash\n(.*?)```", text, re.S)]
+
+
+def test_setup_is_two_commands_and_ci_runs_the_test_one() -> None:
+    serve_cmd, test_cmd = bash_blocks(section("Set up"))
+    assert "\n" not in serve_cmd and "\n" not in test_cmd
+    assert "pip install" in serve_cmd and "promptcache serve --upstream" in serve_cmd
+    assert "pip install" in test_cmd and "pytest" in test_cmd
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert test_cmd in ci, ".ci/run must run exactly the README's test command"
+
+
+def test_every_option_is_documented_and_every_documented_flag_exists() -> None:
+    table = section("Configuration")
+    flags = {"--" + o.name.replace("_", "-") for o in OPTIONS}
+    for flag in flags:
+        assert f"`{flag}" in table or f"{flag}`" in table or f" {flag}" in table, flag
+    mentioned = set(re.findall(r"--[a-z][a-z-]+", README))
+    unknown = mentioned - flags - {"--config", "--requests", "--rounds", "--concurrency",
+                                   "--out", "--help"}
+    assert not unknown, f"README mentions flags that do not exist: {unknown}"
+
+
+async def test_quickstart_commands_work_as_written(sidecar: RunningSidecar,
+                                                   fake: FakeUpstream) -> None:
+    commands = [c for b in bash_blocks(section("Quickstart")) for c in b.splitlines()]
+    assert len(commands) == 3 and all(c.startswith("curl ") for c in commands)
+    outputs = []
+    for command in commands:
+        proc = await asyncio.create_subprocess_exec(
+            "bash", "-c", command.replace("http://127.0.0.1:8080", sidecar.url),
+            stdout=asyncio.subprocess.PIPE, env={**os.environ, "OPENAI_API_KEY": "sk-readme"},
+        )
+        out, _ = await proc.communicate()
+        assert proc.returncode == 0
+        outputs.append(out.decode())
+    assert re.search(r"(?i)^x-cache: miss", outputs[0], re.M)
+    assert re.search(r"(?i)^x-cache: hit", outputs[1], re.M)
+    assert re.search(r"(?i)^age: \d+", outputs[1], re.M)
+    assert outputs[2].rstrip().endswith("data: [DONE]") and outputs[2].count("data: ") >= 4
+    assert fake.calls["/v1/chat/completions"] == 1
+    assert fake.requests[0].headers["Authorization"] == "Bearer sk-readme"
