@@ -376,7 +376,8 @@ def _ping(address: str | tuple[str, int], timeout: float) -> bool:
             reply = sock.recv(64)
     except OSError:
         return False
-    return reply.startswith(b"+PONG")  # "-LOADING ..." means not yet
+    # "-LOADING ..." means not yet; "-NOAUTH" is a ready server with a password set.
+    return reply.startswith((b"+PONG", b"-NOAUTH"))
 
 
 def _terminate(proc: subprocess.Popen[bytes], timeout: float) -> None:

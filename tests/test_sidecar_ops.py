@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import aiohttp
 import pytest
 
 from promptcache.benchmarks.fake_upstream import FakeUpstream
 from tests.harness import RunningSidecar, start_sidecar
+from tests.redis_helpers import RedisServer
 from tests.test_sidecar_exact import CHAT, chat, post
 
 TOKEN = "admin-secret"
@@ -184,3 +186,19 @@ async def test_credentials_pass_through_or_are_replaced_by_the_configured_key(
                            "messages": [{"role": "user", "content": "hi"}]}, "/v1/messages")
     assert fake.requests[-1].headers["x-api-key"] == "sk-upstream"
     assert "Authorization" not in fake.requests[-1].headers
+
+
+async def test_redis_url_with_a_password_is_used(
+    fake: FakeUpstream, tmp_path: Path, sidecars: list[RunningSidecar],
+    http: aiohttp.ClientSession,
+) -> None:
+    with RedisServer(tmp_path / "r", extra_args=["--requirepass", "s3cret"]) as server:
+        sc = await start_sidecar(fake.url, f"redis://:s3cret@127.0.0.1:{server.port}/2")
+        sidecars.append(sc)
+        await post(http, sc, chat())
+        _, h, _ = await post(http, sc, chat())
+        assert h["X-Cache"] == "HIT"
+        async with http.get(sc.url + "/stats") as r:
+            assert "s3cret" not in await r.text()
+        await sc.stop()
+        sidecars.remove(sc)
