@@ -7,9 +7,10 @@ processes, so the load generator and the server under test do not share an event
 from __future__ import annotations
 
 import asyncio
+import itertools
 import statistics
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,7 +55,7 @@ class LoadResult:
 
 async def closed_loop(
     url: str,
-    body: bytes,
+    body: bytes | Sequence[bytes],
     *,
     concurrency: int,
     requests: int,
@@ -62,7 +63,12 @@ async def closed_loop(
     warmup: int = 50,
     check: Callable[[int, Mapping[str, str]], bool] | None = None,
 ) -> LoadResult:
-    """Send ``requests`` POSTs of ``body`` to ``url`` from ``concurrency`` workers."""
+    """Send ``requests`` POSTs to ``url`` from ``concurrency`` workers.
+
+    ``body`` is one body for every request, or a sequence taken in turn (cycling).
+    """
+    bodies = [body] if isinstance(body, bytes) else list(body)
+    counter = itertools.count()
     hdrs = {"Content-Type": "application/json", **(headers or {})}
     connector = aiohttp.TCPConnector(limit=concurrency, force_close=False)
     latencies: list[float] = []
@@ -71,8 +77,9 @@ async def closed_loop(
     async with aiohttp.ClientSession(connector=connector) as http:
 
         async def one() -> tuple[float, int, Mapping[str, str]]:
+            data = bodies[next(counter) % len(bodies)]
             t0 = time.perf_counter()
-            async with http.post(url, data=body, headers=hdrs) as r:
+            async with http.post(url, data=data, headers=hdrs) as r:
                 await r.read()
                 return time.perf_counter() - t0, r.status, r.headers
 

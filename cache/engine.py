@@ -13,7 +13,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -22,7 +22,7 @@ from redis.exceptions import RedisError
 from promptcache.cache.breaker import CircuitBreaker
 from promptcache.cache.entry import Entry, EntryFormatError
 from promptcache.cache.errors import CacheUnavailable
-from promptcache.cache.keys import CacheKey, entry_key, namespace_pattern
+from promptcache.cache.keys import CacheKey, entry_key, namespace_patterns, vector_key
 from promptcache.cache.store import EntryStore
 
 log = logging.getLogger(__name__)
@@ -79,31 +79,50 @@ class ExactCache:
     def entry_for(self, status: int, body: bytes, content_type: str, api: str) -> Entry:
         return Entry(status, body, content_type, self._clock(), api)
 
-    async def put(self, key: CacheKey, entry: Entry, *, ttl: float | None = None) -> int:
-        """Store ``entry``; return the bytes written, or 0 if it is over the size limit."""
+    def ttl_ms(self, ttl: float | None) -> int | None:
+        """Milliseconds to keep an entry: ``ttl`` seconds, or the default; None = forever."""
+        ttl = self.policy.default_ttl if ttl is None else ttl
+        return max(1, math.ceil(ttl * 1000)) if ttl else None
+
+    async def put(self, key: CacheKey, entry: Entry, *, ttl: float | None = None,
+                  extra: Sequence[tuple[str, bytes]] = ()) -> int:
+        """Store ``entry`` (and ``extra`` keys with the same TTL, in one transaction);
+        return the bytes written, or 0 if the entry is over the size limit."""
         data = entry.encode()
         if len(data) > self.policy.max_entry_bytes:
             return 0
-        ttl = self.policy.default_ttl if ttl is None else ttl
-        ttl_ms = max(1, math.ceil(ttl * 1000)) if ttl else None
-        await self._call(
-            lambda: self.store.set(key.redis_key(self.policy.key_prefix), data, ttl_ms)
-        )
-        return len(data)
+        ttl_ms = self.ttl_ms(ttl)
+        items = [(key.redis_key(self.policy.key_prefix), data), *extra]
+        if len(items) == 1:
+            await self._call(lambda: self.store.set(items[0][0], data, ttl_ms))
+        else:
+            await self._call(lambda: self.store.set_many(items, ttl_ms))
+        return len(data) + sum(len(v) for _, v in extra)
+
+    async def get_many(self, keys: list[str]) -> list[bytes | None]:
+        return await self._call(lambda: self.store.get_many(keys))
 
     def age(self, entry: Entry) -> int:
         return max(0, int(self._clock() - entry.created))
 
     async def invalidate_key(self, namespace: str, digest: str) -> int:
-        return await self._call(
-            lambda: self.store.delete(entry_key(self.policy.key_prefix, namespace, digest))
-        )
+        """Delete one entry (and its vector record); return the entries deleted (0 or 1)."""
+        prefix = self.policy.key_prefix
+        entry = entry_key(prefix, namespace, digest)
+        existed = await self._call(lambda: self.store.get_many([entry]))
+        await self._call(lambda: self.store.delete(entry, vector_key(prefix, namespace, digest)))
+        return int(existed[0] is not None)
 
     async def invalidate_namespace(self, namespace: str) -> int:
-        return await self._delete_matching(namespace_pattern(self.policy.key_prefix, namespace))
+        entries, vectors = namespace_patterns(self.policy.key_prefix, namespace)
+        deleted = await self._delete_matching(entries)
+        await self._delete_matching(vectors)
+        return deleted
 
     async def invalidate_all(self) -> int:
-        return await self._delete_matching(f"{self.policy.key_prefix}e:*")
+        deleted = await self._delete_matching(f"{self.policy.key_prefix}e:*")
+        await self._delete_matching(f"{self.policy.key_prefix}v:*")
+        return deleted
 
     async def _delete_matching(self, pattern: str) -> int:
         # A scan may take longer than one lookup: no per-op timeout here.

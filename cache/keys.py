@@ -68,9 +68,15 @@ def entry_key(prefix: str, namespace: str, digest: str) -> str:
     return f"{prefix}e:{namespace_id(namespace)}:{digest}"
 
 
-def namespace_pattern(prefix: str, namespace: str) -> str:
-    """The Redis SCAN pattern that matches every entry of one namespace."""
-    return f"{prefix}e:{namespace_id(namespace)}:*"
+def vector_key(prefix: str, namespace: str, digest: str) -> str:
+    """Where the semantic record (scope, text, vector) of an entry lives."""
+    return f"{prefix}v:{namespace_id(namespace)}:{digest}"
+
+
+def namespace_patterns(prefix: str, namespace: str) -> tuple[str, str]:
+    """The Redis SCAN patterns that match every entry and vector record of a namespace."""
+    nsid = namespace_id(namespace)
+    return f"{prefix}e:{nsid}:*", f"{prefix}v:{nsid}:*"
 
 
 def tenant_id(credential: str | None, *, shared: bool = False) -> str:

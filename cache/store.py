@@ -8,6 +8,7 @@ keys, encoding, timeouts and the circuit breaker are the engine's job
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
 import redis.asyncio as aioredis
@@ -20,7 +21,15 @@ class EntryStore(Protocol):
 
     async def set(self, key: str, value: bytes, ttl_ms: int | None) -> None: ...
 
-    async def delete(self, key: str) -> int: ...
+    async def get_many(self, keys: list[str]) -> list[bytes | None]: ...
+
+    async def set_many(self, items: list[tuple[str, bytes]], ttl_ms: int | None) -> None:
+        """Write all items, atomically where the backend can."""
+        ...
+
+    def scan(self, pattern: str) -> AsyncIterator[bytes]: ...
+
+    async def delete(self, key: str, *more: str) -> int: ...
 
     async def delete_matching(self, pattern: str) -> int: ...
 
@@ -58,8 +67,22 @@ class RedisStore:
     async def set(self, key: str, value: bytes, ttl_ms: int | None) -> None:
         await self._redis.set(key, value, px=ttl_ms)
 
-    async def delete(self, key: str) -> int:
-        return int(await self._redis.unlink(key))
+    async def get_many(self, keys: list[str]) -> list[bytes | None]:
+        if not keys:
+            return []
+        return [v.encode() if isinstance(v, str) else v for v in await self._redis.mget(keys)]
+
+    async def set_many(self, items: list[tuple[str, bytes]], ttl_ms: int | None) -> None:
+        async with self._redis.pipeline(transaction=True) as pipe:
+            for key, value in items:
+                pipe.set(key, value, px=ttl_ms)
+            await pipe.execute()
+
+    def scan(self, pattern: str) -> AsyncIterator[bytes]:
+        return self._redis.scan_iter(match=pattern, count=1000)
+
+    async def delete(self, key: str, *more: str) -> int:
+        return int(await self._redis.unlink(key, *more))
 
     async def delete_matching(self, pattern: str) -> int:
         deleted = 0

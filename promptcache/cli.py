@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 from collections.abc import Sequence
@@ -10,6 +11,14 @@ from collections.abc import Sequence
 from promptcache import __version__
 from promptcache.cache.errors import PromptCacheError
 from promptcache.server.config import add_arguments, build_settings
+
+#: ``promptcache bench NAME``: the module (with add_arguments and main) and its help line.
+BENCHMARKS = {
+    "exact": ("promptcache.benchmarks.exact",
+              "exact hits through the sidecar beside a one-GET aiohttp floor"),
+    "semantic": ("promptcache.benchmarks.semantic_speed",
+                 "semantic lookup throughput and latency against the model; index search"),
+}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -32,11 +41,11 @@ def parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks (see benchmarks/)",
                            description="Run a benchmark; each writes JSON to --out.")
     kinds = bench.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
-    from promptcache.benchmarks import exact
-
-    exact.add_arguments(kinds.add_parser(
-        "exact", help="exact hits through the sidecar beside a one-GET aiohttp floor",
-        description=exact.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
+    for name, (module, help_text) in BENCHMARKS.items():
+        mod = importlib.import_module(module)
+        mod.add_arguments(kinds.add_parser(
+            name, help=help_text, description=mod.__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter))
     return p
 
 
@@ -47,10 +56,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from promptcache.server.app import serve
 
             return serve(build_settings(vars(args) | {"command": None}, os.environ))
-        if args.command == "bench" and args.bench == "exact":
-            from promptcache.benchmarks import exact
-
-            return exact.main(args)
+        if args.command == "bench":
+            return int(importlib.import_module(BENCHMARKS[args.bench][0]).main(args))
     except PromptCacheError as exc:
         print(f"promptcache: error: {exc}", file=sys.stderr)
         return 2

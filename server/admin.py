@@ -32,6 +32,9 @@ async def readyz(request: web.Request) -> web.Response:
 
 async def _refresh_gauges(sc: Sidecar) -> dict[str, Any] | None:
     sc.metrics.breaker_open.set(1 if sc.cache.breaker.state != "closed" else 0)
+    if sc.semantic is not None:
+        sc.metrics.index_vectors.set(len(sc.semantic.index))
+        sc.metrics.index_bytes.set(sc.semantic.index.nbytes)
     try:
         info = await sc.cache.info()
     except CacheUnavailable:
@@ -63,7 +66,7 @@ async def stats(request: web.Request) -> web.Response:
     sc = request.app[SIDECAR]
     info = await _refresh_gauges(sc)
     counts = _counts(sc)
-    hits = sum(c.get("HIT", 0) for c in counts.values())
+    hits = sum(c.get("HIT", 0) + c.get("SEMANTIC-HIT", 0) for c in counts.values())
     lookups = hits + sum(c.get("MISS", 0) for c in counts.values())
     return web.json_response(
         {
@@ -76,6 +79,7 @@ async def stats(request: web.Request) -> web.Response:
                 "circuit_trips": sc.cache.breaker.trips,
                 **(info or {}),
             },
+            "semantic": sc.semantic.stats() if sc.semantic is not None else None,
             "flights_in_progress": len(sc.flights),
             "settings": sc.settings.public(),
         },

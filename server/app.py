@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from functools import partial
 
 import aiohttp
 from aiohttp import web
+from redis.exceptions import RedisError
 
 from promptcache.cache.breaker import CircuitBreaker
+from promptcache.cache.embed import BatchingEmbedder, Embedder, SentenceTransformerEmbedder
 from promptcache.cache.embedded import EmbeddedRedis
 from promptcache.cache.engine import CachePolicy, ExactCache
+from promptcache.cache.index import PartitionedIndex
 from promptcache.cache.keys import ENDPOINTS
+from promptcache.cache.semantic import SemanticCache, SemanticPolicy
 from promptcache.cache.store import RedisStore, redis_client
 from promptcache.server import admin
 from promptcache.server.config import Settings
@@ -24,31 +30,62 @@ from promptcache.server.state import SIDECAR, Sidecar
 log = logging.getLogger("promptcache")
 
 
-async def _resources(settings: Settings, redis_url: str, app: web.Application
-                     ) -> AsyncIterator[None]:
-    client = redis_client(redis_url, timeout=settings.redis_timeout)
-    cache = ExactCache(
-        RedisStore(client),
-        CachePolicy(
-            default_ttl=settings.default_ttl or None,
-            max_entry_bytes=settings.max_entry_bytes,
-            op_timeout=settings.redis_timeout,
-            key_prefix=settings.key_prefix,
-        ),
-        breaker=CircuitBreaker(failure_threshold=settings.breaker_threshold,
-                               reset_timeout=settings.breaker_reset),
+async def _semantic(settings: Settings, cache: ExactCache, embedder: Embedder | None
+                    ) -> SemanticCache:
+    """Load the model (on a thread: it takes seconds) and rebuild the index from Redis."""
+    from promptcache.cache.verify import Verifier, VerifierConfig
+
+    model: Embedder = embedder if embedder is not None else await asyncio.to_thread(
+        SentenceTransformerEmbedder, settings.embedding_model)
+    config = VerifierConfig(
+        numbers=settings.verify_numbers, negation=settings.verify_negation,
+        entities=settings.verify_entities,
+        model=None if settings.verifier_model == "none" else settings.verifier_model,
     )
-    session = aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
-        auto_decompress=True,
-        trust_env=True,
+    verifier = await asyncio.to_thread(Verifier, config, embedder=model)
+    semantic = SemanticCache(
+        cache,
+        BatchingEmbedder(model, window=settings.embed_window, max_batch=settings.embed_max_batch),
+        PartitionedIndex(model.dim, settings.index_kind),
+        verifier,
+        SemanticPolicy(threshold=settings.similarity_threshold,
+                       max_temperature=settings.semantic_max_temperature),
     )
-    app[SIDECAR] = Sidecar(settings, cache, Upstream(settings, session), Metrics())
     try:
+        await semantic.rebuild()
+    except (RedisError, OSError) as exc:  # fail open: start empty, fill as traffic comes
+        log.warning("could not rebuild the semantic index from Redis: %r", exc)
+    return semantic
+
+
+async def _resources(settings: Settings, redis_url: str, embedder: Embedder | None,
+                     app: web.Application) -> AsyncIterator[None]:
+    async with contextlib.AsyncExitStack() as stack:
+        client = redis_client(redis_url, timeout=settings.redis_timeout)
+        stack.push_async_callback(client.aclose)
+        cache = ExactCache(
+            RedisStore(client),
+            CachePolicy(
+                default_ttl=settings.default_ttl or None,
+                max_entry_bytes=settings.max_entry_bytes,
+                op_timeout=settings.redis_timeout,
+                key_prefix=settings.key_prefix,
+            ),
+            breaker=CircuitBreaker(failure_threshold=settings.breaker_threshold,
+                                   reset_timeout=settings.breaker_reset),
+        )
+        semantic = None
+        if settings.semantic:
+            semantic = await _semantic(settings, cache, embedder)
+            stack.push_async_callback(semantic.embedder.close)
+        session = await stack.enter_async_context(aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
+            auto_decompress=True,
+            trust_env=True,
+        ))
+        app[SIDECAR] = Sidecar(settings, cache, Upstream(settings, session), Metrics(),
+                               semantic)
         yield
-    finally:
-        await session.close()
-        await client.aclose()
 
 
 async def passthrough(request: web.Request) -> web.StreamResponse:
@@ -57,10 +94,14 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
     return await sc.upstream.passthrough(request)
 
 
-def create_app(settings: Settings, redis_url: str) -> web.Application:
-    """The sidecar for ``settings`` using the Redis at ``redis_url``."""
+def create_app(settings: Settings, redis_url: str, *, embedder: Embedder | None = None
+               ) -> web.Application:
+    """The sidecar for ``settings`` using the Redis at ``redis_url``.
+
+    ``embedder`` lets several in-process sidecars (tests, benchmarks) share one model.
+    """
     app = web.Application(client_max_size=settings.max_body_bytes)
-    app.cleanup_ctx.append(partial(_resources, settings, redis_url))
+    app.cleanup_ctx.append(partial(_resources, settings, redis_url, embedder))
     app.router.add_get("/healthz", admin.healthz)
     app.router.add_get("/readyz", admin.readyz)
     app.router.add_get("/metrics", admin.metrics)

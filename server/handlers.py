@@ -20,6 +20,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from promptcache.cache.entry import Entry
 from promptcache.cache.errors import BodyTooLarge, CacheUnavailable, RequestError
 from promptcache.cache.keys import (
     ENDPOINTS,
@@ -29,6 +30,8 @@ from promptcache.cache.keys import (
     loads_normalised,
     request_key,
 )
+from promptcache.cache.scope import SemanticView, semantic_view, temperature
+from promptcache.cache.semantic import SemanticHit
 from promptcache.cache.streams import SSEParser, assembler_for, replay
 from promptcache.cache.validate import validate_body
 from promptcache.server.control import CacheControl
@@ -53,6 +56,9 @@ class Call:
     key: CacheKey
     control: CacheControl
     streaming: bool
+    view: SemanticView | None = None  # set when the request may be stored for semantic hits
+    semantic_lookup: bool = False  # X-Cache-Mode is not "exact"
+    threshold: float | None = None  # X-Cache-Threshold, already raised to the configured one
 
     @property
     def include_usage(self) -> bool:
@@ -93,7 +99,32 @@ def parse_call(request: web.Request, body_bytes: bytes, sc: Sidecar) -> Call:
     tenant = sc.tenant(credential(request.headers))
     key = request_key(request.path, body, tenant=tenant, namespace=namespace, normalised=True)
     streaming = api in STREAMABLE and body.get("stream") is True
-    return Call(request, api, body_bytes, body, key, control, streaming)
+    call = Call(request, api, body_bytes, body, key, control, streaming)
+    if sc.semantic is not None:
+        policy = sc.semantic.policy
+        mode = request.headers.get("X-Cache-Mode", "semantic").strip().lower()
+        if mode not in ("exact", "semantic"):
+            raise RequestError("X-Cache-Mode must be 'exact' or 'semantic'", param="X-Cache-Mode")
+        call.semantic_lookup = mode == "semantic"
+        call.threshold = max(policy.threshold, _threshold(request))
+        if temperature(body) <= policy.max_temperature:
+            call.view = semantic_view(api, request.path, body, tenant=tenant,
+                                      namespace=namespace, normalised=True)
+    return call
+
+
+def _threshold(request: web.Request) -> float:
+    raw = request.headers.get("X-Cache-Threshold")
+    if raw is None:
+        return 0.0
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 1.0:
+        raise RequestError("X-Cache-Threshold must be a cosine similarity from 0 to 1",
+                           param="X-Cache-Threshold")
+    return value
 
 
 async def cached_route(request: web.Request) -> web.StreamResponse:
@@ -113,19 +144,11 @@ async def cached_route(request: web.Request) -> web.StreamResponse:
         resp, _ = await forward(sc, call, status="BYPASS", store=False)
         return resp
 
-    cache_ok = True
-    if not cc.no_cache:
-        started = time.perf_counter()
-        try:
-            entry = await sc.cache.lookup(call.key)
-        except CacheUnavailable:
-            cache_ok, entry = False, None
-        sc.metrics.lookup_seconds.observe(time.perf_counter() - started)
-        age = sc.cache.age(entry) if entry is not None else 0
-        if entry is not None and cc.accepts_age(age):
-            sc.metrics.requests.labels(route, "HIT").inc()
-            return await serve(call, Answer(entry.status, entry.body, entry.content_type),
-                               status="HIT", age=age)
+    found, cache_ok = (None, True) if cc.no_cache else await lookup(sc, call)
+    if found is not None:
+        sc.metrics.requests.labels(route, found.status).inc()
+        return await serve(call, found.answer, status=found.status, age=found.age,
+                           key=found.key, similarity=found.similarity)
     status = "MISS" if cache_ok else "BYPASS"
     if not cache_ok:
         sc.metrics.bypasses.inc()
@@ -151,17 +174,71 @@ async def cached_route(request: web.Request) -> web.StreamResponse:
         sc.flights.land(call.key.digest, flight, answer)
 
 
-def _headers(call: Call, status: str, *, age: int | None = None) -> dict[str, str]:
-    h = {"X-Cache": status, "X-Cache-Key": call.key.digest}
+@dataclass(frozen=True, slots=True)
+class Found:
+    """An answer from the cache, and how it was found."""
+
+    answer: Answer
+    status: str  # HIT or SEMANTIC-HIT
+    age: int
+    key: str | None = None  # the matched entry, when it is not the request's own
+    similarity: float | None = None
+
+
+async def lookup(sc: Sidecar, call: Call) -> tuple[Found | None, bool]:
+    """Exact tier, then semantic tier; and False if the cache failed (pass through)."""
+    started = time.perf_counter()
+    try:
+        entry = await sc.cache.lookup(call.key)
+    except CacheUnavailable:
+        return None, False
+    finally:
+        sc.metrics.lookup_seconds.observe(time.perf_counter() - started)
+    if entry is not None and call.control.accepts_age(age := sc.cache.age(entry)):
+        return Found(Answer(entry.status, entry.body, entry.content_type), "HIT", age), True
+    if not (call.semantic_lookup and call.view is not None):
+        return None, True
+    try:
+        hit = await semantic_lookup(sc, call)
+    except CacheUnavailable:
+        return None, False
+    if hit is None or not call.control.accepts_age(age := sc.cache.age(hit.entry)):
+        return None, True
+    e = hit.entry
+    return Found(Answer(e.status, e.body, e.content_type), "SEMANTIC-HIT", age, hit.digest,
+                 hit.similarity), True
+
+
+async def semantic_lookup(sc: Sidecar, call: Call) -> SemanticHit | None:
+    """The semantic tier's answer; a failure of the model is a miss, never an error."""
+    assert sc.semantic is not None and call.view is not None
+    started = time.perf_counter()
+    try:
+        return await sc.semantic.lookup(call.view, threshold=call.threshold)
+    except CacheUnavailable:
+        raise
+    except Exception:
+        log.exception("semantic lookup failed; answering as a miss")
+        return None
+    finally:
+        sc.metrics.semantic_seconds.observe(time.perf_counter() - started)
+
+
+def _headers(call: Call, status: str, *, age: int | None = None, key: str | None = None,
+             similarity: float | None = None) -> dict[str, str]:
+    h = {"X-Cache": status, "X-Cache-Key": key or call.key.digest}
     if age is not None:
         h["Age"] = str(age)
+    if similarity is not None:
+        h["X-Cache-Similarity"] = f"{similarity:.4f}"
     return h
 
 
 async def serve(call: Call, answer: Answer, *, status: str, age: int | None = None,
-                coalesced: bool = False) -> web.StreamResponse:
+                coalesced: bool = False, key: str | None = None,
+                similarity: float | None = None) -> web.StreamResponse:
     """Answer from a stored or shared answer; replayed as SSE if the request streams."""
-    headers = _headers(call, status, age=age)
+    headers = _headers(call, status, age=age, key=key, similarity=similarity)
     if coalesced:
         headers["X-Cache-Coalesced"] = "1"
     if not (call.streaming and 200 <= answer.status < 300):
@@ -200,7 +277,7 @@ async def store_answer(sc: Sidecar, call: Call, answer: Answer) -> bool:
         return False
     entry = sc.cache.entry_for(answer.status, answer.body, answer.content_type, call.api)
     try:
-        written = await sc.cache.put(call.key, entry, ttl=call.control.max_age)
+        written = await _put(sc, call, entry)
     except CacheUnavailable as exc:
         sc.metrics.not_stored.labels("cache_unavailable").inc()
         log.warning("could not store %s: %s", call.key.digest, exc)
@@ -211,6 +288,18 @@ async def store_answer(sc: Sidecar, call: Call, answer: Answer) -> bool:
     sc.metrics.stores.inc()
     sc.metrics.stored_bytes.inc(written)
     return True
+
+
+async def _put(sc: Sidecar, call: Call, entry: Entry) -> int:
+    ttl = call.control.max_age
+    if sc.semantic is not None and call.view is not None:
+        try:
+            return await sc.semantic.put(call.key, entry, call.view, ttl=ttl)
+        except CacheUnavailable:
+            raise
+        except Exception:
+            log.exception("semantic store failed; storing the exact entry only")
+    return await sc.cache.put(call.key, entry, ttl=ttl)
 
 
 Forwarded = tuple[web.StreamResponse, Answer | None]

@@ -15,7 +15,8 @@ class Metrics:
         r = self.registry
         self.requests = Counter(
             "promptcache_requests", "Requests by route and cache status "
-            "(HIT, MISS, BYPASS, ERROR for refused input, PASS for uncached routes)",
+            "(HIT, SEMANTIC-HIT, MISS, BYPASS, ERROR for refused input, PASS for uncached "
+            "routes)",
             ["route", "cache"], registry=r,
         )
         self.upstream_seconds = Histogram(
@@ -25,6 +26,10 @@ class Metrics:
         self.lookup_seconds = Histogram(
             "promptcache_lookup_seconds", "Cache lookup latency", buckets=_LATENCY_BUCKETS,
             registry=r,
+        )
+        self.semantic_seconds = Histogram(
+            "promptcache_semantic_lookup_seconds", "Semantic lookup latency (embed, search, "
+            "fetch, verify)", buckets=_LATENCY_BUCKETS, registry=r,
         )
         self.bypasses = Counter(
             "promptcache_bypasses", "Requests that went upstream because the cache failed",
@@ -47,6 +52,13 @@ class Metrics:
         )
         self.bytes_stored = Gauge(
             "promptcache_redis_used_memory_bytes", "Redis used_memory (read at scrape time)",
+            registry=r,
+        )
+        self.index_vectors = Gauge(
+            "promptcache_index_vectors", "Vectors in this node's semantic index", registry=r,
+        )
+        self.index_bytes = Gauge(
+            "promptcache_index_bytes", "Estimated bytes of this node's semantic index",
             registry=r,
         )
         self.breaker_open = Gauge(

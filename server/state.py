@@ -9,6 +9,7 @@ from aiohttp import web
 
 from promptcache.cache.engine import ExactCache
 from promptcache.cache.keys import tenant_id
+from promptcache.cache.semantic import SemanticCache
 from promptcache.cache.singleflight import SingleFlight
 from promptcache.server.config import Settings
 from promptcache.server.metrics import Metrics
@@ -30,6 +31,7 @@ class Sidecar:
     cache: ExactCache
     upstream: Upstream
     metrics: Metrics
+    semantic: SemanticCache | None = None
     flights: SingleFlight[str, Answer] = field(default_factory=SingleFlight)
     started: float = field(default_factory=time.time)
 

@@ -15,6 +15,7 @@ import pytest
 import redis
 
 from promptcache.benchmarks.fake_upstream import FakeUpstream, running_fake_upstream
+from promptcache.cache.embed import Embedder, SentenceTransformerEmbedder
 from tests.harness import RunningSidecar, start_sidecar
 from tests.redis_helpers import RedisServer
 
@@ -87,3 +88,22 @@ async def sidecar(fake: FakeUpstream, redis_url: str,
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession() as session:
         yield session
+
+
+# =============================================================================================
+# The embedding model, loaded once per session (all-MiniLM-L6-v2 from its package, offline)
+# =============================================================================================
+
+
+@pytest.fixture(scope="session")
+def embedder() -> SentenceTransformerEmbedder:
+    return SentenceTransformerEmbedder()
+
+
+@pytest.fixture
+async def semantic_sidecar(fake: FakeUpstream, redis_url: str, embedder: Embedder,
+                           sidecars: list[RunningSidecar]) -> RunningSidecar:
+    """A sidecar with the semantic tier on (default settings) in front of ``fake``."""
+    sc = await start_sidecar(fake.url, redis_url, embedder=embedder)
+    sidecars.append(sc)
+    return sc

@@ -12,6 +12,7 @@ from typing import Any
 
 from aiohttp import web
 
+from promptcache.cache.embed import Embedder
 from promptcache.server.app import create_app
 from promptcache.server.config import Settings
 from promptcache.server.state import SIDECAR, Sidecar
@@ -31,9 +32,13 @@ class RunningSidecar:
         await self.runner.cleanup()
 
 
-async def start_sidecar(upstream: str, redis_url: str, **overrides: Any) -> RunningSidecar:
+async def start_sidecar(upstream: str, redis_url: str, *, embedder: Embedder | None = None,
+                        **overrides: Any) -> RunningSidecar:
+    """A sidecar on a free port; the semantic tier is on only when given an embedder
+    (tests share one loaded model instead of loading it per sidecar)."""
+    overrides.setdefault("semantic", embedder is not None)
     settings = replace(Settings(upstream=upstream), port=0, **overrides)
-    app = create_app(settings, redis_url)
+    app = create_app(settings, redis_url, embedder=embedder)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import zlib
+from collections.abc import AsyncIterator
 from typing import Any
 
 import msgpack
@@ -446,9 +447,24 @@ class FakeStore:
         self.data[key] = value
         self.ttls[key] = ttl_ms
 
-    async def delete(self, key: str) -> int:
+    async def get_many(self, keys: list[str]) -> list[bytes | None]:
         await self._op()
-        return 1 if self.data.pop(key, None) is not None else 0
+        return [self.data.get(k) for k in keys]
+
+    async def set_many(self, items: list[tuple[str, bytes]], ttl_ms: int | None) -> None:
+        await self._op()
+        for key, value in items:
+            self.data[key] = value
+            self.ttls[key] = ttl_ms
+
+    async def scan(self, pattern: str) -> AsyncIterator[bytes]:
+        for k in list(self.data):
+            if k.startswith(pattern.removesuffix("*")):
+                yield k.encode()
+
+    async def delete(self, key: str, *more: str) -> int:
+        await self._op()
+        return sum(1 for k in (key, *more) if self.data.pop(k, None) is not None)
 
     async def delete_matching(self, pattern: str) -> int:
         await self._op()

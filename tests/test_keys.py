@@ -19,7 +19,7 @@ from promptcache.cache.keys import (
     check_namespace,
     entry_key,
     namespace_id,
-    namespace_pattern,
+    namespace_patterns,
     request_key,
     tenant_id,
 )
@@ -298,7 +298,8 @@ def test_redis_key_pattern_matches_own_namespace_only() -> None:
     assert redis_key == entry_key("pc:", "a*", key.digest)
     assert redis_key.startswith("pc:e:")
     assert "*" not in redis_key  # the caller's glob characters never reach SCAN
-    pattern = namespace_pattern("pc:", "a*")
+    pattern, vectors = namespace_patterns("pc:", "a*")
+    assert vectors.startswith("pc:v:") and "*" not in vectors.removesuffix("*")
     assert redis_key.startswith(pattern.removesuffix("*"))
     assert not entry_key("pc:", "ab", key.digest).startswith(pattern.removesuffix("*"))
 

@@ -1,0 +1,237 @@
+"""Hit-rate tuner: how often the semantic tier hits, and how often it is wrong.
+
+Protocol, per split of the pair file: fill an empty cache with every distinct ``a``, look up
+every ``b`` against its nearest cached ``a`` (all-MiniLM-L6-v2, cosine). Lookups whose ``b``
+equals a cached ``a`` after collapsing whitespace and casefolding are left out (the exact
+tier answers them). A lookup hits if the similarity reaches the threshold and the variant's
+checks accept the candidate. For label 1, a hit on the pair's own ``a`` is a true hit and a
+hit on another entry a wrong hit; for label 0 every hit is a false hit.
+
+    HR = true hits / label-1 lookups      FHR = false hits / label-0 lookups
+    wrong = wrong hits / label-1 lookups  precision = true hits / all hits
+
+Variants, all from one run of the same embeddings: raw cosine (the baseline), each rule
+check alone, all rules, and the full verifier (rules + the fitted model, ``--verifier-model``
+or the shipped default). The threshold is swept; the best threshold for FHR <= 1% and <= 5%
+is chosen on the train split and reported on the held-out split (``--holdout``, by a hash of
+the pair: the split ``promptcache fit`` leaves alone). For the verifier the model's threshold
+is chosen the same way; ``default`` is the verifier at the operating point stored with its
+model, which is what the cache runs. The train pairs are replayed as caches the size of the
+held-out one (a bigger cache has more near neighbours, hence more wrong and false hits at
+the same threshold), so rates on the two splits are comparable.
+
+    promptcache bench hitrate --pairs FILE [--limit N] [--holdout 0.2] [--out DIR]
+                              [--verifier-model PATH] [--tune-limit 20000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from promptcache.cache.fit import (
+    Lookups,
+    cache_lookups,
+    embed_texts,
+    read_pairs,
+    sharded_lookups,
+    split,
+)
+from promptcache.cache.verify import CHECKS, RULES, Verifier, VerifierConfig
+
+THRESHOLDS = np.round(np.arange(0.70, 0.9976, 0.0025), 4)
+TARGETS = (0.01, 0.05)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pairs", required=True, help="JSON lines of {a, b, label} (gzip or plain)")
+    p.add_argument("--limit", type=int, default=None, help="read only the first N pairs")
+    p.add_argument("--holdout", type=float, default=0.2,
+                   help="share of pairs held out for reporting (default: 0.2)")
+    p.add_argument("--out", default="bench-results", help="directory for hitrate.json")
+    p.add_argument("--verifier-model", default="default",
+                   help="the verifier's model: default (shipped), none, or a fitted path")
+    p.add_argument("--tune-limit", type=int, default=20000,
+                   help="train-split lookups used to choose thresholds (default: 20000; the "
+                   "cache still holds every train entry)")
+
+
+def curve(lookups: Lookups, accepted: np.ndarray) -> list[dict[str, float]]:
+    """HR, FHR, wrong-hit rate and precision at each threshold in :data:`THRESHOLDS`."""
+    n1 = max(int((lookups.label == 1).sum()), 1)
+    n0 = max(int((lookups.label == 0).sum()), 1)
+    rows = []
+    for t in THRESHOLDS:
+        hit = (lookups.similarity >= t) & accepted
+        true = int((hit & lookups.true).sum())
+        wrong = int((hit & (lookups.label == 1) & ~lookups.own).sum())
+        false = int((hit & (lookups.label == 0)).sum())
+        rows.append({"threshold": float(t), "hr": true / n1, "fhr": false / n0,
+                     "wrong": wrong / n1, "precision": true / max(true + wrong + false, 1)})
+    return rows
+
+
+def choose(train: list[dict[str, float]], test: list[dict[str, float]], target: float
+           ) -> dict[str, Any]:
+    """The threshold with the best train HR at train FHR <= target, reported on test."""
+    ok = [i for i, r in enumerate(train) if r["fhr"] <= target]
+    if not ok:
+        return {"threshold": None}
+    i = max(ok, key=lambda k: (train[k]["hr"], k))  # ties: the higher threshold
+    return {**test[i], "train_hr": train[i]["hr"], "train_fhr": train[i]["fhr"]}
+
+
+def _accepts(lookups: Lookups, check: Callable[[str, str], bool]) -> np.ndarray:
+    """One rule's verdict per lookup (lookups below the lowest threshold never hit)."""
+    low = float(THRESHOLDS[0])
+    return np.array([s >= low and check(q, c) for q, c, s in
+                     zip(lookups.query, lookups.candidate, lookups.similarity, strict=True)],
+                    dtype=bool)
+
+
+def _verify(verifier: Verifier, lookups: Lookups) -> tuple[np.ndarray, float]:
+    """The verifier's score per lookup (0 if a rule rejects it), and ms per candidate."""
+    todo = np.flatnonzero(lookups.similarity >= THRESHOLDS[0])
+    scores = np.zeros(len(lookups.query))
+    start = time.perf_counter()
+    verdicts = verifier.verify_batch([(lookups.query[i], lookups.candidate[i],
+                                       float(lookups.similarity[i])) for i in todo])
+    cost = (time.perf_counter() - start) * 1e3 / max(len(todo), 1)
+    scores[todo] = [v.score if v.reason in (None, "model") else 0.0 for v in verdicts]
+    return scores, cost
+
+
+def choose_with_model(train: Lookups, test: Lookups, train_scores: np.ndarray,
+                      test_scores: np.ndarray, target: float) -> dict[str, Any]:
+    """Like :func:`choose`, over the model threshold as well as the similarity threshold."""
+    positive = train_scores[train_scores > 0]
+    cuts = np.unique(np.quantile(positive, np.linspace(0, 0.99, 100))) if len(positive) else [1.0]
+    best: dict[str, Any] = {"threshold": None, "train_hr": -1.0}
+    for cut in cuts:
+        picked = choose(curve(train, train_scores >= cut), curve(test, test_scores >= cut),
+                        target)
+        if picked["threshold"] is not None and picked["train_hr"] > best["train_hr"]:
+            best = {**picked, "model_threshold": float(cut)}
+    return best
+
+
+def _single_cost(verifier: Verifier, lookups: Lookups, n: int = 200) -> float:
+    """ms per candidate verified one at a time (as a lone lookup would)."""
+    items = list(zip(lookups.query, lookups.candidate, lookups.similarity, strict=True))[:n]
+    start = time.perf_counter()
+    for q, c, s in items:
+        verifier.verify(q, c, float(s))
+    return (time.perf_counter() - start) * 1e3 / max(len(items), 1)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from promptcache.cache.embed import SentenceTransformerEmbedder
+
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    pairs = read_pairs(args.pairs, args.limit)
+    train_pairs, test_pairs = split(pairs, args.holdout)
+    embedder = SentenceTransformerEmbedder()
+    texts = {t for p in pairs for t in (p.a, p.b)}
+    vectors = embed_texts(embedder, texts)
+    timings["embed_s"] = time.perf_counter() - started
+    timings["texts_per_s"] = len(texts) / max(timings["embed_s"], 1e-9)
+    train = sharded_lookups(train_pairs, vectors, args.holdout)
+    test = cache_lookups(test_pairs, vectors)
+    if args.tune_limit and len(train.query) > args.tune_limit:
+        keep = random.Random(0).sample(range(len(train.query)), args.tune_limit)
+        train = train.subset(np.array(sorted(keep)))
+
+    model = None if args.verifier_model in (None, "none") else args.verifier_model
+    verifier = Verifier(VerifierConfig(model=model))
+    accepted: dict[str, tuple[np.ndarray, np.ndarray]] = {
+        "raw": (np.ones(len(train.query), bool), np.ones(len(test.query), bool))}
+    for name in RULES:
+        accepted[name] = (_accepts(train, CHECKS[name]), _accepts(test, CHECKS[name]))
+    accepted["rules"] = (np.logical_and.reduce([accepted[n][0] for n in RULES]),
+                         np.logical_and.reduce([accepted[n][1] for n in RULES]))
+    s_train, _ = _verify(verifier, train)
+    s_test, batch_cost = _verify(verifier, test)
+    cut = verifier.scorer.threshold if verifier.scorer else 0.0
+    accepted["verifier"] = (s_train >= max(cut, 1e-12), s_test >= max(cut, 1e-12))
+
+    variants: dict[str, Any] = {}
+    for name, (on_train, on_test) in accepted.items():
+        train_curve, test_curve = curve(train, on_train), curve(test, on_test)
+        variants[name] = {
+            "test_curve": test_curve,
+            **{f"at_fhr_{round(t * 100)}pct": choose(train_curve, test_curve, t)
+               for t in TARGETS}}
+    if verifier.scorer is not None:
+        variants["verifier"] |= {f"at_fhr_{round(t * 100)}pct": choose_with_model(
+            train, test, s_train, s_test, t) for t in TARGETS}
+    default = _default_point(verifier, test, accepted["verifier"][1])
+    timings["total_s"] = time.perf_counter() - started
+    return {
+        "pairs": str(args.pairs), "limit": args.limit, "holdout": args.holdout,
+        "model": "all-MiniLM-L6-v2", "verifier_model": args.verifier_model,
+        "lookups": {name: {"label1": int((lk.label == 1).sum()),
+                           "label0": int((lk.label == 0).sum())}
+                    for name, lk in (("train", train), ("test", test))},
+        "variants": variants, "default": default,
+        "cost_ms_per_candidate": {
+            "rules": _single_cost(Verifier(VerifierConfig(model=None)), test),
+            "verifier_single": _single_cost(verifier, test),
+            "verifier_batched": batch_cost},
+        "timings": timings,
+    }
+
+
+def _default_point(verifier: Verifier, test: Lookups, accepted: np.ndarray) -> dict[str, Any]:
+    """The verifier at the similarity threshold stored with its model (if any)."""
+    params = getattr(verifier.scorer, "params", {}) if verifier.scorer else {}
+    threshold = params.get("similarity_threshold")
+    if threshold is None:
+        return {"threshold": None}
+    rows = curve(test, accepted & (test.similarity >= threshold))
+    return {**rows[0], "threshold": float(threshold)}
+
+
+def report(result: dict[str, Any]) -> str:
+    lines = []
+    v = result["variants"]
+    lines.append("threshold  " + "  ".join(f"{n + ' HR/FHR':>18}" for n in ("raw", "verifier")))
+    for raw, ver in zip(v["raw"]["test_curve"], v["verifier"]["test_curve"], strict=True):
+        if round(raw["threshold"] * 100, 4) % 1 == 0:
+            lines.append(f"{raw['threshold']:9.2f}  " + "  ".join(
+                f"{r['hr']:8.1%}/{r['fhr']:6.2%} w{r['wrong']:4.1%} p{r['precision']:4.0%}"
+                for r in (raw, ver)))
+    lines.append("")
+    lines.append(f"{'variant':10} {'HR@FHR<=1%':>11} {'FHR':>6} {'thr':>6}   "
+                 f"{'HR@FHR<=5%':>11} {'FHR':>6} {'thr':>6}")
+    for name, data in v.items():
+        cells = []
+        for key in ("at_fhr_1pct", "at_fhr_5pct"):
+            r = data[key]
+            cells.append("        n/a" + " " * 14 if r["threshold"] is None else
+                         f"{r['hr']:11.1%} {r['fhr']:6.2%} {r['threshold']:6.4f}")
+        lines.append(f"{name:10} " + "   ".join(cells))
+    d = result["default"]
+    if d["threshold"] is not None:
+        lines.append(f"default verifier at similarity >= {d['threshold']}: HR {d['hr']:.1%}, "
+                     f"FHR {d['fhr']:.2%}, wrong {d['wrong']:.1%}, precision {d['precision']:.0%}")
+    costs = result["cost_ms_per_candidate"]
+    lines.append("cost per candidate: " + ", ".join(f"{k} {c:.3f} ms" for k, c in costs.items()))
+    return "\n".join(lines)
+
+
+def main(args: argparse.Namespace) -> int:
+    result = run(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "hitrate.json").write_text(json.dumps(result, indent=1))
+    print(report(result))
+    print(f"wrote {out / 'hitrate.json'}")
+    return 0

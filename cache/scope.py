@@ -1,0 +1,89 @@
+"""What a semantic match may differ in: only the wording of the final user message.
+
+:func:`semantic_view` splits a request into its *scope* (a digest of everything else:
+tenant, namespace, endpoint, model, every generation parameter, tools, the system prompt
+and all earlier turns) and its *text* (the final user message). Two requests can share a
+semantic entry only if their scopes are identical; only their texts are compared by
+meaning. Requests whose final turn is not plain user text (an image, a tool result, a
+list of prompts, an embeddings call) get no view: they are cached exactly or not at all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any, Final
+
+from promptcache.cache.keys import Api, canonical_json, keyed_fields
+
+_SCOPE_VERSION: Final = b"promptcache/scope/v1"
+#: The APIs' default sampling temperature, for requests that do not set one.
+DEFAULT_TEMPERATURE: Final = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class SemanticView:
+    scope: str  # 32 hex digits
+    text: str
+
+
+def _text_of(content: Any) -> str | None:
+    """Plain text of a message's content; None if it holds anything but text."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and content:
+        parts = []
+        for part in content:
+            if not (isinstance(part, dict) and part.get("type") == "text"
+                    and isinstance(part.get("text"), str)
+                    and set(part) <= {"type", "text", "cache_control"}):
+                return None
+            parts.append(part["text"])
+        return "\n".join(parts)
+    return None
+
+
+def _split(api: Api, body: dict[str, Any]) -> tuple[dict[str, Any], str] | None:
+    rest = keyed_fields(body)
+    if api in ("chat", "messages"):
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            return None
+        last = messages[-1]
+        if not isinstance(last, dict) or last.get("role") != "user":
+            return None
+        text = _text_of(last.get("content"))
+        if text is None:
+            return None
+        shape = {k: v for k, v in last.items() if k != "content"}
+        rest["messages"] = [*messages[:-1], shape]
+        return rest, text
+    if api == "completions":
+        prompt = body.get("prompt")
+        if not isinstance(prompt, str):
+            return None
+        del rest["prompt"]
+        return rest, prompt
+    return None
+
+
+def semantic_view(api: Api, endpoint: str, body: dict[str, Any], *, tenant: str,
+                  namespace: str, normalised: bool = False) -> SemanticView | None:
+    """The scope and text of a request, or None if it cannot be matched by meaning."""
+    split = _split(api, body)
+    if split is None:
+        return None
+    rest, text = split
+    if not text.strip():
+        return None
+    h = hashlib.sha256(_SCOPE_VERSION)
+    for part in (tenant.encode(), namespace.encode(), endpoint.encode()):
+        h.update(b"\0" + part)
+    h.update(b"\0" + canonical_json(rest, normalised=normalised))
+    return SemanticView(h.hexdigest()[:32], text)
+
+
+def temperature(body: dict[str, Any]) -> float:
+    t = body.get("temperature")
+    return float(t) if isinstance(t, int | float) and not isinstance(t, bool) else \
+        DEFAULT_TEMPERATURE

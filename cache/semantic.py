@@ -1,0 +1,225 @@
+"""The semantic tier: near-duplicate requests answered from an entry, if a verifier agrees.
+
+On a miss of the exact tier, the final user message is embedded and searched in the
+FAISS partition of its scope (see :mod:`promptcache.cache.scope`); candidates at or
+above the similarity threshold are fetched from Redis, dropped if their entry is gone
+(expired, evicted or deleted: the index never resurrects one), and passed to the
+verifier; the best one it accepts is served.
+
+Each entry stored with a semantic view gets a vector record beside it in Redis
+(``{prefix}v:{nsid}:{digest}``: scope, text, float16 vector), written in the same
+transaction and with the same TTL, so a sidecar rebuilds its index from Redis at start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Final, Protocol
+
+import msgpack
+import numpy as np
+
+from promptcache.cache.embed import BatchingEmbedder
+from promptcache.cache.engine import ExactCache
+from promptcache.cache.entry import Entry, EntryFormatError
+from promptcache.cache.index import PartitionedIndex
+from promptcache.cache.keys import CacheKey, entry_key, vector_key
+from promptcache.cache.scope import SemanticView
+
+log = logging.getLogger(__name__)
+_FORMAT: Final = 1
+
+
+class Verdict(Protocol):
+    @property
+    def ok(self) -> bool: ...
+
+    @property
+    def reason(self) -> str | None: ...
+
+    @property
+    def score(self) -> float: ...
+
+
+class Verifier(Protocol):
+    def verify_batch(self, items: Sequence[tuple[str, str, float]]) -> Sequence[Verdict]:
+        """Blocking: one verdict per (query, candidate, similarity)."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class SemanticPolicy:
+    threshold: float = 0.90
+    max_temperature: float = 1.0
+    candidates: int = 4
+
+
+@dataclass(frozen=True, slots=True)
+class SemanticHit:
+    entry: Entry
+    similarity: float
+    namespace: str
+    digest: str
+
+
+@dataclass(frozen=True, slots=True)
+class VectorRecord:
+    scope: str
+    text: str
+    vector: np.ndarray  # float32 (dim,)
+    namespace: str
+    digest: str
+
+    def encode(self) -> bytes:
+        half = np.asarray(self.vector, dtype=np.float16).tobytes()
+        return msgpack.packb([_FORMAT, self.scope, self.text, half, self.namespace,
+                              self.digest], use_bin_type=True)
+
+    @classmethod
+    def decode(cls, data: bytes) -> VectorRecord:
+        try:
+            fmt, scope, text, half, namespace, digest = msgpack.unpackb(data, raw=False)
+            if fmt != _FORMAT:
+                raise EntryFormatError(f"unknown vector record format {fmt!r}")
+            vector = np.frombuffer(half, dtype=np.float16).astype(np.float32)
+            return cls(str(scope), str(text), vector, str(namespace), str(digest))
+        except (ValueError, TypeError, msgpack.UnpackException) as exc:
+            raise EntryFormatError(str(exc)) from exc
+
+
+def vector_id(digest: str) -> int:
+    """The FAISS id of an entry: 60 bits of its digest."""
+    return int(digest[:15], 16)
+
+
+class SemanticCache:
+    def __init__(self, exact: ExactCache, embedder: BatchingEmbedder, index: PartitionedIndex,
+                 verifier: Verifier | None, policy: SemanticPolicy | None = None) -> None:
+        self.exact = exact
+        self.embedder = embedder
+        self.index = index
+        self.verifier = verifier
+        self.policy = policy or SemanticPolicy()
+        self._refs: dict[int, tuple[str, str]] = {}  # id -> (namespace, digest)
+        self.counts: Counter[str] = Counter()
+
+    @property
+    def prefix(self) -> str:
+        return self.exact.policy.key_prefix
+
+    async def lookup(self, view: SemanticView, *, threshold: float | None = None
+                     ) -> SemanticHit | None:
+        """The best verified entry of ``view``'s scope, or None. May raise CacheUnavailable."""
+        threshold = self.policy.threshold if threshold is None else threshold
+        self.counts["lookups"] += 1
+        if not self.index.scope_size(view.scope):
+            return None
+        vector = await self.embedder.embed(view.text)
+        found = [(i, s) for i, s in self.index.search(view.scope, vector, self.policy.candidates)
+                 if s >= threshold and i in self._refs]
+        if not found:
+            self.counts["below_threshold"] += 1
+            return None
+        refs = [self._refs[i] for i, _ in found]
+        keys = [k for ns, d in refs for k in (entry_key(self.prefix, ns, d),
+                                              vector_key(self.prefix, ns, d))]
+        raw = await self.exact.get_many(keys)
+        candidates: list[tuple[float, Entry, VectorRecord]] = []
+        for n, (id_, similarity) in enumerate(found):
+            entry, record = self._decode(raw[2 * n], raw[2 * n + 1])
+            if entry is None or record is None or record.scope != view.scope:
+                self.forget(id_)  # gone from Redis: never served again
+                self.counts["stale"] += 1
+                continue
+            candidates.append((similarity, entry, record))
+        if not candidates:
+            return None
+        verdicts = await self._verify([(view.text, r.text, s) for s, _, r in candidates])
+        for (similarity, entry, record), verdict in zip(candidates, verdicts, strict=True):
+            if verdict.ok:
+                self.counts["hits"] += 1
+                return SemanticHit(entry, similarity, record.namespace, record.digest)
+            self.counts[f"rejected_{verdict.reason or 'model'}"] += 1
+        return None
+
+    async def _verify(self, items: list[tuple[str, str, float]]) -> Sequence[Verdict]:
+        if self.verifier is None:
+            return [_Accept() for _ in items]
+        return await asyncio.to_thread(self.verifier.verify_batch, items)
+
+    @staticmethod
+    def _decode(entry_raw: bytes | None, record_raw: bytes | None
+                ) -> tuple[Entry | None, VectorRecord | None]:
+        if entry_raw is None or record_raw is None:
+            return None, None
+        try:
+            return Entry.decode(entry_raw), VectorRecord.decode(record_raw)
+        except EntryFormatError:
+            return None, None
+
+    async def put(self, key: CacheKey, entry: Entry, view: SemanticView, *,
+                  ttl: float | None = None) -> int:
+        """Store the entry and its vector record together; index it. Bytes written, or 0."""
+        vector = await self.embedder.embed(view.text)
+        record = VectorRecord(view.scope, view.text, vector, key.namespace, key.digest)
+        written = await self.exact.put(
+            key, entry, ttl=ttl,
+            extra=[(vector_key(self.prefix, key.namespace, key.digest), record.encode())],
+        )
+        if written:
+            self._index(record)
+        return written
+
+    def _index(self, record: VectorRecord) -> None:
+        id_ = vector_id(record.digest)
+        self.index.add(record.scope, np.array([id_], dtype=np.int64), record.vector[None, :])
+        self._refs[id_] = (record.namespace, record.digest)
+
+    def forget(self, id_: int) -> None:
+        self.index.remove(np.array([id_], dtype=np.int64))
+        self._refs.pop(id_, None)
+
+    async def rebuild(self, batch: int = 500) -> int:
+        """Load every vector record in Redis into the index (at start-up)."""
+        store = self.exact.store
+        keys: list[str] = []
+        loaded = 0
+
+        async def flush() -> int:
+            values = await store.get_many(keys)
+            n = 0
+            for value in values:
+                if value is None:
+                    continue
+                try:
+                    self._index(VectorRecord.decode(value))
+                    n += 1
+                except EntryFormatError:
+                    continue
+            keys.clear()
+            return n
+
+        async for key in store.scan(f"{self.prefix}v:*"):
+            keys.append(key.decode() if isinstance(key, bytes) else key)
+            if len(keys) >= batch:
+                loaded += await flush()
+        if keys:
+            loaded += await flush()
+        log.info("semantic index rebuilt from Redis: %d vectors", loaded)
+        return loaded
+
+    def stats(self) -> dict[str, Any]:
+        return {**self.index.stats(), **dict(self.counts),
+                "embed_batches": self.embedder.batches, "embedded": self.embedder.embedded,
+                "embed_memo_hits": self.embedder.memo_hits}
+
+
+@dataclass(frozen=True, slots=True)
+class _Accept:
+    ok: bool = True
+    reason: str | None = None
+    score: float = 1.0

@@ -1,0 +1,390 @@
+"""The verifier: a semantic candidate is served only if it passes these checks.
+
+A cached answer is served for a paraphrase only if the two prompts ask the same thing.
+Cosine similarity alone cannot tell that: "cancel my subscription" and "don't cancel my
+subscription" score above 0.95. Before a candidate is served, :class:`Verifier` runs:
+
+- ``numbers``: numbers, dates, amounts and units agree (digits, decimals, number words,
+  ordinals, years, times, currency, percentages, "5 kg" vs "5 lb", months, weekdays), in the
+  same order;
+- ``negation``: both prompts carry the same number of negation cues (not, no, never, n't,
+  without, none, nothing, cannot, unable, ...), idioms such as "no matter" and "or not" aside;
+- ``entities``: named things agree (capitalised names not at a sentence start, acronyms, code
+  identifiers, quoted strings, URLs, file names), and the ones both prompts share appear in
+  the same order, so "Alice pays Bob" never matches "Bob pays Alice";
+- ``model``: a small fitted classifier (:mod:`promptcache.cache.fit`) over the similarity,
+  lexical overlap, length ratio, the rule flags and token alignment of the two prompts'
+  contextual MiniLM embeddings. ``VerifierConfig.model`` is ``"default"`` (the parameters
+  shipped in ``models/verifier.json``), ``None`` (rules only) or a path to parameters or to
+  a fitted cross-encoder directory from ``promptcache fit --cross-encoder``.
+
+Each check can be switched off in :class:`VerifierConfig`. Rules cost microseconds; the
+model needs one forward pass of the embedder (or the cross-encoder) per pair.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from promptcache.cache.embed import SentenceTransformerEmbedder
+
+DEFAULT_PARAMS = Path(__file__).resolve().parent / "models" / "verifier.json"
+
+
+@dataclass(frozen=True)
+class VerifierConfig:
+    numbers: bool = True
+    negation: bool = True
+    entities: bool = True
+    model: str | None = "default"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    ok: bool
+    reason: str | None  # the first check that rejected: "numbers", "negation", ...
+    score: float  # the model's probability that one answer serves both (1 without a model,
+    # 0 if a rule rejected the pair)
+
+
+# --- tokens ------------------------------------------------------------------------------
+
+_URL = r"(?:https?://|www\.)[^\s<>\"']+[^\s<>\"'.,;:!?)\]]"
+_TOKEN = re.compile(
+    _URL
+    + r"|`[^`\n]+`"  # backticked code
+    + r"|[$€£¥₹]\s?\d[\d,]*(?:\.\d+)?"  # currency amounts
+    + r"|\d+:\d\d(?::\d\d)?"  # times
+    + r"|\d[\d,]*(?:\.\d+)?(?:st|nd|rd|th|%|[a-zA-Z]+)?"  # numbers, 5kg, 2nd, 10%
+    + r"|[A-Za-z_][\w]*(?:\.[A-Za-z_]\w*)+(?:\(\))?"  # dotted.names, file.py, a.b()
+    + r"|[A-Za-z_]\w*\(\)"  # func()
+    + r"|[A-Za-z_]\w*(?:['’][A-Za-z]+)*"  # words, don't, snake_case, mp3
+    + r"|[.?!;:\n\"]"  # sentence and quote marks
+)
+
+
+def _tokens(text: str) -> list[str]:
+    return _TOKEN.findall(text)
+
+
+def words(text: str) -> list[str]:
+    """Casefolded words, numbers and identifiers, without punctuation."""
+    return [t.casefold().replace("’", "'") for t in _tokens(text)
+            if t[0].isalnum() or t[0] in "_`$€£¥₹"]
+
+
+# --- numbers -----------------------------------------------------------------------------
+
+_SMALL = {w: i for i, w in enumerate(
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
+    "fifteen sixteen seventeen eighteen nineteen".split())}
+_TENS = {w: 10 * i for i, w in enumerate(
+    "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()) if w != "_"}
+_SCALES = {"hundred": 100, "thousand": 1000, "million": 10**6, "billion": 10**9,
+           "trillion": 10**12, "k": 1000, "lakh": 10**5, "crore": 10**7}
+_OTHER = {"dozen": 12.0, "half": 0.5, "quarter": 0.25, "twice": 2.0, "double": 2.0,
+          "triple": 3.0, "once": 1.0}
+_ORDINALS = {w: i + 1 for i, w in enumerate(
+    "first second third fourth fifth sixth seventh eighth ninth tenth eleventh twelfth "
+    "thirteenth fourteenth fifteenth sixteenth seventeenth eighteenth nineteenth "
+    "twentieth".split())} | {"thirtieth": 30, "hundredth": 100, "last": -1}
+_UNITS = {
+    "kg": "kg", "kgs": "kg", "kilo": "kg", "kilos": "kg", "kilogram": "kg", "kilograms": "kg",
+    "g": "g", "gram": "g", "grams": "g", "mg": "mg", "lb": "lb", "lbs": "lb", "pound": "lb",
+    "pounds": "lb", "oz": "oz", "ounce": "oz", "ounces": "oz", "ton": "t", "tons": "t",
+    "tonne": "t", "tonnes": "t", "km": "km", "kms": "km", "kilometer": "km", "kilometers": "km",
+    "kilometre": "km", "kilometres": "km", "m": "m", "meter": "m", "meters": "m",
+    "metre": "m", "metres": "m", "cm": "cm", "mm": "mm", "mile": "mi", "miles": "mi",
+    "mi": "mi", "ft": "ft", "foot": "ft", "feet": "ft", "inch": "in", "inches": "in",
+    "yard": "yd", "yards": "yd", "l": "l", "liter": "l", "liters": "l", "litre": "l",
+    "litres": "l", "ml": "ml", "gallon": "gal", "gallons": "gal", "kb": "kb", "mb": "mb",
+    "gb": "gb", "tb": "tb", "ghz": "ghz", "mhz": "mhz", "hz": "hz", "mp": "mp", "w": "w",
+    "kw": "kw", "watt": "w", "watts": "w", "v": "v", "volt": "v", "volts": "v", "mph": "mph",
+    "kmh": "kmh", "kph": "kmh", "c": "c", "f": "f", "celsius": "c", "fahrenheit": "f",
+    "degree": "deg", "degrees": "deg", "year": "yr", "years": "yr", "yr": "yr", "yrs": "yr",
+    "month": "mo", "months": "mo", "week": "wk", "weeks": "wk", "day": "d", "days": "d",
+    "hour": "h", "hours": "h", "hr": "h", "hrs": "h", "h": "h", "minute": "min",
+    "minutes": "min", "min": "min", "mins": "min", "second": "s", "seconds": "s",
+    "sec": "s", "secs": "s", "s": "s", "am": "am", "pm": "pm", "percent": "%", "%": "%",
+    "dollar": "usd", "dollars": "usd", "usd": "usd", "bucks": "usd", "euro": "eur",
+    "euros": "eur", "eur": "eur", "rupee": "inr", "rupees": "inr", "rs": "inr", "inr": "inr",
+    "yen": "jpy", "gbp": "gbp", "cents": "cent", "cent": "cent", "bn": "e9",
+}
+_CURRENCY = {"$": "usd", "€": "eur", "£": "gbp", "¥": "jpy", "₹": "inr"}
+_MONTHS = ("january february march april may june july august september october november "
+           "december").split()
+_MONTH_ABBR = {m[:3]: m for m in _MONTHS if m != "may"} | {"sept": "september"}
+_DATE_WORDS = set(_MONTHS) | set(
+    "monday tuesday wednesday thursday friday saturday sunday today tomorrow yesterday "
+    "tonight weekend".split())
+_NUMERIC = re.compile(r"^(\d[\d,]*(?:\.\d+)?)([a-z%]*)$")
+
+
+def _fmt(value: float) -> str:
+    return f"{value:g}"
+
+
+def _quantity_tokens(text: str) -> list[tuple[str, bool]]:
+    """Quantities in order, as (normalised string, hard). Soft ones ("one") may go unmatched."""
+    raw = _tokens(text)
+    out: list[tuple[str, bool]] = []
+    seq = [t.casefold().replace("’", "'") for t in raw]
+    i = 0
+    while i < len(seq):
+        w, orig = seq[i], raw[i]
+        nxt = seq[i + 1] if i + 1 < len(seq) else ""
+        value: float | None = None
+        unit = ""
+        hard = True
+        consumed = 1
+        if w[0] in _CURRENCY:
+            value = float(w[1:].strip().replace(",", "") or 0)
+            unit = _CURRENCY[w[0]]
+        elif re.fullmatch(r"\d+:\d\d(?::\d\d)?", w):
+            out.append((f"{w}{_UNITS.get(nxt, '') if nxt in ('am', 'pm') else ''}", True))
+            i += 2 if nxt in ("am", "pm") else 1
+            continue
+        elif (m := _NUMERIC.match(w)) is not None:
+            value = float(m.group(1).replace(",", ""))
+            suffix = m.group(2)
+            if suffix in ("st", "nd", "rd", "th"):
+                out.append((f"#{_fmt(value)}", True))
+                i += 1
+                continue
+            if suffix in _SCALES:
+                value *= _SCALES[suffix]
+            elif suffix:
+                unit = _UNITS.get(suffix, suffix)  # "mp3", "4g": kept as written
+        elif w in _SMALL or w in _TENS:
+            value, consumed = _number_words(seq, i)
+            hard = not (w == "one" and consumed == 1)
+        elif w in _OTHER:
+            value, hard = _OTHER[w], w != "once"  # "once I log in" is not a count
+        elif w in _ORDINALS and not (w == "second" and nxt in ("hand", "opinion")):
+            out.append((f"#{_ORDINALS[w]}", w != "last"))
+            i += 1
+            continue
+        elif w in _DATE_WORDS or w in _MONTH_ABBR:
+            if w not in ("march", "may") or orig[0].isupper() and _near_digit(seq, i):
+                out.append((_MONTH_ABBR.get(w, w), True))
+            i += 1
+            continue
+        if value is None:
+            i += 1
+            continue
+        j = i + consumed
+        while j < len(seq) and seq[j] in _SCALES and seq[j] != "k":
+            value *= _SCALES[seq[j]]
+            j += 1
+        if not unit and j < len(seq) and seq[j] in _UNITS:
+            unit = _UNITS[seq[j]]
+            j += 1
+        out.append((_fmt(value) + unit, hard))
+        i = j
+    return out
+
+
+def _near_digit(seq: list[str], i: int) -> bool:
+    return any(0 <= k < len(seq) and seq[k][0].isdigit() for k in (i - 1, i + 1))
+
+
+def _number_words(seq: list[str], i: int) -> tuple[float, int]:
+    total, current, j = 0, 0, i
+    while j < len(seq):
+        w = seq[j]
+        if w in _SMALL:
+            current += _SMALL[w]
+        elif w in _TENS:
+            current += _TENS[w]
+        elif w == "hundred":
+            current = max(current, 1) * 100
+        elif w in _SCALES and w != "k":
+            total += max(current, 1) * _SCALES[w]
+            current = 0
+        elif not (w == "and" and j + 1 < len(seq) and seq[j + 1] in _SMALL | _TENS):
+            break
+        j += 1
+    return float(total + current), j - i
+
+
+def numbers_agree(query: str, candidate: str) -> bool:
+    q, c = _quantity_tokens(query), _quantity_tokens(candidate)
+    qc, cc = Counter(s for s, _ in q), Counter(s for s, _ in c)
+    if any(hard and qc[s] > cc[s] for s, hard in q):
+        return False
+    if any(hard and cc[s] > qc[s] for s, hard in c):
+        return False
+    return _same_order([s for s, _ in q], [s for s, _ in c])
+
+
+# --- negation ----------------------------------------------------------------------------
+
+_NEGATIONS = set(
+    "not no never none nothing nobody nowhere neither nor without cannot unable impossible "
+    "nope hardly barely".split())
+_NOT_NEGATION = (("no", "matter"), ("no", "doubt"), ("not", "only"), ("or", "not"),
+                 ("no", "wonder"), ("if", "not"))
+
+
+def negation_count(text: str) -> int:
+    seq = words(text)
+    count = 0
+    for i, w in enumerate(seq):
+        pair_next = (w, seq[i + 1]) if i + 1 < len(seq) else None
+        pair_prev = (seq[i - 1], w) if i > 0 else None
+        if pair_next in _NOT_NEGATION or pair_prev in _NOT_NEGATION:
+            continue
+        if w in _NEGATIONS or w.endswith("n't") or w in ("dont", "doesnt", "didnt", "cant",
+                                                          "wont", "isnt", "arent", "shouldnt",
+                                                          "wouldnt", "couldnt", "havent"):
+            count += 1
+    return count
+
+
+def negation_agrees(query: str, candidate: str) -> bool:
+    return negation_count(query) == negation_count(candidate)
+
+
+# --- named things ------------------------------------------------------------------------
+
+STOPWORDS = set(
+    "a an the and or but if of to in on at by for with from as is are was were be been being "
+    "am do does did have has had i me my we our you your he she it its they them their this "
+    "that these those what which who whom whose why how when where there here can could will "
+    "would shall should may might must not no yes so than then too very just also about into "
+    "over under after before between any all some more most other such only own same few "
+    "each both up down out off again once best good better new way ways people one get make "
+    "know think like want need use used using much many thing things".split())
+_IDENT = re.compile(r"^(?:\w*_\w+|[a-z]+[A-Z]\w*|[A-Za-z]+\d\w*|[A-Za-z_]\w*(?:\.\w+)+(?:\(\))?"
+                    r"|\w+\(\)|`.+`)$")
+_QUOTED = re.compile(r"\"([^\"\n]{1,80})\"|“([^”\n]{1,80})”|(?<!\w)'([^'\n]{2,80})'(?!\w)")
+
+
+def named_things(text: str) -> list[str]:
+    """URLs, quoted strings, then names and identifiers as they appear.
+
+    Names are casefolded; URLs and identifiers are kept as written.
+    """
+    names: list[str] = [m.group(0) for m in re.finditer(_URL, text)]
+    body = re.sub(_URL, " ", text)
+    names += [" ".join((g or "").split()).casefold()
+              for m in _QUOTED.finditer(body) for g in m.groups() if g]
+    toks = _tokens(body)
+    # "What Is The Best Way To Learn Guitar?": capitals say nothing when function words
+    # inside the sentence are capitalised too.
+    function = [t for t in toks[1:] if t.casefold() in STOPWORDS and t != "I"]
+    title_case = bool(function) and sum(t[0].isupper() for t in function) >= 0.5 * len(function)
+    start = True
+    for t in toks:
+        if t in ".?!:;\n":
+            start = True
+            continue
+        if t == '"':
+            continue
+        if _IDENT.match(t):
+            names.append(t.strip("`"))
+        elif t[0].isalpha():
+            is_acronym = len(t) >= 2 and t.isupper() and t.isalpha()
+            capital = t[0].isupper() and not start and not title_case
+            if (is_acronym or capital) and t != "I" and t.casefold() not in STOPWORDS:
+                names.append(t.casefold())
+        start = False
+    return names
+
+
+def names_agree(query: str, candidate: str) -> bool:
+    q, c = named_things(query), named_things(candidate)
+    q_text, c_text = _match_space(query), _match_space(candidate)
+    if any(_plain(n) not in c_text for n in q) or any(_plain(n) not in q_text for n in c):
+        return False
+    names = {_plain(n) for n in q + c}
+    return _same_order(_by_position(names, q_text), _by_position(names, c_text))
+
+
+def _plain(name: str) -> str:
+    return f" {' '.join(words(name)) or name.casefold()} "
+
+
+def _match_space(text: str) -> str:
+    return f" {' '.join(words(text))} "
+
+
+def _by_position(names: set[str], text: str) -> list[str]:
+    return sorted(names, key=lambda n: (text.find(n), n))
+
+
+def _same_order(a: list[str], b: list[str]) -> bool:
+    """The items both lists share come in the same order (first occurrences)."""
+    shared = set(a) & set(b)
+    fa = list(dict.fromkeys(x for x in a if x in shared))
+    fb = list(dict.fromkeys(x for x in b if x in shared))
+    return fa == fb
+
+
+# --- the verifier ------------------------------------------------------------------------
+
+class Scorer(Protocol):
+    """A fitted model: the probability that one answer serves both prompts, per pair."""
+
+    threshold: float  # scores below it are rejected
+    params: dict[str, Any]  # what was fitted, how, and the operating point it was chosen for
+
+    def score_batch(self, items: Sequence[tuple[str, str, float]]) -> list[float]: ...
+
+
+RULES = ("numbers", "negation", "entities")
+CHECKS = {"numbers": numbers_agree, "negation": negation_agrees, "entities": names_agree}
+
+
+def rule_flags(query: str, candidate: str) -> dict[str, bool]:
+    """Each rule's verdict (True = agrees), whatever the config says."""
+    return {name: check(query, candidate) for name, check in CHECKS.items()}
+
+
+class Verifier:
+    """Rules first (cheap, each switchable), then the fitted model on what they let through.
+
+    ``verify_batch`` scores every rule-passing pair in one model call; ``verify`` is the
+    batch of one, and gives the same verdict. Both block: call them from a thread.
+    """
+
+    def __init__(self, config: VerifierConfig = VerifierConfig(), *,
+                 embedder: SentenceTransformerEmbedder | None = None) -> None:
+        self.config = config
+        self._checks = [(n, CHECKS[n]) for n in RULES if getattr(config, n)]
+        self.scorer: Scorer | None = None
+        if config.model is not None:
+            from promptcache.cache.fit import load_scorer
+
+            path = DEFAULT_PARAMS if config.model == "default" else Path(config.model)
+            self.scorer = load_scorer(path)
+        self.embedder = embedder  # the fitted kinds shipped today score without it
+
+    def _rules(self, query: str, candidate: str) -> str | None:
+        for name, check in self._checks:
+            if not check(query, candidate):
+                return name
+        return None
+
+    def verify(self, query: str, candidate: str, similarity: float) -> Verdict:
+        return self.verify_batch([(query, candidate, similarity)])[0]
+
+    def verify_batch(self, items: Sequence[tuple[str, str, float]]) -> list[Verdict]:
+        reasons = [self._rules(q, c) for q, c, _ in items]
+        scores = [1.0 if r is None else 0.0 for r in reasons]
+        if self.scorer is not None:
+            todo = [i for i, r in enumerate(reasons) if r is None]
+            if todo:
+                for i, s in zip(todo, self.scorer.score_batch([items[i] for i in todo]),
+                                strict=True):
+                    scores[i] = s
+                    if s < self.scorer.threshold:
+                        reasons[i] = "model"
+        return [Verdict(ok=r is None, reason=r, score=float(s))
+                for r, s in zip(reasons, scores, strict=True)]

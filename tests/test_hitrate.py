@@ -1,0 +1,93 @@
+"""The hit-rate tuner and the verifier's fitting run end to end on a small slice of QQP."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from promptcache.benchmarks import hitrate
+from promptcache.cache import fit
+from promptcache.cache.verify import Verifier, VerifierConfig
+
+QQP = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "qqp_pairs.jsonl.gz"
+needs_qqp = pytest.mark.skipif(not QQP.exists(), reason=f"{QQP} is not there (shared datasets)")
+
+
+def _args(add: object, argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add(parser)  # type: ignore[operator]
+    return parser.parse_args(argv)
+
+
+def test_pairs_read_from_gzip_or_plain_lines_and_split_by_hash(tmp_path: Path) -> None:
+    rows = [{"a": f"question {i}", "b": f"query {i}", "label": i % 2} for i in range(200)]
+    plain = tmp_path / "pairs.jsonl"
+    plain.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    pairs = fit.read_pairs(plain, limit=150)
+    assert len(pairs) == 150 and pairs[3] == fit.Pair("question 3", "query 3", 1)
+    train, test = fit.split(pairs, 0.2)
+    assert len(train) + len(test) == 150 and 10 < len(test) < 60
+    assert fit.split(pairs, 0.2) == (train, test)  # deterministic
+
+
+@needs_qqp
+def test_bench_hitrate_writes_sane_json(tmp_path: Path) -> None:
+    args = _args(hitrate.add_arguments,
+                 ["--pairs", str(QQP), "--limit", "300", "--out", str(tmp_path)])
+    assert hitrate.main(args) == 0
+    result = json.loads((tmp_path / "hitrate.json").read_text())
+    assert set(result["variants"]) == {"raw", "numbers", "negation", "entities", "rules",
+                                       "verifier"}
+    assert result["lookups"]["test"]["label1"] > 0 and result["lookups"]["test"]["label0"] > 0
+    for name, variant in result["variants"].items():
+        assert len(variant["test_curve"]) == len(hitrate.THRESHOLDS)
+        for row in variant["test_curve"]:
+            for key in ("hr", "fhr", "wrong", "precision"):
+                assert 0.0 <= row[key] <= 1.0, (name, row)
+        hrs = [row["hr"] for row in variant["test_curve"]]
+        assert hrs == sorted(hrs, reverse=True), "HR never rises with the threshold"
+        for key in ("at_fhr_1pct", "at_fhr_5pct"):
+            chosen = variant[key]
+            if chosen["threshold"] is not None:
+                assert 0.70 <= chosen["threshold"] < 1.0
+                assert chosen["train_fhr"] <= float(key[7]) / 100
+    raw, rules = result["variants"]["raw"]["test_curve"], result["variants"]["rules"]["test_curve"]
+    assert all(r["fhr"] <= b["fhr"] and r["hr"] <= b["hr"] for r, b in zip(rules, raw,
+                                                                           strict=True))
+    assert all(math.isfinite(c) and c >= 0 for c in result["cost_ms_per_candidate"].values())
+
+
+@needs_qqp
+def test_fit_linear_writes_parameters_the_verifier_loads(tmp_path: Path) -> None:
+    out = tmp_path / "verifier.json"
+    args = _args(fit.add_arguments, ["--pairs", str(QQP), "--limit", "400", "--out", str(out)])
+    assert fit.main(args) == 0
+    params = json.loads(out.read_text())
+    assert params["kind"] == "linear" and params["features"] == list(fit.FEATURES)
+    assert params["command"] == (f"promptcache fit --pairs {QQP} --limit 400 --holdout 0.2 "
+                                 f"--target-fhr 0.0075 --out {out}")
+    assert 0.70 <= params["similarity_threshold"] < 1.0 and 0.0 <= params["threshold"] <= 1.0
+    verifier = Verifier(VerifierConfig(model=str(out)))
+    assert not verifier.verify("cancel my plan", "don't cancel my plan", 0.99).ok
+    assert 0.0 <= verifier.verify("How do I cook rice?", "How can I cook rice?", 0.98).score <= 1
+
+
+@needs_qqp
+def test_fit_cross_encoder_code_path_on_a_tiny_budget(tmp_path: Path) -> None:
+    """The cross-encoder fitting runs and saves a model the verifier loads (quality aside)."""
+    out = tmp_path / "ce"
+    args = _args(fit.add_arguments, ["--pairs", str(QQP), "--limit", "150", "--out", str(out),
+                                     "--cross-encoder", "--budget", "2", "--max-length", "32"])
+    assert fit.main(args) == 0
+    params = json.loads((out / "verifier.json").read_text())
+    assert params["kind"] == "cross-encoder" and params["max_length"] == 32
+    verifier = Verifier(VerifierConfig(model=str(out)))
+    items = [("How do I cook rice?", "How can I cook rice?", 0.98),
+             ("cancel my plan", "don't cancel my plan", 0.99)]
+    verdicts = verifier.verify_batch(items)
+    assert verdicts == [verifier.verify(*item) for item in items]
+    assert verdicts[1].reason == "negation" and 0.0 <= verdicts[0].score <= 1.0

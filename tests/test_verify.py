@@ -1,0 +1,158 @@
+"""The verifier rejects look-alike prompts that need a different answer, and passes paraphrases."""
+
+from __future__ import annotations
+
+import pytest
+
+from promptcache.cache.verify import (
+    Verifier,
+    VerifierConfig,
+    named_things,
+    negation_count,
+    numbers_agree,
+)
+
+HIGH = 0.97  # these traps score above 0.95 with all-MiniLM-L6-v2; the rules must not care
+
+NEGATION_TRAPS = [
+    ("cancel my subscription", "don't cancel my subscription"),
+    ("Should I take ibuprofen with food?", "Should I not take ibuprofen with food?"),
+    ("Is this loan worth it?", "Is this loan never worth it?"),
+    ("Write a function that returns the list", "Write a function that returns nothing"),
+    ("Can I book a flight with my passport?", "Can I book a flight without my passport?"),
+    ("Why can I log in?", "Why can't I log in?"),
+]
+NUMBER_TRAPS = [
+    ("Book a table for 2 people", "Book a table for 4 people"),
+    ("Book a table for two people", "Book a table for three people"),
+    ("What is 15% of 80?", "What is 20% of 80?"),
+    ("Convert 5 kg to grams", "Convert 5 lb to grams"),
+    ("Transfer $200 to savings", "Transfer $2,000 to savings"),
+    ("Set an alarm for 7:30 am", "Set an alarm for 7:30 pm"),
+    ("Wake me at 6am", "Wake me at 7am"),
+    ("What happened on March 3, 2021?", "What happened on March 4, 2021?"),
+    ("Best laptops of 2019", "Best laptops of 2023"),
+    ("Who won the first World Cup?", "Who won the second World Cup?"),
+    ("What's the weather on Monday?", "What's the weather on Tuesday?"),
+    ("What's the weather today?", "What's the weather tomorrow?"),
+    ("Is 3.5 GHz fast?", "Is 2.5 GHz fast?"),
+    ("Compare iPhone 7 and iPhone 8", "Compare iPhone 8 and iPhone 7"),
+]
+NAME_TRAPS = [
+    ("Alice pays Bob for the tickets", "Bob pays Alice for the tickets"),
+    ("Does Google own YouTube?", "Does YouTube own Google?"),
+    ("What is the capital of France?", "What is the capital of Spain?"),
+    ("How do I use os.path.join?", "How do I use os.path.split?"),
+    ("Rename the user_id column", "Rename the account_id column"),
+    ("What does getUserName return?", "What does getUserId return?"),
+    ("Why does parse() fail?", "Why does load() fail?"),
+    ('Translate "good morning" to French', 'Translate "good night" to French'),
+    ("Summarise https://example.com/a", "Summarise https://example.com/b"),
+    ("What does config.yaml configure?", "What does config.json configure?"),
+    ("Does the NHS cover this?", "Does the IRS cover this?"),
+]
+TRAPS = [("negation", p) for p in NEGATION_TRAPS] + [("numbers", p) for p in NUMBER_TRAPS] + [
+    ("entities", p) for p in NAME_TRAPS]
+PARAPHRASES = [
+    ("How do I reset my password?", "How can I reset my password?"),
+    ("What is the best way to learn Python?", "How do I learn python?"),
+    ("What Is The Best Way To Learn Guitar?", "How can I learn guitar fast?"),
+    ("Book a table for two people at 7pm", "Reserve a table for 2 people at 7 pm"),
+    ("Is it safe to eat raw eggs or not?", "Is it safe to eat raw eggs?"),
+    ("No matter what, how do I stay calm?", "How do I stay calm whatever happens?"),
+    ("Why can't I sleep at night?", "Why am I unable to sleep at night?"),
+    ("How much is twenty five dollars in euros?", "How much is $25 in euros?"),
+    ("Explain os.path.join", "What does os.path.join do?"),
+    ("What are the benefits of Yoga?", "What are the benefits of doing yoga?"),
+]
+
+
+@pytest.fixture(scope="module")
+def rules() -> Verifier:
+    return Verifier(VerifierConfig(model=None))
+
+
+@pytest.fixture(scope="module")
+def default() -> Verifier:
+    return Verifier()
+
+
+@pytest.mark.parametrize(("check", "pair"), TRAPS, ids=[f"{c}:{p[1]}" for c, p in TRAPS])
+def test_trap_pairs_are_rejected_by_their_rule(rules: Verifier, check: str,
+                                               pair: tuple[str, str]) -> None:
+    """Each trap is rejected both ways round, and the named check is among the reasons."""
+    for query, candidate in (pair, pair[::-1]):
+        verdict = rules.verify(query, candidate, HIGH)
+        assert not verdict.ok
+        alone = Verifier(VerifierConfig(
+            numbers=check == "numbers", negation=check == "negation",
+            entities=check == "entities", model=None))
+        assert alone.verify(query, candidate, HIGH).reason == check
+
+
+@pytest.mark.parametrize(("check", "pair"), TRAPS, ids=[f"{c}:{p[1]}" for c, p in TRAPS])
+def test_the_default_verifier_rejects_traps_at_any_similarity(default: Verifier, check: str,
+                                                              pair: tuple[str, str]) -> None:
+    assert not default.verify(pair[0], pair[1], 0.999).ok
+
+
+@pytest.mark.parametrize("pair", PARAPHRASES, ids=[p[1] for p in PARAPHRASES])
+def test_paraphrases_pass_the_rules(rules: Verifier, pair: tuple[str, str]) -> None:
+    verdict = rules.verify(*pair, HIGH)
+    assert verdict.ok and verdict.reason is None and verdict.score == 1.0
+
+
+def test_a_close_paraphrase_passes_the_default_verifier(default: Verifier) -> None:
+    verdict = default.verify("How do I reset my password?", "How can I reset my password?",
+                             0.985)
+    assert verdict.ok, verdict
+
+
+def test_the_default_model_rejects_a_low_similarity_pair(default: Verifier) -> None:
+    verdict = default.verify("How do I bake bread?", "How do I fix my bike?", 0.70)
+    assert not verdict.ok and verdict.reason == "model"
+    assert 0.0 <= verdict.score < 0.5
+
+
+@pytest.mark.parametrize("check", ["numbers", "negation", "entities"])
+def test_each_check_can_be_switched_off(check: str) -> None:
+    """With one check off, its traps that no other rule catches pass."""
+    off = Verifier(VerifierConfig(model=None, **{check: False}))  # type: ignore[arg-type]
+    traps = [p for c, p in TRAPS if c == check]
+    passed = [p for p in traps if off.verify(*p, HIGH).ok]
+    assert passed, f"switching {check} off changed nothing"
+    for pair in passed:
+        assert Verifier(VerifierConfig(model=None)).verify(*pair, HIGH).reason == check
+
+
+def test_verify_batch_matches_verify(default: Verifier) -> None:
+    items = [(q, c, s) for (_, (q, c)), s in zip(TRAPS, [0.9, 0.99] * len(TRAPS), strict=False)]
+    items += [(q, c, s) for (q, c), s in zip(PARAPHRASES, [0.8, 0.99] * 9, strict=False)]
+    assert default.verify_batch(items) == [default.verify(*item) for item in items]
+    assert default.verify_batch([]) == []
+
+
+def test_number_words_digits_and_units_are_normalised() -> None:
+    assert numbers_agree("twenty five apples", "25 apples")
+    assert numbers_agree("2.5 million dollars", "$2,500,000")
+    assert numbers_agree("a 5kg bag", "a 5 kilogram bag")
+    assert numbers_agree("the 2nd floor", "the second floor")
+    assert numbers_agree("Which one is better?", "Which is better?")  # "one" as a pronoun
+    assert not numbers_agree("50k salary", "500k salary")
+    assert not numbers_agree("from 3 to 5", "from 5 to 3")  # same numbers, other order
+
+
+def test_negation_idioms_are_not_negations() -> None:
+    assert negation_count("No matter what happens") == 0
+    assert negation_count("Is it good or not?") == 0
+    assert negation_count("Not only fast but cheap") == 0
+    assert negation_count("I don't know and cannot guess") == 2
+    assert negation_count("There is no way, none at all") == 2
+
+
+def test_named_things_skip_sentence_starts_and_title_case() -> None:
+    assert named_things("Where is Paris? Paris is in France.") == ["paris", "france"]
+    assert named_things("What Is The Best Way To Learn Guitar?") == []
+    assert named_things("Call numpy.linalg.norm on my_array in main.py") == [
+        "numpy.linalg.norm", "my_array", "main.py"]
+    assert "https://example.com/x?q=1" in named_things("See https://example.com/x?q=1.")
