@@ -1,4 +1,5 @@
-"""The ``promptcache`` command: ``serve`` runs the sidecar."""
+"""The ``promptcache`` command: ``serve`` runs the sidecar, ``fit`` fits the verifier,
+``bench`` runs a benchmark."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ BENCHMARKS = {
               "exact hits through the sidecar beside a one-GET aiohttp floor"),
     "semantic": ("promptcache.benchmarks.semantic_speed",
                  "semantic lookup throughput and latency against the model; index search"),
+    "hitrate": ("promptcache.benchmarks.hitrate",
+                "hit rate against false hits on labelled pairs: the semantic tier's tuner"),
 }
 
 
@@ -38,6 +41,11 @@ def parser() -> argparse.ArgumentParser:
         "the environment, which wins over the file.",
     )
     add_arguments(serve)
+    from promptcache.cache import fit
+
+    fit.add_arguments(sub.add_parser(
+        "fit", help="fit the verifier's model on labelled pairs (your own traffic too)",
+        description=fit.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
     bench = sub.add_parser("bench", help="benchmarks (see benchmarks/)",
                            description="Run a benchmark; each writes JSON to --out.")
     kinds = bench.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
@@ -56,6 +64,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from promptcache.server.app import serve
 
             return serve(build_settings(vars(args) | {"command": None}, os.environ))
+        if args.command == "fit":
+            from promptcache.cache import fit
+
+            return fit.main(args)
         if args.command == "bench":
             return int(importlib.import_module(BENCHMARKS[args.bench][0]).main(args))
     except PromptCacheError as exc:

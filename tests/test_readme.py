@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 import re
 from pathlib import Path
 
 from promptcache.benchmarks.fake_upstream import FakeUpstream
+from promptcache.cli import parser
 from promptcache.server.config import OPTIONS
 from tests.harness import RunningSidecar
 
@@ -40,9 +42,19 @@ def test_every_option_is_documented_and_every_documented_flag_exists() -> None:
     for flag in flags:
         assert f"`{flag}" in table or f"{flag}`" in table or f" {flag}" in table, flag
     mentioned = set(re.findall(r"--[a-z][a-z-]+", README))
-    unknown = mentioned - flags - {"--config", "--requests", "--rounds", "--concurrency",
-                                   "--out", "--help"}
-    assert not unknown, f"README mentions flags that do not exist: {unknown}"
+    unknown = mentioned - all_flags(parser())
+    assert not unknown, f"README mentions flags that no promptcache command has: {unknown}"
+
+
+def all_flags(p: argparse.ArgumentParser) -> set[str]:
+    """Every option string of a parser and of all its subcommands."""
+    out: set[str] = set()
+    for action in p._actions:
+        out.update(s for s in action.option_strings if s.startswith("--"))
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                out |= all_flags(sub)
+    return out
 
 
 async def test_quickstart_commands_work_as_written(sidecar: RunningSidecar,
