@@ -53,7 +53,7 @@ class Verifier(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class SemanticPolicy:
-    threshold: float = 0.90
+    threshold: float = 0.925
     max_temperature: float = 1.0
     candidates: int = 4
 

@@ -191,7 +191,7 @@ class Settings:
     breaker_threshold: int = 3
     breaker_reset: float = 1.0
     semantic: bool = True
-    similarity_threshold: float = 0.90
+    similarity_threshold: float = 0.925
     semantic_max_temperature: float = 1.0
     embedding_model: str | None = None
     index_kind: str = "auto"
