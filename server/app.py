@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Callable
 from functools import partial
 
 import aiohttp
+import faiss
 from aiohttp import web
 from redis.exceptions import RedisError
 
@@ -117,6 +118,9 @@ def serve(settings: Settings, *, print_fn: Callable[..., None] = print) -> int:
     """Run the sidecar until SIGINT/SIGTERM; own (and always stop) the embedded Redis."""
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Searches here are one query at a time: FAISS's OpenMP threads only add contention
+    # with the embedding model and the event loop.
+    faiss.omp_set_num_threads(1)
     embedded: EmbeddedRedis | None = None
     redis_url = settings.redis_url
     try:
