@@ -26,6 +26,7 @@ import redis
 
 from promptcache.benchmarks.loadgen import closed_loop
 from promptcache.benchmarks.procs import cpu_seconds, free_port, python_process
+from promptcache.benchmarks.results import publish
 from promptcache.cache.embedded import EmbeddedRedis
 
 CHAT = "/v1/chat/completions"
@@ -152,9 +153,5 @@ def report(result: dict[str, Any]) -> str:
 
 def main(args: argparse.Namespace) -> int:
     result = run(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "exact.json").write_text(json.dumps(result, indent=2))
-    print(report(result))
-    print(f"\nwrote {out / 'exact.json'}")
+    publish(result, args.out, "exact", report(result))
     return 0

@@ -27,15 +27,14 @@ the same threshold), so rates on the two splits are comparable.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from promptcache.benchmarks.results import publish
 from promptcache.cache.fit import (
     Lookups,
     cache_lookups,
@@ -60,7 +59,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the verifier's model: default (shipped), none, or a fitted path")
     p.add_argument("--tune-limit", type=int, default=20000,
                    help="train-split lookups used to choose thresholds (default: 20000; the "
-                   "cache still holds every train entry)")
+                   "caches still hold every train entry)")
 
 
 def curve(lookups: Lookups, accepted: np.ndarray) -> list[dict[str, float]]:
@@ -172,6 +171,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if verifier.scorer is not None:
         variants["verifier"] |= {f"at_fhr_{round(t * 100)}pct": choose_with_model(
             train, test, s_train, s_test, t) for t in TARGETS}
+    for variant in variants.values():
+        for key in (f"at_fhr_{round(t * 100)}pct" for t in TARGETS):
+            base = variants["raw"][key]
+            if variant[key]["threshold"] is not None and base["threshold"] is not None:
+                variant[key]["hr_vs_raw"] = variant[key]["hr"] / max(base["hr"], 1e-9)
     default = _default_point(verifier, test, accepted["verifier"][1])
     timings["total_s"] = time.perf_counter() - started
     return {
@@ -191,8 +195,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def _default_point(verifier: Verifier, test: Lookups, accepted: np.ndarray) -> dict[str, Any]:
     """The verifier at the similarity threshold stored with its model (if any)."""
-    params = getattr(verifier.scorer, "params", {}) if verifier.scorer else {}
-    threshold = params.get("similarity_threshold")
+    threshold = verifier.scorer.params.get("similarity_threshold") if verifier.scorer else None
     if threshold is None:
         return {"threshold": None}
     rows = curve(test, accepted & (test.similarity >= threshold))
@@ -209,15 +212,21 @@ def report(result: dict[str, Any]) -> str:
                 f"{r['hr']:8.1%}/{r['fhr']:6.2%} w{r['wrong']:4.1%} p{r['precision']:4.0%}"
                 for r in (raw, ver)))
     lines.append("")
-    lines.append(f"{'variant':10} {'HR@FHR<=1%':>11} {'FHR':>6} {'thr':>6}   "
-                 f"{'HR@FHR<=5%':>11} {'FHR':>6} {'thr':>6}")
+    lines.append(f"{'variant':10} {'HR@FHR<=1%':>11} {'FHR':>6} {'thr':>6} {'xraw':>5}   "
+                 f"{'HR@FHR<=5%':>11} {'FHR':>6} {'thr':>6} {'xraw':>5}")
     for name, data in v.items():
         cells = []
         for key in ("at_fhr_1pct", "at_fhr_5pct"):
             r = data[key]
-            cells.append("        n/a" + " " * 14 if r["threshold"] is None else
-                         f"{r['hr']:11.1%} {r['fhr']:6.2%} {r['threshold']:6.4f}")
+            cells.append(f"{'n/a':>11}" + " " * 26 if r["threshold"] is None else
+                         f"{r['hr']:11.1%} {r['fhr']:6.2%} {r['threshold']:6.4f} "
+                         f"{r.get('hr_vs_raw', 0):5.2f}")
         lines.append(f"{name:10} " + "   ".join(cells))
+    for key in ("at_fhr_1pct", "at_fhr_5pct"):
+        r = v["verifier"][key]
+        if "model_threshold" in r:
+            lines.append(f"verifier {key}: similarity >= {r['threshold']}, model score >= "
+                         f"{r['model_threshold']:.4f} (both chosen on the train split)")
     d = result["default"]
     if d["threshold"] is not None:
         lines.append(f"default verifier at similarity >= {d['threshold']}: HR {d['hr']:.1%}, "
@@ -229,9 +238,5 @@ def report(result: dict[str, Any]) -> str:
 
 def main(args: argparse.Namespace) -> int:
     result = run(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "hitrate.json").write_text(json.dumps(result, indent=1))
-    print(report(result))
-    print(f"wrote {out / 'hitrate.json'}")
+    publish(result, args.out, "hitrate", report(result))
     return 0

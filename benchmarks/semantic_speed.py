@@ -32,6 +32,7 @@ import numpy as np
 
 from promptcache.benchmarks.loadgen import closed_loop
 from promptcache.benchmarks.procs import free_port, python_process
+from promptcache.benchmarks.results import publish
 from promptcache.cache.embed import SentenceTransformerEmbedder
 from promptcache.cache.embedded import EmbeddedRedis
 from promptcache.cache.index import make_index
@@ -202,9 +203,5 @@ def report(r: dict[str, Any]) -> str:
 
 def main(args: argparse.Namespace) -> int:
     result = run(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "semantic.json").write_text(json.dumps(result, indent=2))
-    print(report(result))
-    print(f"\nwrote {out / 'semantic.json'}")
+    publish(result, args.out, "semantic", report(result))
     return 0
