@@ -194,8 +194,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _default_point(verifier: Verifier, test: Lookups, accepted: np.ndarray) -> dict[str, Any]:
-    """The verifier at the similarity threshold stored with its model (if any)."""
-    threshold = verifier.scorer.params.get("similarity_threshold") if verifier.scorer else None
+    """The verifier at the similarity threshold `promptcache fit` chose (if any)."""
+    threshold = verifier.params.get("similarity_threshold")
     if threshold is None:
         return {"threshold": None}
     rows = curve(test, accepted & (test.similarity >= threshold))

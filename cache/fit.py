@@ -11,15 +11,18 @@ the same split ``promptcache bench hitrate`` reports on) is never looked at. The
 replayed through the cache protocol (every distinct ``a`` cached, every ``b`` looked up
 against its nearest neighbour, in caches the size of the held-out split), so the model
 learns from the candidates a cache really sees: label 1 and the pair's own ``a`` is a
-positive, anything else a negative. A quarter of those
-lookups is kept aside to choose the operating point: the cosine threshold and the model
-threshold with the best hit rate at a false-hit rate of at most ``--target-fhr``.
+positive, anything else a negative. A quarter of those lookups is kept aside to choose the
+operating point: the cosine threshold and the model threshold with the best hit rate at a
+false-hit rate of at most ``--target-fhr``. The rule
+checks alone get an operating point the same way; unless the model's hit rate beats theirs
+by 5% (or ``--keep-model``), the fit writes ``kind: rules`` with the rules' threshold, as a
+model that does not earn its place should not run.
 
 Two kinds of model:
 
 - ``linear`` (default): logistic regression over cheap features (similarity, word and
   content-word overlap, unmatched content words, length ratio, question words, the rule
-  flags), written as a small JSON file. Scoring costs microseconds.
+  flags), written as a small JSON file. Scoring costs about 0.1 ms a pair.
 - ``cross-encoder`` (``--cross-encoder``): the bundled all-MiniLM-L6-v2 weights fine-tuned as a
   pair classifier for ``--budget`` seconds on the CPU, saved as a directory that
   ``VerifierConfig(model=DIR)`` or ``--verifier-model DIR`` loads. One forward pass per pair.
@@ -280,16 +283,24 @@ class CrossEncoderScorer:
         return scores
 
 
-def load_scorer(path: str | Path) -> LinearScorer | CrossEncoderScorer:
-    """A fitted model: a JSON parameter file, or a directory holding ``verifier.json``."""
+def load_model(path: str | Path
+               ) -> tuple[dict[str, Any], LinearScorer | CrossEncoderScorer | None]:
+    """What ``promptcache fit`` wrote: a JSON file, or a directory holding ``verifier.json``.
+
+    Returns the parameters and the model to score with; kind ``rules`` (the fit found no
+    model that beat the rule checks alone) has none.
+    """
     path = Path(path)
     directory = path if path.is_dir() else None
     try:
         params = json.loads((path / "verifier.json" if directory else path).read_text())
-        if params.get("kind") == "cross-encoder" and directory is not None:
-            return CrossEncoderScorer(directory, params)
-        if params.get("kind") == "linear":
-            return LinearScorer(params)
+        kind = params.get("kind")
+        if kind == "rules":
+            return params, None
+        if kind == "linear":
+            return params, LinearScorer(params)
+        if kind == "cross-encoder" and directory is not None:
+            return params, CrossEncoderScorer(directory, params)
     except (OSError, ValueError, KeyError) as exc:
         raise ConfigError(f"verifier model {path}: {exc}") from exc
     raise ConfigError(f"verifier model {path}: not written by `promptcache fit`")
@@ -298,6 +309,7 @@ def load_scorer(path: str | Path) -> LinearScorer | CrossEncoderScorer:
 # --- choosing the operating point ------------------------------------------------------------
 
 SIMILARITY_GRID = np.round(np.arange(0.70, 0.9976, 0.0025), 4)
+MIN_GAIN = 0.05  # a model must beat the rules alone by 5% (relative HR) to be worth running
 
 
 def operating_point(lookups: Lookups, scores: np.ndarray, target_fhr: float
@@ -336,6 +348,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target-fhr", type=float, default=0.0075,
                    help="false-hit rate the operating point may reach on the calibration "
                    "lookups (default 0.0075: a margin under 1%% for sampling noise)")
+    p.add_argument("--keep-model", action="store_true",
+                   help="write the model even if it does not beat the rule checks alone on "
+                   "the calibration lookups (by default the fit then writes kind: rules)")
     p.add_argument("--cross-encoder", action="store_true",
                    help="fine-tune the bundled MiniLM as a pair classifier (slow on a CPU)")
     p.add_argument("--budget", type=float, default=900,
@@ -382,18 +397,27 @@ def main(args: argparse.Namespace) -> int:
     cal_items = list(zip(cal_on.query, cal_on.candidate, cal_on.similarity.tolist(),
                          strict=True))
     rules_ok = np.array([all(rule_flags(q, c).values()) for q, c, _ in cal_items], dtype=bool)
-    scores = np.array(scorer.score_batch(cal_items)) * rules_ok
-    sim_t, cut, hr, fhr = operating_point(cal_on, scores, args.target_fhr)
+    model = operating_point(cal_on, np.array(scorer.score_batch(cal_items)) * rules_ok,
+                            args.target_fhr)
+    rules = operating_point(cal_on, rules_ok.astype(np.float64), args.target_fhr)
+    keep = args.keep_model or model[2] > rules[2] * (1 + MIN_GAIN)
+    sim_t, cut = (model[0], model[1]) if keep else (rules[0], None)
     params = {"command": "promptcache fit " + " ".join(_argv(args)), "fitted_on": source,
-              "fit_seconds": round(time.perf_counter() - started, 1), **params,
-              "threshold": round(cut, 6), "similarity_threshold": sim_t,
-              "calibration": {"hr": round(hr, 4), "fhr": round(fhr, 4),
-                              "lookups": len(cal_on.query)}}
+              "fit_seconds": round(time.perf_counter() - started, 1),
+              **(params if keep else {"kind": "rules"}),
+              "similarity_threshold": sim_t,
+              **({"threshold": round(cut, 6)} if cut is not None else {}),
+              "calibration": {"lookups": len(cal_on.query), **{
+                  name: {"hr": round(hr, 4), "fhr": round(fhr, 4), "similarity": t}
+                  for name, (t, _, hr, fhr) in (("model", model), ("rules", rules))}}}
     target = Path(args.out) / "verifier.json" if args.cross_encoder else Path(args.out)
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(json.dumps(params, indent=1) + "\n")
-    _log(f"calibration: HR {hr:.1%} at FHR {fhr:.2%} with similarity >= {sim_t} and "
-         f"model score >= {cut:.4f}; wrote {target} ({time.perf_counter() - started:.0f}s)")
+    for name, (t, c, hr, fhr) in (("model", model), ("rules alone", rules)):
+        _log(f"calibration, {name}: HR {hr:.1%} at FHR {fhr:.2%} with similarity >= {t}"
+             + (f" and model score >= {c:.4f}" if name == "model" else ""))
+    kept = "the model" if keep else f"the rules alone (the model gained < {MIN_GAIN:.0%})"
+    _log(f"kept {kept}; wrote {target} ({time.perf_counter() - started:.0f}s)")
     return 0
 
 
@@ -402,6 +426,8 @@ def _argv(args: argparse.Namespace) -> list[str]:
     if args.limit is not None:
         words.append(f"--limit {args.limit}")
     words.append(f"--holdout {args.holdout} --target-fhr {args.target_fhr}")
+    if args.keep_model:
+        words.append("--keep-model")
     if args.cross_encoder:
         words.append(f"--cross-encoder --budget {args.budget:g} --max-length {args.max_length}")
     return [*words, f"--out {args.out}"]

@@ -64,13 +64,16 @@ def test_bench_hitrate_writes_sane_json(tmp_path: Path) -> None:
 @needs_qqp
 def test_fit_linear_writes_parameters_the_verifier_loads(tmp_path: Path) -> None:
     out = tmp_path / "verifier.json"
-    args = _args(fit.add_arguments, ["--pairs", str(QQP), "--limit", "400", "--out", str(out)])
+    args = _args(fit.add_arguments, ["--pairs", str(QQP), "--limit", "400", "--out", str(out),
+                                     "--keep-model"])
     assert fit.main(args) == 0
     params = json.loads(out.read_text())
     assert params["kind"] == "linear" and params["features"] == list(fit.FEATURES)
     assert params["command"] == (f"promptcache fit --pairs {QQP} --limit 400 --holdout 0.2 "
-                                 f"--target-fhr 0.0075 --out {out}")
+                                 f"--target-fhr 0.0075 --keep-model --out {out}")
     assert 0.70 <= params["similarity_threshold"] < 1.0 and 0.0 <= params["threshold"] <= 1.0
+    for side in ("model", "rules"):
+        assert 0.0 <= params["calibration"][side]["fhr"] <= 0.0075
     verifier = Verifier(VerifierConfig(model=str(out)))
     assert not verifier.verify("cancel my plan", "don't cancel my plan", 0.99).ok
     assert 0.0 <= verifier.verify("How do I cook rice?", "How can I cook rice?", 0.98).score <= 1
@@ -81,7 +84,8 @@ def test_fit_cross_encoder_code_path_on_a_tiny_budget(tmp_path: Path) -> None:
     """The cross-encoder fitting runs and saves a model the verifier loads (quality aside)."""
     out = tmp_path / "ce"
     args = _args(fit.add_arguments, ["--pairs", str(QQP), "--limit", "150", "--out", str(out),
-                                     "--cross-encoder", "--budget", "2", "--max-length", "32"])
+                                     "--cross-encoder", "--budget", "2", "--max-length", "32",
+                                     "--keep-model"])
     assert fit.main(args) == 0
     params = json.loads((out / "verifier.json").read_text())
     assert params["kind"] == "cross-encoder" and params["max_length"] == 32

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
+from promptcache.cache.errors import ConfigError
+from promptcache.cache.fit import FEATURES
 from promptcache.cache.verify import (
     Verifier,
     VerifierConfig,
@@ -108,10 +113,41 @@ def test_a_close_paraphrase_passes_the_default_verifier(default: Verifier) -> No
     assert verdict.ok, verdict
 
 
-def test_the_default_model_rejects_a_low_similarity_pair(default: Verifier) -> None:
-    verdict = default.verify("How do I bake bread?", "How do I fix my bike?", 0.70)
-    assert not verdict.ok and verdict.reason == "model"
-    assert 0.0 <= verdict.score < 0.5
+def test_the_shipped_default_loads_and_says_how_it_was_made(default: Verifier) -> None:
+    assert default.params["kind"] in ("linear", "rules")
+    assert default.params["command"].startswith("promptcache fit --pairs ")
+    assert 0.70 <= default.params["similarity_threshold"] < 1.0
+    assert (default.scorer is None) == (default.params["kind"] == "rules")
+
+
+def _linear_params(tmp_path: Path, threshold: float = 0.5) -> str:
+    """A hand-made linear model: the score is a logistic of the similarity alone."""
+    n = len(FEATURES)
+    params = {"kind": "linear", "command": "promptcache fit --pairs hand-made",
+              "features": list(FEATURES), "mean": [0.9] + [0.0] * (n - 1),
+              "scale": [0.01] + [1.0] * (n - 1), "weights": [1.0] + [0.0] * (n - 1),
+              "bias": 0.0, "threshold": threshold, "similarity_threshold": 0.9}
+    path = tmp_path / "verifier.json"
+    path.write_text(json.dumps(params))
+    return str(path)
+
+
+def test_a_fitted_model_rejects_what_it_scores_below_its_threshold(tmp_path: Path) -> None:
+    verifier = Verifier(VerifierConfig(model=_linear_params(tmp_path)))
+    low = verifier.verify("How do I bake bread?", "How do I fix my bike?", 0.85)
+    high = verifier.verify("How do I bake bread?", "How do I bake a loaf?", 0.95)
+    assert not low.ok and low.reason == "model" and low.score < 0.5
+    assert high.ok and high.reason is None and high.score > 0.5
+    trap = verifier.verify("cancel my plan", "don't cancel my plan", 0.99)
+    assert trap.reason == "negation" and trap.score == 0.0  # rules run first
+
+
+def test_a_bad_model_path_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError):
+        Verifier(VerifierConfig(model=str(tmp_path / "missing.json")))
+    (tmp_path / "other.json").write_text('{"kind": "unknown"}')
+    with pytest.raises(ConfigError):
+        Verifier(VerifierConfig(model=str(tmp_path / "other.json")))
 
 
 @pytest.mark.parametrize("check", ["numbers", "negation", "entities"])
@@ -125,11 +161,14 @@ def test_each_check_can_be_switched_off(check: str) -> None:
         assert Verifier(VerifierConfig(model=None)).verify(*pair, HIGH).reason == check
 
 
-def test_verify_batch_matches_verify(default: Verifier) -> None:
+@pytest.mark.parametrize("model", ["default", "none", "linear"])
+def test_verify_batch_matches_verify(model: str, tmp_path: Path) -> None:
+    path = {"default": "default", "none": None, "linear": _linear_params(tmp_path)}[model]
+    verifier = Verifier(VerifierConfig(model=path))
     items = [(q, c, s) for (_, (q, c)), s in zip(TRAPS, [0.9, 0.99] * len(TRAPS), strict=False)]
     items += [(q, c, s) for (q, c), s in zip(PARAPHRASES, [0.8, 0.99] * 9, strict=False)]
-    assert default.verify_batch(items) == [default.verify(*item) for item in items]
-    assert default.verify_batch([]) == []
+    assert verifier.verify_batch(items) == [verifier.verify(*item) for item in items]
+    assert verifier.verify_batch([]) == []
 
 
 def test_number_words_digits_and_units_are_normalised() -> None:
