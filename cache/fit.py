@@ -158,15 +158,15 @@ def cache_lookups(pairs: Sequence[Pair], vectors: dict[str, np.ndarray]) -> Look
                                                                      strict=True)]))
 
 
-def sharded_lookups(pairs: Sequence[Pair], vectors: dict[str, np.ndarray], holdout: float
+def sharded_lookups(pairs: Sequence[Pair], vectors: dict[str, np.ndarray], size: int
                     ) -> Lookups:
-    """The protocol over shards of ``pairs`` the size of the held-out split.
+    """The protocol over shards of about ``size`` pairs (the size of the held-out split).
 
     A bigger cache holds more near neighbours, so at a given threshold it hits other entries
     more often (wrong and false hits). Replaying the training pairs as caches of the held-out
     split's size keeps rates chosen on them comparable with rates reported on it.
     """
-    shards = max(1, round((1 - holdout) / holdout)) if holdout > 0 else 1
+    shards = max(1, round(len(pairs) / max(size, 1)))
     buckets: list[list[Pair]] = [[] for _ in range(shards)]
     for pair in pairs:
         buckets[int.from_bytes(_digest(pair)[8:16], "big") % shards].append(pair)
@@ -308,6 +308,9 @@ def load_model(path: str | Path
 
 # --- choosing the operating point ------------------------------------------------------------
 
+#: The share of the training split kept from every fitting step (the embedder's tuning and
+#: the verifier's model) to choose the operating point on; bench hitrate chooses there too.
+CALIBRATION = 0.25
 SIMILARITY_GRID = np.round(np.arange(0.70, 0.9976, 0.0025), 4)
 MIN_GAIN = 0.05  # a model must beat the rules alone by 5% (relative HR) to be worth running
 
@@ -351,10 +354,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep-model", action="store_true",
                    help="write the model even if it does not beat the rule checks alone on "
                    "the calibration lookups (by default the fit then writes kind: rules)")
+    p.add_argument("--embedder", action="store_true",
+                   help="also fine-tune the embedder's top layers (--tune-layers) for --budget "
+                   "seconds; --out is then a directory: embedder.safetensors + verifier.json")
+    p.add_argument("--tune-layers", type=int, default=2,
+                   help="transformer layers the embedder fine-tuning changes (default 2)")
+    p.add_argument("--embedding-tuning", default="default",
+                   help="without --embedder: the embedder the verifier is fitted for: default "
+                   "(the shipped tuning), none (the bundled model as is) or a file")
     p.add_argument("--cross-encoder", action="store_true",
                    help="fine-tune the bundled MiniLM as a pair classifier (slow on a CPU)")
     p.add_argument("--budget", type=float, default=900,
-                   help="cross-encoder training time in seconds (default 900)")
+                   help="embedder or cross-encoder training time in seconds (default 900)")
     p.add_argument("--max-length", type=int, default=96,
                    help="cross-encoder tokens per pair (default 96)")
 
@@ -364,28 +375,40 @@ def _log(message: str) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from promptcache.cache.embed import SentenceTransformerEmbedder
+    from promptcache.cache.embed import DEFAULT_TUNING, SentenceTransformerEmbedder
 
     started = time.perf_counter()
-    train_pairs, _ = split(read_pairs(args.pairs, args.limit), args.holdout)
-    embedder = SentenceTransformerEmbedder()
+    train_pairs, test_pairs = split(read_pairs(args.pairs, args.limit), args.holdout)
+    size = max(len(test_pairs), 1)  # caches the size of the held-out split
+    tune_pairs, cal_pairs = split(train_pairs, CALIBRATION)
+    if not tune_pairs or not cal_pairs:
+        raise ConfigError(f"{args.pairs}: too few pairs to fit and calibrate on")
+    source = {"pairs": str(args.pairs), "limit": args.limit, "holdout": args.holdout,
+              "target_fhr": args.target_fhr}
+    out = Path(args.out)
+    tuning: Path | None
+    if args.embedder:
+        base = SentenceTransformerEmbedder()
+        base_vectors = embed_texts(base, (t for p in tune_pairs for t in (p.a, p.b)))
+        del base
+        tuning = out / "embedder.safetensors"
+        meta = train_embedder(tune_pairs, sharded_lookups(tune_pairs, base_vectors, size),
+                              tuning, budget=args.budget, layers=args.tune_layers)
+        _log(f"wrote {tuning} (layers {meta['layers']}, {meta['pairs']} pairs)")
+    else:
+        tuning = None if args.embedding_tuning == "none" else (
+            DEFAULT_TUNING if args.embedding_tuning == "default" else Path(args.embedding_tuning))
+    embedder = SentenceTransformerEmbedder(tuning=tuning)
     vectors = embed_texts(embedder, (t for p in train_pairs for t in (p.a, p.b)))
-    lookups = sharded_lookups(train_pairs, vectors, args.holdout)
-    calibrate = np.array([in_holdout(Pair(q, c, 0), 0.25)
-                          for q, c in zip(lookups.query, lookups.candidate, strict=True)],
-                         dtype=bool)
-    fit_on, cal_on = lookups.subset(np.flatnonzero(~calibrate)), lookups.subset(
-        np.flatnonzero(calibrate))
+    fit_on = sharded_lookups(tune_pairs, vectors, size)
+    cal_on = sharded_lookups(cal_pairs, vectors, size)
     _log(f"{len(train_pairs)} training pairs, {len(fit_on.query)} lookups to fit on, "
          f"{len(cal_on.query)} to calibrate on ({time.perf_counter() - started:.0f}s)")
     if len(fit_on.query) < 10 or len(set(fit_on.true.tolist())) < 2:
         raise ConfigError(f"{args.pairs}: too few lookups with both outcomes to fit on")
-    source = {"pairs": str(args.pairs), "limit": args.limit, "holdout": args.holdout,
-              "target_fhr": args.target_fhr}
     params: dict[str, Any]
     if args.cross_encoder:
-        out = Path(args.out)
-        _train_cross_encoder(train_pairs, fit_on, out, budget=args.budget,
+        _train_cross_encoder(tune_pairs, fit_on, out, budget=args.budget,
                              max_length=args.max_length)
         params = {"kind": "cross-encoder", "max_length": args.max_length, "threshold": 0.5}
         scorer: LinearScorer | CrossEncoderScorer = CrossEncoderScorer(out, params)
@@ -404,13 +427,15 @@ def main(args: argparse.Namespace) -> int:
     sim_t, cut = (model[0], model[1]) if keep else (rules[0], None)
     params = {"command": "promptcache fit " + " ".join(_argv(args)), "fitted_on": source,
               "fit_seconds": round(time.perf_counter() - started, 1),
+              "embedder": embedder.name,
               **(params if keep else {"kind": "rules"}),
               "similarity_threshold": sim_t,
               **({"threshold": round(cut, 6)} if cut is not None else {}),
               "calibration": {"lookups": len(cal_on.query), **{
                   name: {"hr": round(hr, 4), "fhr": round(fhr, 4), "similarity": t}
                   for name, (t, _, hr, fhr) in (("model", model), ("rules", rules))}}}
-    target = Path(args.out) / "verifier.json" if args.cross_encoder else Path(args.out)
+    directory = args.cross_encoder or args.embedder
+    target = out / "verifier.json" if directory else out
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(json.dumps(params, indent=1) + "\n")
     for name, (t, c, hr, fhr) in (("model", model), ("rules alone", rules)):
@@ -428,6 +453,10 @@ def _argv(args: argparse.Namespace) -> list[str]:
     words.append(f"--holdout {args.holdout} --target-fhr {args.target_fhr}")
     if args.keep_model:
         words.append("--keep-model")
+    if args.embedder:
+        words.append(f"--embedder --budget {args.budget:g} --tune-layers {args.tune_layers}")
+    elif args.embedding_tuning != "default":
+        words.append(f"--embedding-tuning {args.embedding_tuning}")
     if args.cross_encoder:
         words.append(f"--cross-encoder --budget {args.budget:g} --max-length {args.max_length}")
     return [*words, f"--out {args.out}"]
@@ -489,3 +518,80 @@ def _train_cross_encoder(pairs: Sequence[Pair], lookups: Lookups, out: Path, *,
     model.eval()
     model.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
+
+
+def train_embedder(pairs: Sequence[Pair], lookups: Lookups, out: Path, *, budget: float,
+                   layers: int, lr: float = 5e-5, batch: int = 64, max_length: int = 64,
+                   seed: int = 0, base: str | Path | None = None) -> dict[str, str]:
+    """Fine-tune the top ``layers`` transformer layers of the embedder for ``budget`` seconds.
+
+    The loss is CoSENT (every label-1 pair of a batch should score a higher cosine than every
+    label-0 pair), over the training pairs plus the lookups' wrong nearest neighbours as
+    extra negatives: exactly the ordering a similarity threshold needs. Only the tuned
+    layers are written (a few MB of safetensors), and loaded on top of the base model.
+    """
+    import torch
+    from safetensors.torch import save_file
+    from sentence_transformers import SentenceTransformer
+
+    from promptcache.cache.embed import default_model_path
+
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    base_path = Path(base) if base else default_model_path()
+    model = SentenceTransformer(str(base_path), device="cpu", local_files_only=True)
+    model.max_seq_length = max_length
+    encoder = model[0].auto_model
+    stack = encoder.encoder.layer
+    if not 0 < layers <= len(stack):
+        raise ConfigError(f"--tune-layers must be 1..{len(stack)}")
+    model.requires_grad_(False)
+    tuned = [f"encoder.layer.{i}." for i in range(len(stack) - layers, len(stack))]
+    trainable = [p for n, p in encoder.named_parameters() if n.startswith(tuple(tuned))]
+    for p in trainable:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.01)
+    examples = [(p.a, p.b, p.label) for p in pairs if normalise(p.a) != normalise(p.b)]
+    examples += [(q, c, 0) for q, c, own in zip(lookups.query, lookups.candidate, lookups.own,
+                                                strict=True) if not own]
+
+    def embed(texts: list[str]) -> torch.Tensor:
+        features = model.tokenize(texts)
+        return torch.nn.functional.normalize(model(features)["sentence_embedding"], dim=-1)
+
+    model.train()
+    start, step, seen = time.perf_counter(), 0, 0
+    while time.perf_counter() - start < budget:
+        rng.shuffle(examples)
+        for i in range(0, len(examples) - batch + 1, batch):
+            elapsed = time.perf_counter() - start
+            if elapsed >= budget:
+                break
+            for group in opt.param_groups:  # warm up, then decay to the end of the budget
+                group["lr"] = lr * min(1.0, (step + 1) / 50) * min(
+                    1.0, (budget - elapsed) / (0.5 * budget)) + 1e-7
+            chunk = examples[i:i + batch]
+            cos = (embed([a for a, _, _ in chunk]) * embed([b for _, b, _ in chunk])).sum(-1)
+            label = torch.tensor([y for *_, y in chunk])
+            gap = (cos[None, :] - cos[:, None]) * 20.0  # gap[i, j] = cos_j - cos_i
+            loss = torch.logsumexp(torch.cat([torch.zeros(1),
+                                              gap[label[:, None] > label[None, :]]]), 0)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            step, seen = step + 1, seen + len(chunk)
+            if step % 50 == 0:
+                _log(f"step {step}, {seen} pairs, {elapsed:.0f}s, loss {loss.item():.3f}")
+    _log(f"trained {step} steps on {seen} pairs in {time.perf_counter() - start:.0f}s")
+    state = {n: p.detach().to(torch.float16).contiguous()
+             for n, p in encoder.named_parameters() if n.startswith(tuple(tuned))}
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        digest.update(name.encode())
+        digest.update(state[name].numpy().tobytes())
+    meta = {"kind": "promptcache-embedder-tuning", "base": base_path.name,
+            "layers": ",".join(t.split(".")[2] for t in tuned),
+            "fingerprint": digest.hexdigest()[:12], "steps": str(step), "pairs": str(seen)}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(out), metadata=meta)
+    return meta

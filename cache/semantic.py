@@ -14,6 +14,7 @@ transaction and with the same TTL, so a sidecar rebuilds its index from Redis at
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections import Counter
 from collections.abc import Sequence
@@ -31,7 +32,7 @@ from promptcache.cache.keys import CacheKey, entry_key, vector_key
 from promptcache.cache.scope import SemanticView
 
 log = logging.getLogger(__name__)
-_FORMAT: Final = 1
+_FORMAT: Final = 2  # 2 added the model name; 1 (without it) is still read
 
 
 class Verdict(Protocol):
@@ -73,20 +74,22 @@ class VectorRecord:
     vector: np.ndarray  # float32 (dim,)
     namespace: str
     digest: str
+    model: str = ""  # the embedder that made the vector ("" = unknown)
 
     def encode(self) -> bytes:
         half = np.asarray(self.vector, dtype=np.float16).tobytes()
         return msgpack.packb([_FORMAT, self.scope, self.text, half, self.namespace,
-                              self.digest], use_bin_type=True)
+                              self.digest, self.model], use_bin_type=True)
 
     @classmethod
     def decode(cls, data: bytes) -> VectorRecord:
         try:
-            fmt, scope, text, half, namespace, digest = msgpack.unpackb(data, raw=False)
-            if fmt != _FORMAT:
+            fmt, scope, text, half, namespace, digest, *rest = msgpack.unpackb(data, raw=False)
+            if fmt not in (1, _FORMAT) or len(rest) != fmt - 1:
                 raise EntryFormatError(f"unknown vector record format {fmt!r}")
             vector = np.frombuffer(half, dtype=np.float16).astype(np.float32)
-            return cls(str(scope), str(text), vector, str(namespace), str(digest))
+            return cls(str(scope), str(text), vector, str(namespace), str(digest),
+                       str(rest[0]) if rest else "")
         except (ValueError, TypeError, msgpack.UnpackException) as exc:
             raise EntryFormatError(str(exc)) from exc
 
@@ -110,6 +113,11 @@ class SemanticCache:
     @property
     def prefix(self) -> str:
         return self.exact.policy.key_prefix
+
+    @property
+    def model(self) -> str:
+        """The name of the embedder's vectors; records made by another are re-embedded."""
+        return str(getattr(self.embedder.embedder, "name", ""))
 
     async def lookup(self, view: SemanticView, *, threshold: float | None = None
                      ) -> SemanticHit | None:
@@ -165,7 +173,8 @@ class SemanticCache:
                   ttl: float | None = None) -> int:
         """Store the entry and its vector record together; index it. Bytes written, or 0."""
         vector = await self.embedder.embed(view.text)
-        record = VectorRecord(view.scope, view.text, vector, key.namespace, key.digest)
+        record = VectorRecord(view.scope, view.text, vector, key.namespace, key.digest,
+                              self.model)
         written = await self.exact.put(
             key, entry, ttl=ttl,
             extra=[(vector_key(self.prefix, key.namespace, key.digest), record.encode())],
@@ -191,17 +200,24 @@ class SemanticCache:
 
         async def flush() -> int:
             values = await store.get_many(keys)
-            n = 0
+            keys.clear()
+            records = []
             for value in values:
                 if value is None:
                     continue
                 try:
-                    self._index(VectorRecord.decode(value))
-                    n += 1
+                    records.append(VectorRecord.decode(value))
                 except EntryFormatError:
                     continue
-            keys.clear()
-            return n
+            stale = [n for n, r in enumerate(records) if r.model != self.model]
+            if stale:  # another model's vectors mean nothing here: embed the text again
+                vectors = await self.embedder.embed_many([records[n].text for n in stale])
+                for n, vector in zip(stale, vectors, strict=True):
+                    records[n] = dataclasses.replace(records[n], vector=vector)
+                self.counts["reembedded"] += len(stale)
+            for record in records:
+                self._index(record)
+            return len(records)
 
         async for key in store.scan(f"{self.prefix}v:*"):
             keys.append(key.decode() if isinstance(key, bytes) else key)

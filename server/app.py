@@ -14,7 +14,12 @@ from aiohttp import web
 from redis.exceptions import RedisError
 
 from promptcache.cache.breaker import CircuitBreaker
-from promptcache.cache.embed import BatchingEmbedder, Embedder, SentenceTransformerEmbedder
+from promptcache.cache.embed import (
+    BatchingEmbedder,
+    Embedder,
+    SentenceTransformerEmbedder,
+    resolve_tuning,
+)
 from promptcache.cache.embedded import EmbeddedRedis
 from promptcache.cache.engine import CachePolicy, ExactCache
 from promptcache.cache.index import PartitionedIndex
@@ -37,7 +42,8 @@ async def _semantic(settings: Settings, cache: ExactCache, embedder: Embedder | 
     from promptcache.cache.verify import Verifier, VerifierConfig
 
     model: Embedder = embedder if embedder is not None else await asyncio.to_thread(
-        SentenceTransformerEmbedder, settings.embedding_model)
+        partial(SentenceTransformerEmbedder, settings.embedding_model,
+                tuning=resolve_tuning(settings.embedding_tuning, settings.embedding_model)))
     config = VerifierConfig(
         numbers=settings.verify_numbers, negation=settings.verify_negation,
         entities=settings.verify_entities,

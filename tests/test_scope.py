@@ -79,11 +79,11 @@ def test_temperature_defaults_to_one() -> None:
 def test_vector_records_round_trip_in_half_precision() -> None:
     v = np.random.default_rng(0).normal(size=384).astype(np.float32)
     v /= np.linalg.norm(v)
-    rec = VectorRecord("s" * 32, "text", v, "ns", "d" * 32)
+    rec = VectorRecord("s" * 32, "text", v, "ns", "d" * 32, "model-a")
     data = rec.encode()
     back = VectorRecord.decode(data)
     assert len(data) < 384 * 2 + 200
-    assert (back.scope, back.text, back.namespace, back.digest) == ("s" * 32, "text", "ns",
-                                                                    "d" * 32)
+    assert (back.scope, back.text, back.namespace, back.digest, back.model) == (
+        "s" * 32, "text", "ns", "d" * 32, "model-a")
     assert float(np.dot(back.vector, v)) > 0.9999
     assert vector_id("f" * 32) == int("f" * 15, 16) < 2**63

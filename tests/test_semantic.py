@@ -157,6 +157,34 @@ async def test_a_restarted_sidecar_serves_the_same_semantic_hits(
     assert h["X-Cache"] == "SEMANTIC-HIT" and fake.calls[CHAT] == 1
 
 
+async def test_vectors_of_another_embedder_are_re_embedded_at_restart(
+    fake: FakeUpstream, redis_url: str, embedder: Embedder, sidecars: list[RunningSidecar],
+    http: aiohttp.ClientSession,
+) -> None:
+    """A record made by another model (here: a nonsense vector) is never searched as is."""
+    from promptcache.cache.semantic import VectorRecord
+
+    first = await start_sidecar(fake.url, redis_url, embedder=embedder)
+    await ask(http, first, chat(Q))
+    await first.stop()
+    r = redis.Redis.from_url(redis_url)
+    try:
+        (key,) = list(r.scan_iter("pc:v:*"))
+        record = VectorRecord.decode(r.get(key))
+        alien = np.zeros_like(record.vector)
+        alien[0] = 1.0
+        r.set(key, VectorRecord(record.scope, record.text, alien, record.namespace,
+                                record.digest, "some-other-model").encode(), keepttl=True)
+    finally:
+        r.close()
+    second = await start_sidecar(fake.url, redis_url, embedder=embedder)
+    sidecars.append(second)
+    assert second.state.semantic is not None
+    assert second.state.semantic.counts["reembedded"] == 1
+    h, _ = await ask(http, second, chat(PARAPHRASE))
+    assert h["X-Cache"] == "SEMANTIC-HIT" and fake.calls[CHAT] == 1
+
+
 @pytest.mark.parametrize("how", ["expired", "deleted"])
 async def test_entries_gone_from_redis_never_come_back_through_the_index(
     semantic_sidecar: RunningSidecar, fake: FakeUpstream, redis_url: str,
