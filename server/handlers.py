@@ -25,10 +25,10 @@ from aiohttp import web
 
 from promptcache.cache.errors import BodyTooLarge, RequestError
 from promptcache.cache.flow import Outcome, Prepared, StreamCollector, handle, prepare, store
-from promptcache.cache.keys import ENDPOINTS, Api
+from promptcache.cache.keys import ENDPOINTS, Api, credential
 from promptcache.cache.runtime import Answer
 from promptcache.cache.streams import replay
-from promptcache.server.proxy import abort, credential, upstream_unavailable
+from promptcache.server.proxy import abort, upstream_unavailable
 from promptcache.server.state import SIDECAR, Sidecar
 
 log = logging.getLogger(__name__)
