@@ -135,10 +135,20 @@ def cached_response(req: flow.Prepared, reply: Reply) -> httpx2.Response:
     return httpx2.Response(answer.status, headers=headers, content=answer.body)
 
 
-def relayed_headers(req: flow.Prepared, reply: Reply) -> list[tuple[str, str]]:
-    assert reply.upstream is not None
-    kept = [(k, v) for k, v in reply.upstream.headers.multi_items() if k.lower() not in _RE_FRAMED]
-    return kept + list(cache_headers(req, reply.outcome).items())
+def response_for(cache: Cache, req: flow.Prepared, reply: Reply,
+                 relay: type[_SyncRelayStream | _AsyncRelayStream]) -> httpx2.Response:
+    """The caller's response: a cached answer, a read upstream answer, or an upstream stream
+    passed on through a ``relay`` stream (which assembles and stores it)."""
+    if reply.answer is not None:
+        return cached_response(req, reply)
+    up = reply.upstream
+    assert up is not None
+    headers = [(k, v) for k, v in up.headers.multi_items() if k.lower() not in _RE_FRAMED]
+    headers += cache_headers(req, reply.outcome).items()
+    if up.is_stream_consumed:
+        return httpx2.Response(up.status_code, headers=headers, content=up.content)
+    return httpx2.Response(up.status_code, headers=headers,
+                          stream=relay(_Relay(cache, req, reply), up))
 
 
 class _Relay:
@@ -227,16 +237,7 @@ class CachingTransport(httpx2.BaseTransport):
         except PromptCacheError as exc:  # the cache closed under us: call through
             log.warning("calling through uncached: %s", exc)
             return self.upstream.send(request, stream=True)
-        if reply.answer is not None:
-            return cached_response(req, reply)
-        assert reply.upstream is not None
-        headers = relayed_headers(req, reply)
-        if reply.upstream.is_stream_consumed:
-            return httpx2.Response(reply.upstream.status_code, headers=headers,
-                                   content=reply.upstream.content)
-        return httpx2.Response(reply.upstream.status_code, headers=headers,
-                               stream=_SyncRelayStream(_Relay(self.cache, req, reply),
-                                                       reply.upstream))
+        return response_for(self.cache, req, reply, _SyncRelayStream)
 
     def close(self) -> None:
         """Close the upstream client too: the wrapped client shares it, as any copy of an
@@ -278,16 +279,7 @@ class AsyncCachingTransport(httpx2.AsyncBaseTransport):
         except PromptCacheError as exc:
             log.warning("calling through uncached: %s", exc)
             return await self.upstream.send(request, stream=True)
-        if reply.answer is not None:
-            return cached_response(req, reply)
-        assert reply.upstream is not None
-        headers = relayed_headers(req, reply)
-        if reply.upstream.is_stream_consumed:
-            return httpx2.Response(reply.upstream.status_code, headers=headers,
-                                   content=reply.upstream.content)
-        return httpx2.Response(reply.upstream.status_code, headers=headers,
-                               stream=_AsyncRelayStream(_Relay(self.cache, req, reply),
-                                                        reply.upstream))
+        return response_for(self.cache, req, reply, _AsyncRelayStream)
 
     async def aclose(self) -> None:
         try:

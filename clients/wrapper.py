@@ -43,6 +43,9 @@ def wrap(client: C, cache: Cache | None = None, *, options: EngineOptions | None
             client, "with_options"):
         raise TypeError(f"wrap() takes an openai.OpenAI or openai.AsyncOpenAI client "
                         f"(openai 3.x, on httpx2), not {type(client).__name__}")
+    if cache is not None and not isinstance(cache, Cache):
+        raise TypeError("wrap() takes a promptcache.clients.Cache (it serves any thread and "
+                        f"event loop), not {type(cache).__name__}")
     owns = cache is None
     if cache is None:
         cache = Cache(options, **overrides).open()
