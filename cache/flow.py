@@ -133,7 +133,7 @@ def prepare(engine: Engine, api: Api, endpoint: str, body_bytes: bytes, *,
     prepared = Prepared(api, endpoint, body, key, control, streaming)
     if engine.semantic is not None:
         policy = engine.semantic.policy
-        mode = (mode or "semantic").strip().lower()
+        mode = ("semantic" if mode is None else mode).strip().lower()
         if mode not in ("exact", "semantic"):
             raise RequestError("X-Cache-Mode must be 'exact' or 'semantic'", param="X-Cache-Mode")
         prepared.semantic_lookup = mode == "semantic"

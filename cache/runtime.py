@@ -81,6 +81,7 @@ class Engine:
     """A running cache: what one sidecar or one in-process cache owns."""
 
     options: EngineOptions
+    redis_url: str  # the Redis in use: options.redis_url, or the private one's
     cache: ExactCache
     semantic: SemanticCache | None = None
     flights: SingleFlight[str, Answer] = field(default_factory=SingleFlight)
@@ -112,7 +113,7 @@ async def open_engine(options: EngineOptions, stack: contextlib.AsyncExitStack, 
     if options.semantic:
         semantic = await _semantic(options, cache, embedder)
         stack.push_async_callback(semantic.embedder.close)
-    return Engine(options, cache, semantic)
+    return Engine(options, url, cache, semantic)
 
 
 async def _semantic(options: EngineOptions, cache: ExactCache, embedder: Embedder | None

@@ -5,6 +5,7 @@ the sidecar client. Sync clients run on a thread: the fake upstream serves from 
 from __future__ import annotations
 
 import asyncio
+import os
 from typing import Any
 
 import pytest
@@ -23,7 +24,7 @@ from promptcache.clients import (
     SidecarUnreachable,
     wrap,
 )
-from tests.harness import RunningSidecar, start_sidecar
+from tests.harness import RunningSidecar, eventually, start_sidecar
 
 CHAT = "/v1/chat/completions"
 MODEL = "gpt-4o-mini"
@@ -336,3 +337,61 @@ async def test_readyz_reports_a_sidecar_whose_redis_is_down(
     async with AsyncSidecarClient(sc.url) as admin:
         ready = await admin.readyz()
         assert not ready.ready and ready.cache == "unreachable"
+
+
+async def test_private_redis_is_stopped_and_removed_at_close(fake: FakeUpstream) -> None:
+    client = wrap(async_client(fake.url), semantic=False)
+    url = client._client._transport.cache.aio.engine.redis_url  # type: ignore[attr-defined]
+    assert url.startswith("unix://")
+    socket_path = url.removeprefix("unix://").split("?")[0]
+    await client.chat.completions.create(model=MODEL, messages=messages())
+    raw = await client.chat.completions.with_raw_response.create(model=MODEL,
+                                                                 messages=messages())
+    assert raw.headers["x-cache"] == "HIT"
+    assert await asyncio.to_thread(os.path.exists, socket_path)
+    await client.close()
+    assert not await asyncio.to_thread(os.path.exists, os.path.dirname(socket_path))
+
+
+async def test_concurrent_misses_of_one_key_make_one_call(redis_url: str) -> None:
+    gate, calls = asyncio.Event(), []
+
+    async def model(body: dict[str, Any]) -> dict[str, Any]:
+        calls.append(1)
+        await gate.wait()
+        return {"answer": 42}
+
+    body = {"model": MODEL, "messages": messages()}
+    async with AsyncCache(redis_url=redis_url, semantic=False) as cache:
+        tasks = [asyncio.create_task(cache.fetch(body, model)) for _ in range(5)]
+        await eventually(lambda: len(calls) == 1 and len(cache.engine.flights) == 1)
+        gate.set()
+        results = await asyncio.gather(*tasks)
+    assert len(calls) == 1 and all(r.response == {"answer": 42} for r in results)
+    assert sorted(r.status for r in results) == ["MISS"] * 5
+
+
+async def test_decorator_answers_a_paraphrase_from_the_semantic_tier(
+        redis_url: str, embedder: Embedder) -> None:
+    calls: list[str] = []
+    async with AsyncCache(redis_url=redis_url, embedder=embedder) as cache:
+        @cache.cached()
+        async def answer(question: str) -> str:
+            calls.append(question)
+            return f"answer to {question}"
+
+        assert await answer(Q) == await answer(PARAPHRASE) == f"answer to {Q}"
+        assert await answer("How do I delete my account?") != f"answer to {Q}"
+    assert calls == [Q, "How do I delete my account?"]
+
+
+async def test_sync_openai_client_through_a_sidecar(sidecar: RunningSidecar,
+                                                    fake: FakeUpstream) -> None:
+    client = sync_client(sidecar.url)
+
+    def run() -> list[str]:
+        create = client.chat.completions.with_raw_response.create
+        return [create(model=MODEL, messages=messages()).headers["x-cache"] for _ in range(2)]
+
+    assert await asyncio.to_thread(run) == ["MISS", "HIT"]
+    await asyncio.to_thread(client.close)
