@@ -13,7 +13,6 @@ share entries. A failing cache degrades to calling the upstream, never to an err
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import contextlib
 import functools
@@ -29,7 +28,7 @@ from promptcache.cache.errors import CacheUnavailable, ConfigError, RequestError
 from promptcache.cache.keys import ENDPOINTS, check_namespace
 from promptcache.cache.runtime import Answer, Engine, EngineOptions, open_engine
 from promptcache.clients.errors import CacheClosed
-from promptcache.clients.loop import LoopThread
+from promptcache.clients.loop import CallerWork, LoopThread
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -310,9 +309,11 @@ class Cache:
 
     def fetch(self, body: Mapping[str, Any], call: Callable[[dict[str, Any]], Any],
               **scope: Any) -> Result:
-        """As :meth:`AsyncCache.fetch`, with a plain (blocking) ``call``, run on a thread."""
-        return self.run(self.aio.fetch(body, lambda b: asyncio.to_thread(call, b),
-                                       **scope))
+        """As :meth:`AsyncCache.fetch`, with a plain (blocking) ``call``, which runs on the
+        calling thread."""
+        work = CallerWork()
+        return work.serve_until(self.submit(self.aio.fetch(
+            body, lambda b: work.call(lambda: call(b)), **scope)))
 
     def invalidate(self, *, namespace: str | None = None, key: str | None = None,
                    everything: bool = False) -> int:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import queue
 import threading
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 from promptcache.clients.errors import ClientError
@@ -54,3 +55,33 @@ class LoopThread:
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
         return self.submit(coro).result()
+
+
+class CallerWork:
+    """Lets a coroutine on a :class:`LoopThread` run blocking calls on the thread that waits
+    for it, instead of on the loop's small default executor: a sync caller's upstream call
+    (seconds, for a model) then runs on that caller's own thread, however many there are.
+
+    ``serve_until(future)`` (on the waiting thread) runs what ``await call(fn)`` (on the
+    loop) hands it, until ``future`` is done, and returns its result.
+    """
+
+    def __init__(self) -> None:
+        self._inbox: queue.SimpleQueue[tuple[Callable[[], Any], concurrent.futures.Future[Any]]
+                                       | None] = queue.SimpleQueue()
+
+    async def call(self, fn: Callable[[], T]) -> T:
+        done: concurrent.futures.Future[T] = concurrent.futures.Future()
+        self._inbox.put((fn, done))
+        return await asyncio.wrap_future(done)
+
+    def serve_until(self, future: concurrent.futures.Future[T]) -> T:
+        future.add_done_callback(lambda _: self._inbox.put(None))
+        while (item := self._inbox.get()) is not None:
+            fn, done = item
+            if done.set_running_or_notify_cancel():
+                try:
+                    done.set_result(fn())
+                except BaseException as exc:  # handed to the awaiting coroutine
+                    done.set_exception(exc)
+        return future.result()

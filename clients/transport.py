@@ -29,6 +29,7 @@ from promptcache.cache.keys import ENDPOINTS, credential
 from promptcache.cache.runtime import Answer, Engine
 from promptcache.cache.streams import replay
 from promptcache.clients.cache import Cache
+from promptcache.clients.loop import CallerWork
 
 log = logging.getLogger(__name__)
 
@@ -230,10 +231,11 @@ class CachingTransport(httpx2.BaseTransport):
                 response.read()
             return response
 
+        work = CallerWork()  # the upstream call runs on this thread
         try:
             engine = self.cache.aio.engine
-            exchange = HttpExchange(engine, req, lambda: asyncio.to_thread(send))
-            reply = self.cache.run(flow.handle(engine, req, exchange))
+            exchange = HttpExchange(engine, req, lambda: work.call(send))
+            reply = work.serve_until(self.cache.submit(flow.handle(engine, req, exchange)))
         except PromptCacheError as exc:  # the cache closed under us: call through
             log.warning("calling through uncached: %s", exc)
             return self.upstream.send(request, stream=True)

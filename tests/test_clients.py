@@ -5,6 +5,8 @@ the sidecar client. Sync clients run on a thread: the fake upstream serves from 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import functools
 import os
 from typing import Any
 
@@ -394,4 +396,24 @@ async def test_sync_openai_client_through_a_sidecar(sidecar: RunningSidecar,
         return [create(model=MODEL, messages=messages()).headers["x-cache"] for _ in range(2)]
 
     assert await asyncio.to_thread(run) == ["MISS", "HIT"]
+    await asyncio.to_thread(client.close)
+
+
+async def test_sync_wrapped_calls_from_many_threads_reach_the_upstream_together(
+        fake: FakeUpstream, redis_url: str) -> None:
+    """Each sync caller's upstream call runs on its own thread, not on a small shared pool."""
+    client = wrap(sync_client(fake.url), redis_url=redis_url, semantic=False)
+    loop = asyncio.get_running_loop()
+    fake.hold()
+    with concurrent.futures.ThreadPoolExecutor(max_workers=12) as threads:
+        calls = [loop.run_in_executor(threads, functools.partial(
+            client.chat.completions.create, model=MODEL, messages=messages(f"question {i}")))
+            for i in range(12)]
+        pending = asyncio.gather(*calls)
+        try:
+            await fake.wait_for_requests(12, CHAT, within=10)
+        finally:
+            fake.release()
+            answers = await pending
+    assert len({a.choices[0].message.content for a in answers}) == 12
     await asyncio.to_thread(client.close)
