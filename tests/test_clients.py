@@ -10,6 +10,7 @@ import functools
 import os
 from typing import Any
 
+import openai
 import pytest
 from openai import AsyncOpenAI, OpenAI
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
@@ -417,3 +418,41 @@ async def test_sync_wrapped_calls_from_many_threads_reach_the_upstream_together(
             answers = await pending
     assert len({a.choices[0].message.content for a in answers}) == 12
     await asyncio.to_thread(client.close)
+
+
+async def test_wrapped_client_stores_no_error_and_no_broken_stream(
+        fake: FakeUpstream, redis_url: str) -> None:
+    client = wrap(async_client(fake.url), redis_url=redis_url, semantic=False)
+    try:
+        fake.fail_next(503, path=CHAT)
+        with pytest.raises(openai.APIStatusError) as failed:
+            await client.chat.completions.create(model=MODEL, messages=messages())
+        assert failed.value.status_code == 503
+        fake.break_stream_next(after_chunks=2)
+        with pytest.raises(openai.APIError):
+            stream = await client.chat.completions.create(model=MODEL, messages=messages(),
+                                                          stream=True)
+            _ = [chunk async for chunk in stream]
+        raw = await client.chat.completions.with_raw_response.create(model=MODEL,
+                                                                     messages=messages())
+        assert raw.headers["x-cache"] == "MISS" and fake.calls[CHAT] == 3
+    finally:
+        await client.close()
+
+
+async def test_wrapped_client_caches_embeddings_and_obeys_cache_control(
+        fake: FakeUpstream, redis_url: str) -> None:
+    client = wrap(async_client(fake.url), redis_url=redis_url, semantic=False)
+    try:
+        create = client.embeddings.with_raw_response.create
+        first = await create(model="text-embedding-3-small", input=["a", "b"])
+        second = await create(model="text-embedding-3-small", input=["a", "b"])
+        assert (first.headers["x-cache"], second.headers["x-cache"]) == ("MISS", "HIT")
+        assert [e.embedding for e in second.parse().data] == \
+            [e.embedding for e in first.parse().data]
+        refresh = await create(model="text-embedding-3-small", input=["a", "b"],
+                               extra_headers={"Cache-Control": "no-cache"})
+        assert refresh.headers["x-cache"] == "MISS"
+        assert fake.calls["/v1/embeddings"] == 2
+    finally:
+        await client.close()
