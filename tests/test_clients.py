@@ -316,8 +316,7 @@ async def test_async_sidecar_client_reads_health_stats_and_invalidates(
     await client.close()
 
 
-async def test_sync_sidecar_client_and_its_errors(sidecar: RunningSidecar,
-                                                  fresh_redis: Any) -> None:
+async def test_sync_sidecar_client_and_its_errors(sidecar: RunningSidecar) -> None:
     def run() -> None:
         with SidecarClient(sidecar.url) as admin:
             assert admin.healthz().ok and admin.readyz().ready
