@@ -541,7 +541,7 @@ def train_embedder(pairs: Sequence[Pair], lookups: Lookups, out: Path, *, budget
     base_path = Path(base) if base else default_model_path()
     model = SentenceTransformer(str(base_path), device="cpu", local_files_only=True)
     model.max_seq_length = max_length
-    encoder = model[0].auto_model
+    encoder: Any = model[0].auto_model
     stack = encoder.encoder.layer
     if not 0 < layers <= len(stack):
         raise ConfigError(f"--tune-layers must be 1..{len(stack)}")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
@@ -77,6 +78,17 @@ def namespace_patterns(prefix: str, namespace: str) -> tuple[str, str]:
     """The Redis SCAN patterns that match every entry and vector record of a namespace."""
     nsid = namespace_id(namespace)
     return f"{prefix}e:{nsid}:*", f"{prefix}v:{nsid}:*"
+
+
+#: The request headers that identify a caller to the upstream (and so scope its entries).
+CREDENTIAL_HEADERS: Final = ("authorization", "x-api-key")
+
+
+def credential(headers: Mapping[str, str]) -> str | None:
+    """What identifies the caller (both headers, if both are sent); ``headers`` must look
+    names up case-insensitively (aiohttp's and httpx's header mappings do)."""
+    parts = [f"{h}={headers[h]}" for h in CREDENTIAL_HEADERS if h in headers]
+    return "\n".join(parts) or None
 
 
 def tenant_id(credential: str | None, *, shared: bool = False) -> str:

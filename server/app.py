@@ -2,30 +2,20 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from functools import partial
 
 import aiohttp
 import faiss
 from aiohttp import web
-from redis.exceptions import RedisError
 
-from promptcache.cache.breaker import CircuitBreaker
-from promptcache.cache.embed import (
-    BatchingEmbedder,
-    Embedder,
-    SentenceTransformerEmbedder,
-    resolve_tuning,
-)
+from promptcache.cache.embed import Embedder
 from promptcache.cache.embedded import EmbeddedRedis
-from promptcache.cache.engine import CachePolicy, ExactCache
-from promptcache.cache.index import PartitionedIndex
 from promptcache.cache.keys import ENDPOINTS
-from promptcache.cache.semantic import SemanticCache, SemanticPolicy
-from promptcache.cache.store import RedisStore, redis_client
+from promptcache.cache.runtime import open_engine
 from promptcache.server import admin
 from promptcache.server.config import Settings
 from promptcache.server.handlers import cached_route
@@ -36,62 +26,17 @@ from promptcache.server.state import SIDECAR, Sidecar
 log = logging.getLogger("promptcache")
 
 
-async def _semantic(settings: Settings, cache: ExactCache, embedder: Embedder | None
-                    ) -> SemanticCache:
-    """Load the model (on a thread: it takes seconds) and rebuild the index from Redis."""
-    from promptcache.cache.verify import Verifier, VerifierConfig
-
-    model: Embedder = embedder if embedder is not None else await asyncio.to_thread(
-        partial(SentenceTransformerEmbedder, settings.embedding_model,
-                tuning=resolve_tuning(settings.embedding_tuning, settings.embedding_model)))
-    config = VerifierConfig(
-        numbers=settings.verify_numbers, negation=settings.verify_negation,
-        entities=settings.verify_entities,
-        model=None if settings.verifier_model == "none" else settings.verifier_model,
-    )
-    verifier = await asyncio.to_thread(Verifier, config, embedder=model)
-    semantic = SemanticCache(
-        cache,
-        BatchingEmbedder(model, window=settings.embed_window, max_batch=settings.embed_max_batch),
-        PartitionedIndex(model.dim, settings.index_kind),
-        verifier,
-        SemanticPolicy(threshold=settings.similarity_threshold,
-                       max_temperature=settings.semantic_max_temperature),
-    )
-    try:
-        await semantic.rebuild()
-    except (RedisError, OSError) as exc:  # fail open: start empty, fill as traffic comes
-        log.warning("could not rebuild the semantic index from Redis: %r", exc)
-    return semantic
-
-
 async def _resources(settings: Settings, redis_url: str, embedder: Embedder | None,
                      app: web.Application) -> AsyncIterator[None]:
     async with contextlib.AsyncExitStack() as stack:
-        client = redis_client(redis_url, timeout=settings.redis_timeout)
-        stack.push_async_callback(client.aclose)
-        cache = ExactCache(
-            RedisStore(client),
-            CachePolicy(
-                default_ttl=settings.default_ttl or None,
-                max_entry_bytes=settings.max_entry_bytes,
-                op_timeout=settings.redis_timeout,
-                key_prefix=settings.key_prefix,
-            ),
-            breaker=CircuitBreaker(failure_threshold=settings.breaker_threshold,
-                                   reset_timeout=settings.breaker_reset),
-        )
-        semantic = None
-        if settings.semantic:
-            semantic = await _semantic(settings, cache, embedder)
-            stack.push_async_callback(semantic.embedder.close)
+        engine = await open_engine(replace(settings, redis_url=redis_url), stack,
+                                   embedder=embedder)
         session = await stack.enter_async_context(aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
             auto_decompress=True,
             trust_env=True,
         ))
-        app[SIDECAR] = Sidecar(settings, cache, Upstream(settings, session), Metrics(),
-                               semantic)
+        app[SIDECAR] = Sidecar(settings, engine, Upstream(settings, session), Metrics())
         yield
 
 

@@ -18,9 +18,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import platformdirs
-
 from promptcache.cache.errors import ConfigError
+from promptcache.cache.runtime import EngineOptions, default_data_dir
 
 #: Redis keeps expiries in milliseconds; ~68 years is far beyond any sensible TTL.
 MAX_SECONDS = 2**31
@@ -111,10 +110,6 @@ class Option:
     secret: bool = False  # never echoed back in /stats or logs
 
 
-def _default_data_dir() -> str:
-    return str(Path(platformdirs.user_cache_dir("promptcache")) / "redis")
-
-
 OPTIONS: tuple[Option, ...] = (
     Option("upstream", _url, "base URL of the model API to cache, e.g. "
            "https://api.openai.com or http://localhost:8000/v1 (required)", "URL"),
@@ -123,7 +118,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("redis_url", _redis_url, "use this Redis (redis://, rediss://, unix://, "
            "with password) instead of starting the embedded one", "URL"),
     Option("data_dir", _str, "where the embedded Redis keeps its data "
-           f"(default: {_default_data_dir()})", "DIR"),
+           f"(default: {default_data_dir()})", "DIR"),
     Option("default_ttl", _number, "seconds an entry lives unless the request says "
            "max-age=N; 0 means no expiry", "SECONDS"),
     Option("max_entry_bytes", parse_size, "larger responses are not cached", "SIZE"),
@@ -175,43 +170,24 @@ OPTIONS: tuple[Option, ...] = (
 )
 
 
-@dataclass(frozen=True, slots=True)
-class Settings:
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Settings(EngineOptions):
+    """The sidecar's options: the engine's (:class:`EngineOptions`) and the HTTP side's."""
+
     upstream: str
     host: str = "127.0.0.1"
     port: int = 8080
-    redis_url: str | None = None
-    data_dir: str | None = None
-    default_ttl: float = 86400.0
-    max_entry_bytes: int = 1 << 20
     max_body_bytes: int = 10 << 20
-    shared_cache: bool = False
     pass_credentials: bool = True
     upstream_api_key: str | None = None
     upstream_connect_timeout: float = 10.0
     upstream_read_timeout: float = 600.0
-    redis_timeout: float = 0.25
-    breaker_threshold: int = 3
-    breaker_reset: float = 1.0
-    semantic: bool = True
-    similarity_threshold: float = 0.925
-    semantic_max_temperature: float = 1.0
-    embedding_model: str | None = None
-    embedding_tuning: str = "default"
-    index_kind: str = "auto"
-    verifier_model: str = "default"
-    verify_numbers: bool = True
-    verify_negation: bool = True
-    verify_entities: bool = True
-    embed_window: float = 0.001
-    embed_max_batch: int = 64
-    key_prefix: str = "pc:"
     admin_token: str | None = None
     log_level: str = "info"
 
     @property
     def resolved_data_dir(self) -> Path:
-        return Path(self.data_dir or _default_data_dir())
+        return Path(self.data_dir or default_data_dir())
 
     def public(self) -> dict[str, Any]:
         """The settings without secrets, for /stats and the start-up log."""

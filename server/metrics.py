@@ -65,3 +65,27 @@ class Metrics:
             "promptcache_cache_circuit_open", "1 while the cache circuit breaker is open",
             registry=r,
         )
+
+    # -- the cache flow's reports (promptcache.cache.flow.FlowMetrics) ----------------------
+
+    def on_lookup(self, seconds: float) -> None:
+        self.lookup_seconds.observe(seconds)
+
+    def on_semantic(self, seconds: float) -> None:
+        self.semantic_seconds.observe(seconds)
+
+    def on_store(self, nbytes: int) -> None:
+        self.stores.inc()
+        self.stored_bytes.inc(nbytes)
+
+    def on_not_stored(self, reason: str) -> None:
+        self.not_stored.labels(reason).inc()
+
+    def on_outcome(self, endpoint: str, status: str) -> None:
+        self.requests.labels(endpoint, status).inc()
+
+    def on_bypass(self) -> None:
+        self.bypasses.inc()
+
+    def on_coalesced(self) -> None:
+        self.coalesced.inc()

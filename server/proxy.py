@@ -14,6 +14,7 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from promptcache.cache.keys import CREDENTIAL_HEADERS
 from promptcache.server.config import Settings
 
 #: RFC 9110 section 7.6.1, plus the legacy Proxy-Connection.
@@ -30,7 +31,6 @@ HOP_BY_HOP = frozenset(
         "upgrade",
     }
 )
-CREDENTIAL_HEADERS = ("authorization", "x-api-key")
 #: Our own per-request controls; the upstream never sees them.
 CACHE_CONTROL_HEADERS = frozenset(
     {"x-cache-namespace", "x-cache-threshold", "x-cache-mode"}
@@ -46,12 +46,6 @@ def hop_by_hop(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> frozenset[s
         if token.strip()
     }
     return HOP_BY_HOP | named
-
-
-def credential(headers: CIMultiDictProxy[str]) -> str | None:
-    """What identifies the caller to the upstream (both headers, if both are sent)."""
-    parts = [f"{h}={headers[h]}" for h in CREDENTIAL_HEADERS if h in headers]
-    return "\n".join(parts) or None
 
 
 class Upstream:

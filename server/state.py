@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from promptcache.cache.engine import ExactCache
-from promptcache.cache.keys import tenant_id
+from promptcache.cache.runtime import Answer, Engine
 from promptcache.cache.semantic import SemanticCache
 from promptcache.cache.singleflight import SingleFlight
 from promptcache.server.config import Settings
@@ -16,27 +16,25 @@ from promptcache.server.metrics import Metrics
 from promptcache.server.proxy import Upstream
 
 
-@dataclass(frozen=True, slots=True)
-class Answer:
-    """A complete upstream answer in non-streaming form, as shared with followers."""
-
-    status: int
-    body: bytes
-    content_type: str
-
-
 @dataclass(slots=True)
 class Sidecar:
     settings: Settings
-    cache: ExactCache
+    engine: Engine
     upstream: Upstream
     metrics: Metrics
-    semantic: SemanticCache | None = None
-    flights: SingleFlight[str, Answer] = field(default_factory=SingleFlight)
     started: float = field(default_factory=time.time)
 
-    def tenant(self, credential: str | None) -> str:
-        return tenant_id(credential, shared=self.settings.shared_cache)
+    @property
+    def cache(self) -> ExactCache:
+        return self.engine.cache
+
+    @property
+    def semantic(self) -> SemanticCache | None:
+        return self.engine.semantic
+
+    @property
+    def flights(self) -> SingleFlight[str, Answer]:
+        return self.engine.flights
 
 
 SIDECAR = web.AppKey("sidecar", Sidecar)

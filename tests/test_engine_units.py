@@ -13,12 +13,12 @@ import pytest
 import redis.exceptions
 
 from promptcache.cache.breaker import CircuitBreaker
+from promptcache.cache.control import CacheControl
 from promptcache.cache.engine import CachePolicy, ExactCache
 from promptcache.cache.entry import COMPRESS_MIN_BYTES, Entry, EntryFormatError
 from promptcache.cache.errors import CacheUnavailable, RequestError
 from promptcache.cache.keys import request_key, tenant_id
 from promptcache.cache.singleflight import SingleFlight
-from promptcache.server.control import CacheControl
 
 
 class FakeClock:
