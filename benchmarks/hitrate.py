@@ -136,7 +136,7 @@ def _single_cost(verifier: Verifier, lookups: Lookups, n: int = 200) -> float:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from promptcache.cache.embed import DEFAULT_TUNING, SentenceTransformerEmbedder
+    from promptcache.cache.embed import SentenceTransformerEmbedder, resolve_tuning
 
     timings: dict[str, float] = {}
     started = time.perf_counter()
@@ -153,8 +153,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     base_train, base_test = lookups(SentenceTransformerEmbedder())
     timings["embed_s"] = time.perf_counter() - started
     timings["texts_per_s"] = len(texts) / max(timings["embed_s"], 1e-9)
-    tuning = None if args.embedding_tuning == "none" else (
-        DEFAULT_TUNING if args.embedding_tuning == "default" else args.embedding_tuning)
+    tuning = resolve_tuning(args.embedding_tuning, None)
     train, test = lookups(SentenceTransformerEmbedder(tuning=tuning)) if tuning else (
         base_train, base_test)
     if args.tune_limit and len(train.query) > args.tune_limit:

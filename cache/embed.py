@@ -121,7 +121,8 @@ class SentenceTransformerEmbedder:
     @property
     def name(self) -> str:
         """Which vectors this model makes: the model directory's name and the tuning's."""
-        base = self.model_path.name
+        base = ("all-MiniLM-L6-v2" if self.model_path == default_model_path()
+                else self.model_path.name)
         return f"{base}+{self.tuning_meta['fingerprint']}" if self.tuning else base
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:

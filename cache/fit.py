@@ -375,7 +375,7 @@ def _log(message: str) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from promptcache.cache.embed import DEFAULT_TUNING, SentenceTransformerEmbedder
+    from promptcache.cache.embed import SentenceTransformerEmbedder, resolve_tuning
 
     started = time.perf_counter()
     train_pairs, test_pairs = split(read_pairs(args.pairs, args.limit), args.holdout)
@@ -396,8 +396,7 @@ def main(args: argparse.Namespace) -> int:
                               tuning, budget=args.budget, layers=args.tune_layers)
         _log(f"wrote {tuning} (layers {meta['layers']}, {meta['pairs']} pairs)")
     else:
-        tuning = None if args.embedding_tuning == "none" else (
-            DEFAULT_TUNING if args.embedding_tuning == "default" else Path(args.embedding_tuning))
+        tuning = resolve_tuning(args.embedding_tuning, None)
     embedder = SentenceTransformerEmbedder(tuning=tuning)
     vectors = embed_texts(embedder, (t for p in train_pairs for t in (p.a, p.b)))
     fit_on = sharded_lookups(tune_pairs, vectors, size)

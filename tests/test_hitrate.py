@@ -12,6 +12,7 @@ import pytest
 
 from promptcache.benchmarks import hitrate
 from promptcache.cache import fit
+from promptcache.cache.embed import resolve_tuning
 from promptcache.cache.verify import Verifier, VerifierConfig
 
 QQP = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "qqp_pairs.jsonl.gz"
@@ -43,7 +44,7 @@ def test_bench_hitrate_writes_sane_json(tmp_path: Path) -> None:
     result = json.loads((tmp_path / "hitrate.json").read_text())
     assert set(result["variants"]) == {"raw", "embedder", "numbers", "negation", "entities",
                                        "rules", "verifier"}
-    assert result["embedding_tuning"].endswith("embedder.safetensors")
+    assert result["embedding_tuning"] == str(resolve_tuning("default", None))
     assert result["lookups"]["test"]["label1"] > 0 and result["lookups"]["test"]["label0"] > 0
     for name, variant in result["variants"].items():
         assert len(variant["test_curve"]) == len(hitrate.THRESHOLDS)
