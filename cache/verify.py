@@ -74,9 +74,17 @@ def _tokens(text: str) -> list[str]:
 
 
 def words(text: str) -> list[str]:
-    """Casefolded words, numbers and identifiers, without punctuation."""
-    return [t.casefold().replace("’", "'") for t in _tokens(text)
-            if t[0].isalnum() or t[0] in "_`$€£¥₹"]
+    """Casefolded words, numbers and identifiers, without punctuation.
+
+    Code is compared as written without its markup: `load_dataset()` is load_dataset.
+    """
+    out: list[str] = []
+    for t in _tokens(text):
+        if t[0] == "`":
+            out += words(t[1:-1])
+        elif t[0].isalnum() or t[0] in "_$€£¥₹":
+            out.append(t.removesuffix("()").casefold().replace("’", "'"))
+    return out
 
 
 # --- numbers -----------------------------------------------------------------------------
@@ -299,12 +307,12 @@ def named_things(text: str) -> list[str]:
 
 
 def names_agree(query: str, candidate: str) -> bool:
+    """Every named thing of each prompt appears in the other, and none trade places."""
     q, c = named_things(query), named_things(candidate)
     q_text, c_text = _match_space(query), _match_space(candidate)
     if any(_plain(n) not in c_text for n in q) or any(_plain(n) not in q_text for n in c):
         return False
-    names = {_plain(n) for n in q + c}
-    return _same_order(_by_position(names, q_text), _by_position(names, c_text))
+    return not _swapped({_plain(n) for n in q + c}, q_text, c_text)
 
 
 def _plain(name: str) -> str:
@@ -315,16 +323,35 @@ def _match_space(text: str) -> str:
     return f" {' '.join(words(text))} "
 
 
-def _by_position(names: set[str], text: str) -> list[str]:
-    return sorted(names, key=lambda n: (text.find(n), n))
-
-
 def _same_order(a: list[str], b: list[str]) -> bool:
     """The items both lists share come in the same order (first occurrences)."""
     shared = set(a) & set(b)
     fa = list(dict.fromkeys(x for x in a if x in shared))
     fb = list(dict.fromkeys(x for x in b if x in shared))
     return fa == fb
+
+
+def _swapped(names: set[str], a: str, b: str) -> bool:
+    """Two names trade places around the same words ("Alice pays Bob" / "Bob pays Alice").
+
+    Names that come in another order with other words between them are a rephrasing
+    (clauses moved: "S3 is an example in this guide" / "this guide names S3 as an
+    example"), not a swap, so only the words between a pair of names decide.
+    """
+    present = sorted(n for n in names if n in a and n in b)
+    for i, x in enumerate(present):
+        for y in present[i + 1:]:
+            if x in y or y in x:
+                continue
+            ax, ay, bx, by = a.find(x), a.find(y), b.find(x), b.find(y)
+            if (ax < ay) == (bx < by):
+                continue
+            between_a = set(a[min(ax, ay):max(ax, ay) + 1].split()) - set((x + y).split())
+            between_b = set(b[min(bx, by):max(bx, by) + 1].split()) - set((x + y).split())
+            union = between_a | between_b
+            if not union or len(between_a & between_b) >= 0.5 * len(union):
+                return True
+    return False
 
 
 # --- the verifier ------------------------------------------------------------------------

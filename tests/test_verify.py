@@ -69,6 +69,10 @@ PARAPHRASES = [
     ("How much is twenty five dollars in euros?", "How much is $25 in euros?"),
     ("Explain os.path.join", "What does os.path.join do?"),
     ("What are the benefits of Yoga?", "What are the benefits of doing yoga?"),
+    # clauses moved: names in another order, but not trading places around the same words
+    ("Amazon SageMaker trains Transformer models with Hugging Face DLCs",
+     "With Hugging Face DLCs, Amazon SageMaker trains Transformer models"),
+    ("How does `load_dataset()` work?", "How does load_dataset work?"),
 ]
 
 
