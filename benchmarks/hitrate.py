@@ -20,8 +20,15 @@ model, which is what the cache runs. The train pairs are replayed as caches the 
 held-out one (a bigger cache has more near neighbours, hence more wrong and false hits at
 the same threshold), so rates on the two splits are comparable.
 
+With ``--target-fhr F`` it also recommends the settings (similarity threshold, which checks
+on, the verifier's model or not) with the best hit rate at that false-hit rate; a pair file
+with a ``category``, ``split`` or ``source`` field gets a breakdown by it. Besides
+``hitrate.json`` it draws ``hitrate.png``: hit rate against false-hit rate per configuration,
+the chosen operating points marked.
+
     promptcache bench hitrate --pairs FILE [--limit N] [--holdout 0.2] [--out DIR]
                               [--verifier-model PATH] [--tune-limit 20000]
+                              [--target-fhr 0.01] [--quiet]
 """
 
 from __future__ import annotations
@@ -34,6 +41,8 @@ from typing import Any
 
 import numpy as np
 
+from promptcache.benchmarks import plots, tuning
+from promptcache.benchmarks.progress import add_quiet, progress
 from promptcache.benchmarks.results import publish
 from promptcache.cache.fit import (
     Lookups,
@@ -60,6 +69,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tune-limit", type=int, default=20000,
                    help="train-split lookups used to choose thresholds (default: 20000; the "
                    "caches still hold every train entry)")
+    p.add_argument("--target-fhr", type=float, default=None, metavar="F",
+                   help="recommend settings for this false-hit rate, e.g. 0.01")
+    add_quiet(p)
 
 
 def curve(lookups: Lookups, accepted: np.ndarray) -> list[dict[str, float]]:
@@ -139,7 +151,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     train_pairs, test_pairs = split(pairs, args.holdout)
     embedder = SentenceTransformerEmbedder()
     texts = {t for p in pairs for t in (p.a, p.b)}
-    vectors = embed_texts(embedder, texts)
+    vectors: dict[str, np.ndarray] = {}
+    ordered = sorted(texts, key=len)
+    with progress(len(ordered), "embedding", quiet=args.quiet, unit="text") as bar:
+        for i in range(0, len(ordered), 2048):
+            vectors |= embed_texts(embedder, ordered[i:i + 2048])
+            bar.update(len(ordered[i:i + 2048]))
     timings["embed_s"] = time.perf_counter() - started
     timings["texts_per_s"] = len(texts) / max(timings["embed_s"], 1e-9)
     train = sharded_lookups(train_pairs, vectors, args.holdout)
@@ -177,8 +194,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if variant[key]["threshold"] is not None and base["threshold"] is not None:
                 variant[key]["hr_vs_raw"] = variant[key]["hr"] / max(base["hr"], 1e-9)
     default = _default_point(verifier, test, accepted["verifier"][1])
+    recommendation = (tuning.recommend(train, test, accepted, args.target_fhr, curve, choose)
+                      if args.target_fhr is not None else None)
+    field, categories = tuning.read_categories(args.pairs, args.limit)
+    points = {f"{name}@{key[7:]}": tuning.hits_at(variants[name][key], test, on_test, s_test)
+              for name, (_, on_test) in accepted.items() if name in ("raw", "rules", "verifier")
+              for key in ("at_fhr_1pct", "at_fhr_5pct") if variants[name][key]["threshold"]}
+    if recommendation and recommendation["config"]:
+        points["recommended"] = tuning.hits_at(
+            {"threshold": recommendation["similarity_threshold"]}, test,
+            tuning.configurations(accepted)[recommendation["config"]][1][1])
     timings["total_s"] = time.perf_counter() - started
     return {
+        "benchmark": "hitrate", "date": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()),
+        "recommendation": recommendation,
+        "categories": tuning.breakdown(field, categories, test, points),
         "pairs": str(args.pairs), "limit": args.limit, "holdout": args.holdout,
         "model": "all-MiniLM-L6-v2", "verifier_model": args.verifier_model,
         "lookups": {name: {"label1": int((lk.label == 1).sum()),
@@ -233,10 +263,14 @@ def report(result: dict[str, Any]) -> str:
                      f"FHR {d['fhr']:.2%}, wrong {d['wrong']:.1%}, precision {d['precision']:.0%}")
     costs = result["cost_ms_per_candidate"]
     lines.append("cost per candidate: " + ", ".join(f"{k} {c:.3f} ms" for k, c in costs.items()))
-    return "\n".join(lines)
+    return "\n".join(lines + tuning.report_lines(result))
 
 
 def main(args: argparse.Namespace) -> int:
     result = run(args)
+    result["plot"] = "hitrate.png"
+    plots.hitrate_curves(result, f"{args.out}/hitrate.png",
+                         title=f"{args.pairs.rsplit('/', 1)[-1]}: hit rate against false-hit "
+                         "rate (held-out split)")
     publish(result, args.out, "hitrate", report(result))
     return 0
