@@ -43,7 +43,7 @@ import numpy as np
 
 from promptcache.benchmarks import plots, tuning
 from promptcache.benchmarks.progress import add_quiet, progress
-from promptcache.benchmarks.results import publish
+from promptcache.benchmarks.results import command, publish
 from promptcache.cache.fit import (
     Lookups,
     cache_lookups,
@@ -272,5 +272,6 @@ def main(args: argparse.Namespace) -> int:
     plots.hitrate_curves(result, f"{args.out}/hitrate.png",
                          title=f"{args.pairs.rsplit('/', 1)[-1]}: hit rate against false-hit "
                          "rate (held-out split)")
+    result["command"] = command(args)
     publish(result, args.out, "hitrate", report(result))
     return 0

@@ -84,7 +84,7 @@ def latency_histogram(latencies_ms: Mapping[str, Sequence[float]], path: str | P
     values = [v for vs in latencies_ms.values() for v in vs if v > 0]
     if values:
         lo, hi = max(min(values), 1e-3), max(values)
-        bins = np.geomspace(lo * 0.9, hi * 1.1 if hi > lo else lo * 2, 60)
+        bins = np.geomspace(lo * 0.9, hi * 1.1 if hi > lo else lo * 2, 60).tolist()
         for status, vs in sorted(latencies_ms.items(), key=lambda kv: -len(kv[1])):
             if vs:
                 ax.hist(vs, bins=bins, histtype="step", linewidth=1.5,

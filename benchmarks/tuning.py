@@ -92,7 +92,7 @@ def read_categories(path: str | Path, limit: int | None = None) -> tuple[str, di
     with Path(path).open("rb") as raw:
         gzipped = raw.read(2) == b"\x1f\x8b"
     opener: Any = gzip.open if gzipped else open
-    rows = []
+    rows: list[dict[str, Any]] = []
     with opener(path, "rt", encoding="utf-8") as lines:
         for line in lines:
             if limit is not None and len(rows) >= limit:
