@@ -31,10 +31,10 @@ from promptcache.cache.errors import ConfigError
 KINDS = ("fresh", "exact", "paraphrase")
 _LEAD_INS = ("Please, ", "Quick question: ", "Hi! ", "Could you help? ")
 _CLOSINGS = (" Thanks!", " Thank you.", " Please answer briefly.", " Thanks in advance.")
-_SWAPS = (("how do i", "how can i"), ("how can i", "how do i"), ("can you", "could you"),
+_SWAPS = (("how do i", "how can I"), ("how can i", "how do I"), ("can you", "could you"),
           ("could you", "can you"), ("explain", "describe"), ("write", "compose"),
           ("what is", "what's"), ("what's", "what is"), ("tell me", "let me know"),
-          ("give me", "provide"), ("create", "make"), ("i want", "i would like"))
+          ("give me", "provide"), ("create", "make"), ("i want", "I would like"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,7 +89,9 @@ def paraphrase(text: str, variant: int) -> str:
     swaps = [(a, b) for a, b in _SWAPS if re.search(rf"\b{re.escape(a)}\b", lowered)]
     if swaps and variant % 2 == 0:
         a, b = swaps[(variant // 2) % len(swaps)]
-        out = re.sub(rf"\b{re.escape(a)}\b", b, out, count=1, flags=re.IGNORECASE)
+        out = re.sub(rf"\b{re.escape(a)}\b",
+                     lambda m: b[0].upper() + b[1:] if m.group(0)[0].isupper() else b,
+                     out, count=1, flags=re.IGNORECASE)
     style = variant % 3
     if style == 0:
         out = out.rstrip() + _CLOSINGS[variant % len(_CLOSINGS)]
