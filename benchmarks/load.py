@@ -52,33 +52,37 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", metavar="URL", default=None,
                    help="base URL of a running sidecar (default: start one, with a fake "
                    "upstream and a private Redis)")
-    p.add_argument("--prompts", default=DEFAULT_PROMPTS,
+    p.add_argument("--prompts", default=DEFAULT_PROMPTS, metavar="FILE",
                    help=f"JSON lines with a 'prompt' field (default: {DEFAULT_PROMPTS})")
-    p.add_argument("--requests", type=int, default=2000, help="requests to send (default 2000)")
+    p.add_argument("--requests", type=int, metavar="N", default=2000,
+                   help="requests to send (default 2000)")
     loop = p.add_mutually_exclusive_group()
-    loop.add_argument("--concurrency", type=int, default=None,
+    loop.add_argument("--concurrency", type=int, metavar="N", default=None,
                       help="closed loop: this many requests in flight (default 32)")
-    loop.add_argument("--rate", type=float, default=None,
+    loop.add_argument("--rate", type=float, metavar="PER_S", default=None,
                       help="open loop: send this many requests per second on schedule")
-    p.add_argument("--exact", type=float, default=0.3, help="share of exact repeats (0.3)")
-    p.add_argument("--paraphrase", type=float, default=0.2,
+    p.add_argument("--exact", type=float, metavar="SHARE", default=0.3,
+                   help="share of exact repeats (0.3)")
+    p.add_argument("--paraphrase", type=float, metavar="SHARE", default=0.2,
                    help="share of paraphrase-like repeats (0.2)")
-    p.add_argument("--stream", type=float, default=0.2, help="share of streamed requests (0.2)")
-    p.add_argument("--max-chars", type=int, default=1000,
+    p.add_argument("--stream", type=float, metavar="SHARE", default=0.2,
+                   help="share of streamed requests (0.2)")
+    p.add_argument("--max-chars", type=int, metavar="N", default=1000,
                    help="longest prompt taken from the file (default 1000 characters)")
-    p.add_argument("--seed", type=int, default=0, help="workload seed (default 0)")
-    p.add_argument("--timeout", type=float, default=60.0,
+    p.add_argument("--seed", type=int, metavar="N", default=0, help="workload seed (default 0)")
+    p.add_argument("--timeout", type=float, metavar="SECONDS", default=60.0,
                    help="seconds a request may take before it counts as an error (60)")
     own = p.add_argument_group("own sidecar (without --target)")
-    own.add_argument("--upstream-latency", type=float, default=0.3,
+    own.add_argument("--upstream-latency", type=float, metavar="SECONDS", default=0.3,
                      help="seconds the fake upstream takes per call (default 0.3)")
-    own.add_argument("--answer-words", type=int, default=150,
+    own.add_argument("--answer-words", type=int, metavar="N", default=150,
                      help="filler words in each fake answer (default 150)")
     own.add_argument("--semantic", type=_bool, default=True, metavar="BOOL",
                      help="the sidecar's semantic tier (default true; loads the model)")
     own.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
                      help="also replay the workload straight at the fake upstream (default on)")
-    p.add_argument("--out", default="bench-results", help="directory for load.json, load.png")
+    p.add_argument("--out", default="bench-results", metavar="DIR",
+                   help="directory for load.json, load.png")
     add_quiet(p)
 
 

@@ -53,20 +53,22 @@ CHAT = "/v1/chat/completions"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--prompts", default=DEFAULT_PROMPTS,
+    p.add_argument("--prompts", default=DEFAULT_PROMPTS, metavar="FILE",
                    help=f"JSON lines with a 'prompt' field (default: {DEFAULT_PROMPTS})")
-    p.add_argument("--entries", type=int, default=2000, help="distinct prompts cached (2000)")
-    p.add_argument("--max-chars", type=int, default=4000,
+    p.add_argument("--entries", type=int, metavar="N", default=2000,
+                   help="distinct prompts cached (2000)")
+    p.add_argument("--max-chars", type=int, metavar="N", default=4000,
                    help="longest prompt taken from the file (default 4000 characters)")
-    p.add_argument("--answer-words", type=int, default=150,
+    p.add_argument("--answer-words", type=int, metavar="N", default=150,
                    help="filler words in each fake answer (default 150)")
     p.add_argument("--semantic", type=_bool, default=True, metavar="BOOL",
                    help="the semantic tier on (default true): vector records and the index")
-    p.add_argument("--kinds", nargs="+", default=["flat", "sq8", "hnsw"],
+    p.add_argument("--kinds", nargs="+", metavar="KIND", default=["flat", "sq8", "hnsw"],
                    help="index kinds to size (default: flat sq8 hnsw)")
-    p.add_argument("--sample", type=int, default=1000,
+    p.add_argument("--sample", type=int, metavar="N", default=1000,
                    help="keys per tier measured with MEMORY USAGE (default 1000)")
-    p.add_argument("--out", default="bench-results", help="directory for memory.json")
+    p.add_argument("--out", default="bench-results", metavar="DIR",
+                   help="directory for memory.json")
     add_quiet(p)
 
 

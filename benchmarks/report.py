@@ -52,7 +52,8 @@ def _slot(kind: str, data: dict[str, Any]) -> str:
     if kind == "hitrate":
         return "hitrate-" + Path(str(data.get("pairs", ""))).name.split(".")[0]
     if kind == "load":
-        return f"load-{data.get('mode', 'closed')}"
+        exact_only = (data.get("setup") or {}).get("semantic") is False
+        return f"load-{data.get('mode', 'closed')}{'-exact-only' if exact_only else ''}"
     return kind
 
 
@@ -138,14 +139,22 @@ def hitrate_markdown(r: dict[str, Any]) -> list[str]:
     return lines
 
 
+def title(path: Path, result: dict[str, Any]) -> str:
+    kind = _kind(path, result) or ""
+    text = TITLES[kind]
+    if kind == "hitrate":
+        text += f": {Path(str(result.get('pairs', ''))).name}"
+    elif kind == "load":
+        exact_only = (result.get("setup") or {}).get("semantic") is False
+        text += (f" ({result.get('mode', 'closed')} loop"
+                 f"{', semantic tier off' if exact_only else ''})")
+    return text
+
+
 def section(slot: str, path: Path, result: dict[str, Any], img_dir: Path) -> list[str]:
     kind = _kind(path, result) or slot
-    title = TITLES[kind]
-    if kind == "hitrate":
-        title += f": {Path(str(result.get('pairs', ''))).name}"
-    elif kind == "load":
-        title += f" ({result.get('mode', 'closed')} loop)"
-    lines = [f"## {title}", ""]
+    heading = title(path, result)
+    lines = [f"## {heading}", ""]
     if result.get("command"):
         lines += ["```bash", result["command"], "```", ""]
     lines.append(f"Result: `{path.name}`, measured {result.get('date', 'at an unrecorded time')}"
@@ -160,7 +169,7 @@ def section(slot: str, path: Path, result: dict[str, Any], img_dir: Path) -> lis
         img_dir.mkdir(parents=True, exist_ok=True)
         target = img_dir / f"{slot}.png"
         shutil.copyfile(path.parent / plot, target)
-        lines += ["", f"![{title}]({img_dir.name}/{target.name})"]
+        lines += ["", f"![{heading}]({img_dir.name}/{target.name})"]
     return [*lines, ""]
 
 
@@ -175,8 +184,7 @@ def build_page(dirs: Iterable[str | Path], docs: str | Path, page: str = "benchm
              "gives the command that produced it; run it to reproduce the figure. Figures "
              "come from a 2-core development machine where the load generator shares the "
              "CPU with the servers: compare ratios and shapes, not absolute numbers.", ""]
-    lines += [f"- [{TITLES[_kind(p, d) or s]}{'' if s in KINDS else ' (' + s + ')'}]"
-              f"(#{s})" for s, (p, d) in found.items()]
+    lines += [f"- [{title(p, d)}](#{s})" for s, (p, d) in found.items()]
     lines.append("")
     for slot, (path, result) in found.items():
         lines += [f'<a id="{slot}"></a>', ""]

@@ -197,11 +197,11 @@ def test_bench_report_gathers_the_results_into_one_page(bench_dir: Path, tmp_pat
                                                          ) -> None:
     page = report.build_page([bench_dir], tmp_path / "docs")
     text = page.read_text()
-    for heading in ("## Semantic tier: hit quality: stsb_slice.jsonl", "## Load test (closed",
-                    "## Memory per entry"):
+    for heading in ("## Semantic tier: hit quality: stsb_slice.jsonl",
+                    "## Load test (closed loop, semantic tier off)", "## Memory per entry"):
         assert heading in text
     images = sorted((tmp_path / "docs" / "img").glob("*.png"))
-    assert [i.name for i in images] == ["hitrate-stsb_slice.png", "load-closed.png",
+    assert [i.name for i in images] == ["hitrate-stsb_slice.png", "load-closed-exact-only.png",
                                         "memory.png"]
     for image in images:
         assert f"(img/{image.name})" in text
