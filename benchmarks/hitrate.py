@@ -37,6 +37,7 @@ import argparse
 import random
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -197,13 +198,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     recommendation = (tuning.recommend(train, test, accepted, args.target_fhr, curve, choose)
                       if args.target_fhr is not None else None)
     field, categories = tuning.read_categories(args.pairs, args.limit)
-    points = {f"{name}@{key[7:]}": tuning.hits_at(variants[name][key], test, on_test, s_test)
-              for name, (_, on_test) in accepted.items() if name in ("raw", "rules", "verifier")
-              for key in ("at_fhr_1pct", "at_fhr_5pct") if variants[name][key]["threshold"]}
-    if recommendation and recommendation["config"]:
-        points["recommended"] = tuning.hits_at(
-            {"threshold": recommendation["similarity_threshold"]}, test,
-            tuning.configurations(accepted)[recommendation["config"]][1][1])
+    points = tuning.operating_points(test, accepted, s_test, variants, recommendation)
     timings["total_s"] = time.perf_counter() - started
     return {
         "benchmark": "hitrate", "date": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()),
@@ -270,8 +265,8 @@ def main(args: argparse.Namespace) -> int:
     result = run(args)
     result["plot"] = "hitrate.png"
     plots.hitrate_curves(result, f"{args.out}/hitrate.png",
-                         title=f"{args.pairs.rsplit('/', 1)[-1]}: hit rate against false-hit "
-                         "rate (held-out split)")
+                         title=f"{Path(args.pairs).name}: hit rate against false-hit rate "
+                         "(held-out split)")
     result["command"] = command(args)
     publish(result, args.out, "hitrate", report(result))
     return 0

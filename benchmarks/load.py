@@ -14,7 +14,8 @@ Reported: throughput, p50/p95/p99 per X-Cache status and per request kind, upstr
 (counted by the fake upstream; with --target, estimated as the MISS and BYPASS answers)
 and the calls the cache saved, errors. With ``--baseline`` (own sidecar only) the same
 workload also goes straight to the fake upstream, the no-cache figure of the same run.
-Writes ``load.json`` and ``load.png`` (latency histogram by cache status) to ``--out``.
+Writes ``load.json`` (with every latency, by X-Cache status, so the plot can be redrawn) and
+``load.png`` (latency histogram by cache status) to ``--out``.
 
     promptcache bench load [--target URL] [--prompts FILE] [--requests 2000]
                            [--concurrency 32 | --rate 20] [--exact 0.3] [--paraphrase 0.2]
@@ -263,11 +264,12 @@ def report(r: dict[str, Any]) -> str:
 def main(args: argparse.Namespace) -> int:
     result, latencies = run(args)
     result["plot"] = "load.png"
+    result["latencies_ms"] = {k: [round(v, 3) for v in vs] for k, vs in latencies.items()}
     loop = (f"concurrency {result['concurrency']}" if result["mode"] == "closed"
             else f"{result['rate_per_s']} req/s offered")
     plots.latency_histogram(latencies, Path(args.out) / "load.png",
                             title=f"bench load: {result['workload']['requests']} requests, "
-                            f"{loop}")
+                            f"{loop}", open_loop=result["mode"] == "open")
     result["command"] = command(args)
     publish(result, args.out, "load", report(result))
     return 0

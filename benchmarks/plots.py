@@ -66,7 +66,7 @@ def hitrate_curves(result: Mapping[str, Any], path: str | Path, *, title: str = 
     for x in (1, 5):
         ax.axvline(x, color="grey", linestyle=":", linewidth=0.8)
     top = max([100 * r["fhr"] for v in variants.values() for r in v["test_curve"]] + [6.0])
-    ax.set_xlim(0, min(top * 1.02, 30.0))
+    ax.set_xlim(0, min(top * 1.02, 12.0))  # the region a cache can run in
     ax.set_ylim(bottom=0)
     ax.set_xlabel("false-hit rate on label-0 lookups (%)")
     ax.set_ylabel("hit rate on label-1 lookups (%)")
@@ -77,7 +77,7 @@ def hitrate_curves(result: Mapping[str, Any], path: str | Path, *, title: str = 
 
 
 def latency_histogram(latencies_ms: Mapping[str, Sequence[float]], path: str | Path, *,
-                      title: str = "") -> Path:
+                      title: str = "", open_loop: bool = True) -> Path:
     """Latency histogram per X-Cache status on log-spaced bins (counts on a log axis)."""
     fig = _figure()
     ax = fig.add_subplot()
@@ -92,7 +92,8 @@ def latency_histogram(latencies_ms: Mapping[str, Sequence[float]], path: str | P
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.legend(fontsize=8)
-    ax.set_xlabel("latency (ms, from the scheduled send time)")
+    ax.set_xlabel("latency (ms, from the scheduled send time)" if open_loop
+                  else "latency (ms, from the send time)")
     ax.set_ylabel("requests")
     ax.set_title(title or "Latency by cache status", fontsize=10)
     ax.grid(True, alpha=0.3, which="both")

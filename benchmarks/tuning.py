@@ -118,6 +118,22 @@ def hits_at(point: Mapping[str, Any], lookups: Lookups, accepted: np.ndarray,
     return np.asarray((lookups.similarity >= point["threshold"]) & accepted, dtype=bool)
 
 
+def operating_points(test: Lookups, accepted: Mapping[str, tuple[np.ndarray, np.ndarray]],
+                     scores: np.ndarray, variants: Mapping[str, Any],
+                     recommendation: Mapping[str, Any] | None) -> dict[str, np.ndarray]:
+    """Hit masks over ``test`` at the tuner's chosen points (raw, rules and the verifier at
+    FHR <= 1% and <= 5%) and at the recommendation, named for the breakdown's columns."""
+    points = {f"{name}@{key[7:]}": hits_at(variants[name][key], test, accepted[name][1],
+                                           scores)
+              for name in ("raw", "rules", "verifier") if name in variants
+              for key in ("at_fhr_1pct", "at_fhr_5pct") if variants[name][key]["threshold"]}
+    if recommendation and recommendation.get("config"):
+        points["recommended"] = hits_at(
+            {"threshold": recommendation["similarity_threshold"]}, test,
+            configurations(accepted)[recommendation["config"]][1][1])
+    return points
+
+
 def breakdown(field: str, categories: Mapping[str, str], test: Lookups,
               points: Mapping[str, np.ndarray]) -> dict[str, Any] | None:
     """Per category: label-1/label-0 lookups and HR/FHR/wrong at each named operating point
