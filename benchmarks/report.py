@@ -20,7 +20,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-#: Section order on the page; the module whose ``report()`` renders each kind.
+#: Section order on the page; the module whose ``report()`` renders each kind. Other
+#: benchmarks of ``promptcache bench`` follow, rendered by their own ``report()``.
 KINDS = {
     "exact": "promptcache.benchmarks.exact",
     "semantic": "promptcache.benchmarks.semantic_speed",
@@ -42,9 +43,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--page", default="benchmarks.md", help="page file name (benchmarks.md)")
 
 
+def modules() -> dict[str, str]:
+    """Benchmark kind -> module: :data:`KINDS`, then the rest of the CLI's benchmarks."""
+    from promptcache.cli import BENCHMARKS
+
+    return KINDS | {k: m for k, (m, _) in BENCHMARKS.items() if k not in KINDS | {"report": ""}}
+
+
 def _kind(path: Path, data: dict[str, Any]) -> str | None:
     kind = data.get("benchmark") or path.stem
-    return kind if kind in KINDS else None
+    return kind if kind in modules() else None
 
 
 def _slot(kind: str, data: dict[str, Any]) -> str:
@@ -73,7 +81,7 @@ def gather(dirs: Iterable[str | Path]) -> dict[str, tuple[Path, dict[str, Any]]]
             stamp = path.stat().st_mtime
             if slot not in latest or stamp > latest[slot][0]:
                 latest[slot] = (stamp, path, data)
-    order = {k: i for i, k in enumerate(KINDS)}
+    order = {k: i for i, k in enumerate(modules())}
     return {slot: (p, d) for slot, (_, p, d) in sorted(
         latest.items(), key=lambda kv: (order[_kind(kv[1][1], kv[1][2]) or ""], kv[0]))}
 
@@ -141,7 +149,7 @@ def hitrate_markdown(r: dict[str, Any]) -> list[str]:
 
 def title(path: Path, result: dict[str, Any]) -> str:
     kind = _kind(path, result) or ""
-    text = TITLES[kind]
+    text = TITLES.get(kind, f"bench {kind}")
     if kind == "hitrate":
         text += f": {Path(str(result.get('pairs', ''))).name}"
     elif kind == "load":
@@ -163,7 +171,7 @@ def section(slot: str, path: Path, result: dict[str, Any], img_dir: Path) -> lis
     if kind == "hitrate":
         lines += hitrate_markdown(result)
     else:
-        lines += _markdown(importlib.import_module(KINDS[kind]).report(result))
+        lines += _markdown(importlib.import_module(modules()[kind]).report(result))
     plot = result.get("plot")
     if plot and (path.parent / plot).exists():
         img_dir.mkdir(parents=True, exist_ok=True)
