@@ -11,11 +11,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import matplotlib.image
 import pytest
 
 from promptcache.benchmarks import hitrate, load, loadgen, memory, report
-from promptcache.benchmarks.fake_upstream import FakeUpstream
+from promptcache.benchmarks.fake_upstream import FakeUpstream, running_fake_upstream
 from promptcache.benchmarks.workload import Mix, build, paraphrase
 from promptcache.cache.embed import SentenceTransformerEmbedder
 from promptcache.cache.verify import rule_flags
@@ -99,6 +100,22 @@ async def test_closed_loop_waits_for_answers(fake: FakeUpstream) -> None:
     fake.release()
     outcomes, _ = await task
     assert len(outcomes) == 4 and all(o.error is None for o in outcomes)
+
+
+async def test_fake_upstream_pads_answers_and_reports_its_calls(
+        http: aiohttp.ClientSession) -> None:
+    """``answer_words`` makes answers of a realistic size, still a pure function of the
+    request; ``GET /_fake/stats`` gives the call counts to a benchmark in another process."""
+    async with running_fake_upstream(answer_words=40) as fake:
+        body = {"model": "m", "messages": [{"role": "user", "content": "hello"}]}
+        answers = []
+        for _ in range(2):
+            async with http.post(fake.url + CHAT, json=body) as r:
+                answers.append((await r.json())["choices"][0]["message"]["content"])
+        async with http.get(fake.url + "/_fake/stats") as r:
+            stats = await r.json()
+    assert answers[0] == answers[1] and len(answers[0].split()) >= 40 + 3
+    assert stats["calls"] == {CHAT: 2} and stats["total"] == 2
 
 
 # --- the bench commands, on small slices ------------------------------------------------------
