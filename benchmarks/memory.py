@@ -1,7 +1,9 @@
 """Memory: what one cached request costs, by tier, beside its raw size.
 
 A sidecar (in this process; nothing here is timed) in front of the fake upstream fills an
-empty private Redis with ``--entries`` distinct real prompts, one request each. Then:
+empty private Redis with ``--entries`` distinct real prompts, one request each, sent with
+``X-Cache-Mode: exact`` so that a prompt close to an earlier one is stored, not answered
+from it (the entry and its vector record are written either way). Then:
 
 - per entry in Redis: ``MEMORY USAGE`` (key, value and Redis's own overhead) of the exact
   tier's entry keys and of the semantic tier's vector records (sampled, ``--sample``),
