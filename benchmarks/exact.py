@@ -26,7 +26,7 @@ import redis
 
 from promptcache.benchmarks.loadgen import closed_loop
 from promptcache.benchmarks.procs import cpu_seconds, free_port, python_process
-from promptcache.benchmarks.results import publish
+from promptcache.benchmarks.results import command, publish
 from promptcache.cache.embedded import EmbeddedRedis
 
 CHAT = "/v1/chat/completions"
@@ -153,5 +153,6 @@ def report(result: dict[str, Any]) -> str:
 
 def main(args: argparse.Namespace) -> int:
     result = run(args)
+    result["command"] = command(args)
     publish(result, args.out, "exact", report(result))
     return 0

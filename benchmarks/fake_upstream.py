@@ -15,6 +15,9 @@ request is recorded, and failures can be injected per request::
 Order of work for each request: record it, take any matching injected failure, wait at the
 gate (``hold``/``release``), sleep ``latency``, then answer (the failure, or the route).
 
+``answer_words=N`` pads every answer with N deterministic filler words, for realistic
+response sizes; ``GET /_fake/stats`` returns the call counts (for a fake in another process).
+
 Only aiohttp (and its multidict) is needed, so benchmarks can import it too; it also runs as a
 process: ``python -m promptcache.benchmarks.fake_upstream --port 8001`` prints its URL and serves
 until killed.
@@ -148,9 +151,20 @@ def _words(*texts: str) -> int:
     return max(1, sum(len(t.split()) for t in texts))
 
 
-def _answer(digest: str, prompt: str, index: int = 0) -> str:
+_FILLER = ("the", "cache", "answer", "model", "request", "token", "value", "result", "data",
+           "service", "latency", "prompt", "system", "user", "simple", "example", "and", "of",
+           "to", "is", "with", "for", "a", "that", "this", "each", "when", "then", "more",
+           "first", "second", "step")
+
+
+def _answer(digest: str, prompt: str, index: int = 0, words: int = 0) -> str:
     tag = digest if index == 0 else hashlib.sha256(f"{digest}:{index}".encode()).hexdigest()
-    return f"answer-{tag[:8]} to: {prompt[:40]}"
+    text = f"answer-{tag[:8]} to: {prompt[:40]}"
+    if words > 0:
+        raw = b"".join(hashlib.sha256(f"{tag}:{block}".encode()).digest()
+                       for block in range(words // 32 + 1))
+        text += " " + " ".join(_FILLER[b % len(_FILLER)] for b in raw[:words])
+    return text
 
 
 def _pieces(text: str, minimum: int = 3) -> list[str]:
@@ -211,8 +225,10 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 class FakeUpstream:
     """An in-process fake model API on an ephemeral 127.0.0.1 port. See the module docstring."""
 
-    def __init__(self, *, latency: float = 0.0, chunk_delay: float = 0.0) -> None:
+    def __init__(self, *, latency: float = 0.0, chunk_delay: float = 0.0,
+                 answer_words: int = 0) -> None:
         self.latency = latency
+        self.answer_words = answer_words
         self.chunk_delay = chunk_delay
         self.calls: collections.Counter[str] = collections.Counter()
         self.requests: list[RecordedRequest] = []
@@ -326,6 +342,7 @@ class FakeUpstream:
         app.router.add_post("/v1/embeddings", self._embeddings)
         app.router.add_post("/v1/messages", self._messages)
         app.router.add_get("/v1/models", self._models)
+        app.router.add_get("/_fake/stats", self._stats)
         app.router.add_route("*", "/v1/{tail:.*}", self._not_found)
         app.router.add_route("*", "/echo/{tail:.*}", self._echo)
         return app
@@ -425,7 +442,7 @@ class FakeUpstream:
         prompt = _last_user_text(messages)
         tool = _tool_name(payload, anthropic=False)
         n = int(payload.get("n") or 1)
-        answers = [_answer(digest, prompt, i) for i in range(n)]
+        answers = [_answer(digest, prompt, i, self.answer_words) for i in range(n)]
         prompt_tokens = _words(
             *(_text_of(m.get("content")) for m in messages if isinstance(m, dict))
         )
@@ -509,7 +526,8 @@ class FakeUpstream:
         digest = request_digest(payload)
         n = int(payload.get("n") or 1)
         answers = [
-            _answer(digest, prompt, p * n + i) for p, prompt in enumerate(prompts) for i in range(n)
+            _answer(digest, prompt, p * n + i, self.answer_words)
+            for p, prompt in enumerate(prompts) for i in range(n)
         ]
         prompt_tokens = _words(*prompts)
         usage = {
@@ -572,6 +590,11 @@ class FakeUpstream:
         ]
         return web.json_response({"object": "list", "data": data})
 
+    async def _stats(self, request: web.Request) -> web.StreamResponse:
+        calls = {p: n for p, n in self.calls.items() if p != "/_fake/stats"}
+        return web.json_response({"calls": calls, "total": sum(calls.values()),
+                                  "in_flight": self.in_flight})
+
     async def _not_found(self, request: web.Request) -> web.StreamResponse:
         return _error(request.path, 404, f"Invalid URL ({request.method} {request.path})")
 
@@ -584,7 +607,7 @@ class FakeUpstream:
             raise _bad_request(request, "messages: Field required")
         digest = request_digest(payload)
         prompt = _last_user_text(messages)
-        text = _answer(digest, prompt)
+        text = _answer(digest, prompt, 0, self.answer_words)
         tool = _tool_name(payload, anthropic=True)
         texts = [_text_of(payload.get("system"))]
         texts += [_text_of(m.get("content")) for m in messages if isinstance(m, dict)]
@@ -679,10 +702,11 @@ class FakeUpstream:
 
 @contextlib.asynccontextmanager
 async def running_fake_upstream(
-    *, host: str = "127.0.0.1", port: int = 0, latency: float = 0.0, chunk_delay: float = 0.0
+    *, host: str = "127.0.0.1", port: int = 0, latency: float = 0.0, chunk_delay: float = 0.0,
+    answer_words: int = 0,
 ) -> AsyncIterator[FakeUpstream]:
     """``async with running_fake_upstream() as fake:`` -- started on a free port, then stopped."""
-    fake = FakeUpstream(latency=latency, chunk_delay=chunk_delay)
+    fake = FakeUpstream(latency=latency, chunk_delay=chunk_delay, answer_words=answer_words)
     await fake.start(host, port)
     try:
         yield fake
@@ -692,7 +716,8 @@ async def running_fake_upstream(
 
 async def _serve(args: argparse.Namespace) -> None:
     async with running_fake_upstream(
-        host=args.host, port=args.port, latency=args.latency, chunk_delay=args.chunk_delay
+        host=args.host, port=args.port, latency=args.latency, chunk_delay=args.chunk_delay,
+        answer_words=args.answer_words,
     ) as fake:
         print(fake.url, flush=True)
         await asyncio.Event().wait()
@@ -704,6 +729,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--latency", type=float, default=0.0)
     parser.add_argument("--chunk-delay", type=float, default=0.0)
+    parser.add_argument("--answer-words", type=int, default=0,
+                        help="pad every answer with this many filler words")
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(_serve(parser.parse_args(argv)))
 

@@ -20,8 +20,15 @@ model, which is what the cache runs. The train pairs are replayed as caches the 
 held-out one (a bigger cache has more near neighbours, hence more wrong and false hits at
 the same threshold), so rates on the two splits are comparable.
 
+With ``--target-fhr F`` it also recommends the settings (similarity threshold, which checks
+on, the verifier's model or not) with the best hit rate at that false-hit rate; a pair file
+with a ``category``, ``split`` or ``source`` field gets a breakdown by it. Besides
+``hitrate.json`` it draws ``hitrate.png``: hit rate against false-hit rate per configuration,
+the chosen operating points marked.
+
     promptcache bench hitrate --pairs FILE [--limit N] [--holdout 0.2] [--out DIR]
                               [--verifier-model PATH] [--tune-limit 20000]
+                              [--target-fhr 0.01] [--quiet]
 """
 
 from __future__ import annotations
@@ -30,11 +37,14 @@ import argparse
 import random
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from promptcache.benchmarks.results import publish
+from promptcache.benchmarks import plots, tuning
+from promptcache.benchmarks.progress import add_quiet, progress
+from promptcache.benchmarks.results import command, publish
 from promptcache.cache.fit import (
     CALIBRATION,
     Lookups,
@@ -65,6 +75,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tune-limit", type=int, default=20000,
                    help="train-split lookups used to choose thresholds (default: 20000; the "
                    "caches still hold every train entry)")
+    p.add_argument("--target-fhr", type=float, default=None, metavar="F",
+                   help="recommend settings for this false-hit rate, e.g. 0.01")
+    add_quiet(p)
 
 
 def curve(lookups: Lookups, accepted: np.ndarray) -> list[dict[str, float]]:
@@ -146,16 +159,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     texts = {t for p in (*cal_pairs, *test_pairs) for t in (p.a, p.b)}
     size = max(len(test_pairs), 1)
 
-    def lookups(embedder: SentenceTransformerEmbedder) -> tuple[Lookups, Lookups]:
-        vectors = embed_texts(embedder, texts)
+    def lookups(embedder: SentenceTransformerEmbedder, label: str) -> tuple[Lookups, Lookups]:
+        vectors: dict[str, np.ndarray] = {}
+        ordered = sorted(texts, key=len)
+        with progress(len(ordered), label, quiet=args.quiet, unit="text") as bar:
+            for i in range(0, len(ordered), 2048):
+                vectors |= embed_texts(embedder, ordered[i:i + 2048])
+                bar.update(len(ordered[i:i + 2048]))
         return sharded_lookups(cal_pairs, vectors, size), cache_lookups(test_pairs, vectors)
 
-    base_train, base_test = lookups(SentenceTransformerEmbedder())
+    base_train, base_test = lookups(SentenceTransformerEmbedder(), "embedding (base)")
     timings["embed_s"] = time.perf_counter() - started
     timings["texts_per_s"] = len(texts) / max(timings["embed_s"], 1e-9)
-    tuning = resolve_tuning(args.embedding_tuning, None)
-    train, test = lookups(SentenceTransformerEmbedder(tuning=tuning)) if tuning else (
-        base_train, base_test)
+    tuned_with = resolve_tuning(args.embedding_tuning, None)
+    train, test = lookups(SentenceTransformerEmbedder(tuning=tuned_with),
+                          "embedding (tuned)") if tuned_with else (base_train, base_test)
     if args.tune_limit and len(train.query) > args.tune_limit:
         keep = random.Random(0).sample(range(len(train.query)), args.tune_limit)
         train = train.subset(np.array(sorted(keep)))
@@ -192,10 +210,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if variant[key]["threshold"] is not None and base["threshold"] is not None:
                 variant[key]["hr_vs_raw"] = variant[key]["hr"] / max(base["hr"], 1e-9)
     default = _default_point(verifier, test, accepted["verifier"][1])
+    recommendation = (tuning.recommend(train, test, accepted, args.target_fhr, curve, choose)
+                      if args.target_fhr is not None else None)
+    field, categories = tuning.read_categories(args.pairs, args.limit)
+    points = tuning.operating_points(test, accepted, s_test, variants, recommendation)
     timings["total_s"] = time.perf_counter() - started
     return {
+        "benchmark": "hitrate", "date": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()),
+        "recommendation": recommendation,
+        "categories": tuning.breakdown(field, categories, test, points),
         "pairs": str(args.pairs), "limit": args.limit, "holdout": args.holdout,
-        "model": "all-MiniLM-L6-v2", "embedding_tuning": str(tuning),
+        "model": "all-MiniLM-L6-v2", "embedding_tuning": str(tuned_with),
         "verifier_model": args.verifier_model,
         "lookups": {name: {"label1": int((lk.label == 1).sum()),
                            "label0": int((lk.label == 0).sum())}
@@ -249,10 +274,15 @@ def report(result: dict[str, Any]) -> str:
                      f"FHR {d['fhr']:.2%}, wrong {d['wrong']:.1%}, precision {d['precision']:.0%}")
     costs = result["cost_ms_per_candidate"]
     lines.append("cost per candidate: " + ", ".join(f"{k} {c:.3f} ms" for k, c in costs.items()))
-    return "\n".join(lines)
+    return "\n".join(lines + tuning.report_lines(result))
 
 
 def main(args: argparse.Namespace) -> int:
     result = run(args)
+    result["plot"] = "hitrate.png"
+    plots.hitrate_curves(result, f"{args.out}/hitrate.png",
+                         title=f"{Path(args.pairs).name}: hit rate against false-hit rate "
+                         "(held-out split)")
+    result["command"] = command(args)
     publish(result, args.out, "hitrate", report(result))
     return 0

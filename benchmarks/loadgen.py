@@ -106,3 +106,76 @@ async def closed_loop(
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         elapsed = time.perf_counter() - started
     return LoadResult(concurrency, len(latencies), elapsed, errors, latencies, statuses)
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """One replayed request. ``latency`` runs from the scheduled send time (open loop) or
+    the actual send time (closed loop) to the last byte; None if it failed."""
+
+    index: int
+    latency: float | None
+    ttfb: float | None  # to the response headers
+    status: int | None
+    x_cache: str
+    error: str | None
+
+
+async def replay(url: str, bodies: Sequence[bytes], *, concurrency: int | None = None,
+                 rate: float | None = None, headers: Mapping[str, str] | None = None,
+                 request_timeout: float = 60.0, on_done: Callable[[Outcome], None] | None = None,
+                 clock: Callable[[], float] = time.perf_counter,
+                 ) -> tuple[list[Outcome], float]:
+    """POST every body to ``url`` once, in order; return the outcomes and the wall time.
+
+    Closed loop (``concurrency``): that many workers, each sending its next request when
+    the previous one returned. Open loop (``rate`` per second): request i is sent at
+    ``i / rate`` s whether or not earlier ones returned, and its latency counts from
+    then, so a server that falls behind shows it in the latencies (no coordinated
+    omission). Each request has a total ``request_timeout``; failures are outcomes, not raised.
+    """
+    if (concurrency is None) == (rate is None):
+        raise ValueError("give exactly one of concurrency (closed loop) or rate (open loop)")
+    hdrs = {"Content-Type": "application/json", **(headers or {})}
+    limit = concurrency if concurrency is not None else 1000
+    connector = aiohttp.TCPConnector(limit=limit)
+    outcomes: list[Outcome] = []
+    async with aiohttp.ClientSession(connector=connector,
+                                     timeout=aiohttp.ClientTimeout(total=request_timeout)) as http:
+
+        async def one(i: int, scheduled: float) -> None:
+            ttfb = None
+            try:
+                async with http.post(url, data=bodies[i], headers=hdrs) as r:
+                    ttfb = clock() - scheduled
+                    await r.read()
+                    status, tag = r.status, r.headers.get("X-Cache", "-")
+                error = None if status == 200 else f"HTTP {status}"
+                outcome = Outcome(i, clock() - scheduled, ttfb, status, tag, error)
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                outcome = Outcome(i, None, ttfb, None, "ERROR", type(exc).__name__)
+            outcomes.append(outcome)
+            if on_done is not None:
+                on_done(outcome)
+
+        started = clock()
+        if concurrency is not None:
+            queue = iter(range(len(bodies)))
+
+            async def worker() -> None:
+                for i in queue:
+                    await one(i, clock())
+
+            await asyncio.gather(*(worker() for _ in range(concurrency)))
+        else:
+            assert rate is not None
+            tasks = []
+            for i in range(len(bodies)):
+                scheduled = started + i / rate
+                delay = scheduled - clock()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                tasks.append(asyncio.create_task(one(i, scheduled)))
+            await asyncio.gather(*tasks)
+        elapsed = clock() - started
+    return sorted(outcomes, key=lambda o: o.index), elapsed

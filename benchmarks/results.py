@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -15,3 +17,9 @@ def publish(result: dict[str, Any], out_dir: str, name: str, report: str) -> Pat
     print(report)
     print(f"\nwrote {path}")
     return path
+
+
+def command(args: argparse.Namespace) -> str | None:
+    """The command line that ran this benchmark (None when not run through the CLI)."""
+    argv = getattr(args, "argv", None)
+    return "promptcache " + shlex.join(argv) if argv else None

@@ -32,7 +32,7 @@ import numpy as np
 
 from promptcache.benchmarks.loadgen import closed_loop
 from promptcache.benchmarks.procs import free_port, python_process
-from promptcache.benchmarks.results import publish
+from promptcache.benchmarks.results import command, publish
 from promptcache.cache.embed import SentenceTransformerEmbedder
 from promptcache.cache.embedded import EmbeddedRedis
 from promptcache.cache.index import make_index
@@ -203,5 +203,6 @@ def report(r: dict[str, Any]) -> str:
 
 def main(args: argparse.Namespace) -> int:
     result = run(args)
+    result["command"] = command(args)
     publish(result, args.out, "semantic", report(result))
     return 0

@@ -21,6 +21,12 @@ BENCHMARKS = {
                  "semantic lookup throughput and latency against the model; index search"),
     "hitrate": ("promptcache.benchmarks.hitrate",
                 "hit rate against false hits on labelled pairs: the semantic tier's tuner"),
+    "load": ("promptcache.benchmarks.load",
+             "replay real prompts against a sidecar, closed or open loop; latency by X-Cache"),
+    "memory": ("promptcache.benchmarks.memory",
+               "bytes per entry by tier and per vector by index kind, against the raw size"),
+    "report": ("promptcache.benchmarks.report",
+               "gather the latest results into docs/benchmarks.md with tables and plots"),
 }
 
 
@@ -69,6 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return fit.main(args)
         if args.command == "bench":
+            args.argv = list(sys.argv[1:] if argv is None else argv)
             return int(importlib.import_module(BENCHMARKS[args.bench][0]).main(args))
     except PromptCacheError as exc:
         print(f"promptcache: error: {exc}", file=sys.stderr)
