@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+import secrets
+from collections.abc import AsyncIterator, Callable, Coroutine
 from functools import partial
+from typing import Any
 
 import aiohttp
 import faiss
@@ -17,10 +19,14 @@ from promptcache.cache.breaker import CircuitBreaker
 from promptcache.cache.embed import BatchingEmbedder, Embedder, SentenceTransformerEmbedder
 from promptcache.cache.embedded import EmbeddedRedis
 from promptcache.cache.engine import CachePolicy, ExactCache
+from promptcache.cache.eviction import Budget
 from promptcache.cache.index import PartitionedIndex
-from promptcache.cache.keys import ENDPOINTS
+from promptcache.cache.keys import CLUSTER_SHARDS, ENDPOINTS, KeyLayout
+from promptcache.cache.lease import RemoteFlight
+from promptcache.cache.resident import model_bytes
 from promptcache.cache.semantic import SemanticCache, SemanticPolicy
-from promptcache.cache.store import RedisStore, redis_client
+from promptcache.cache.store import RedisStore, is_cluster_url, redis_client
+from promptcache.cache.sync import IndexSync
 from promptcache.server import admin
 from promptcache.server.config import Settings
 from promptcache.server.handlers import cached_route
@@ -50,12 +56,9 @@ async def _semantic(settings: Settings, cache: ExactCache, embedder: Embedder | 
         PartitionedIndex(model.dim, settings.index_kind),
         verifier,
         SemanticPolicy(threshold=settings.similarity_threshold,
-                       max_temperature=settings.semantic_max_temperature),
+                       max_temperature=settings.semantic_max_temperature,
+                       max_index_bytes=settings.index_max_bytes),
     )
-    try:
-        await semantic.rebuild()
-    except (RedisError, OSError) as exc:  # fail open: start empty, fill as traffic comes
-        log.warning("could not rebuild the semantic index from Redis: %r", exc)
     return semantic
 
 
@@ -64,6 +67,8 @@ async def _resources(settings: Settings, redis_url: str, embedder: Embedder | No
     async with contextlib.AsyncExitStack() as stack:
         client = redis_client(redis_url, timeout=settings.redis_timeout)
         stack.push_async_callback(client.aclose)
+        shards = CLUSTER_SHARDS if is_cluster_url(redis_url) else 1
+        layout, node = KeyLayout(settings.key_prefix, shards), secrets.token_hex(6)
         cache = ExactCache(
             RedisStore(client),
             CachePolicy(
@@ -71,22 +76,58 @@ async def _resources(settings: Settings, redis_url: str, embedder: Embedder | No
                 max_entry_bytes=settings.max_entry_bytes,
                 op_timeout=settings.redis_timeout,
                 key_prefix=settings.key_prefix,
+                shards=shards,
             ),
             breaker=CircuitBreaker(failure_threshold=settings.breaker_threshold,
                                    reset_timeout=settings.breaker_reset),
+            budget=Budget(client, layout, max_bytes=settings.max_bytes, node=node),
         )
-        semantic = None
+        semantic = sync = None
         if settings.semantic:
             semantic = await _semantic(settings, cache, embedder)
             stack.push_async_callback(semantic.embedder.close)
+            sync = await _start_sync(stack, redis_url, settings, semantic)
+        assert cache.budget is not None
+        _background(stack, cache.budget.reap_forever())
         session = await stack.enter_async_context(aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
             auto_decompress=True,
             trust_env=True,
         ))
-        app[SIDECAR] = Sidecar(settings, cache, Upstream(settings, session), Metrics(),
-                               semantic)
+        app[SIDECAR] = Sidecar(
+            settings, cache, Upstream(settings, session), Metrics(), semantic,
+            remote=RemoteFlight(client, layout, lease=settings.flight_lease,
+                                timeout=settings.redis_timeout) if settings.flight_lease else None,
+            sync=sync, model_bytes=model_bytes(semantic.embedder.embedder) if semantic else 0)
         yield
+
+
+def _background(stack: contextlib.AsyncExitStack, work: Coroutine[Any, Any, None]) -> None:
+    """Run ``work`` until the app's cleanup cancels it."""
+    task = asyncio.create_task(work)
+
+    async def cancel() -> None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    stack.push_async_callback(cancel)
+
+
+async def _start_sync(stack: contextlib.AsyncExitStack, redis_url: str, settings: Settings,
+                      semantic: SemanticCache) -> IndexSync:
+    """Rebuild the index from Redis and follow the other nodes' changes from then on."""
+    block_ms = 1000
+    tail = redis_client(redis_url, timeout=settings.redis_timeout,
+                        read_timeout=block_ms / 1000 + settings.redis_timeout + 1.0)
+    stack.push_async_callback(tail.aclose)
+    sync = IndexSync(tail, semantic, semantic.exact.layout, block_ms=block_ms)
+    try:
+        await sync.start()
+    except (RedisError, OSError) as exc:  # fail open: start empty, fill as traffic comes
+        log.warning("could not rebuild the semantic index from Redis: %r", exc)
+    _background(stack, sync.run())
+    return sync
 
 
 async def passthrough(request: web.Request) -> web.StreamResponse:

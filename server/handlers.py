@@ -30,6 +30,7 @@ from promptcache.cache.keys import (
     loads_normalised,
     request_key,
 )
+from promptcache.cache.lease import RemoteFlight
 from promptcache.cache.scope import SemanticView, semantic_view, temperature
 from promptcache.cache.semantic import SemanticHit
 from promptcache.cache.streams import SSEParser, assembler_for, replay
@@ -168,10 +169,33 @@ async def cached_route(request: web.Request) -> web.StreamResponse:
         return resp
     answer: Answer | None = None
     try:
+        if sc.remote is not None and store_it:
+            resp, answer = await _lead_across_nodes(sc, call, sc.remote, status)
+            return resp
         resp, answer = await forward(sc, call, status=status, store=store_it)
         return resp
     finally:
         sc.flights.land(call.key.digest, flight, answer)
+
+
+async def _lead_across_nodes(sc: Sidecar, call: Call, remote: RemoteFlight,
+                             status: str) -> Forwarded:
+    """This node's leader of a miss: call upstream if it gets the Redis lease (or Redis
+    fails); otherwise wait for the node holding it to store the answer, and serve that
+    (to local followers too)."""
+    ns, digest = call.key.namespace, call.key.digest
+    lease = await remote.acquire(ns, digest)
+    if lease is None:
+        entry = await remote.wait(ns, digest, lambda: sc.cache.lookup(call.key))
+        if entry is not None:
+            sc.metrics.coalesced.inc()
+            answer = Answer(entry.status, entry.body, entry.content_type)
+            return await serve(call, answer, status=status, coalesced=True), answer
+    try:
+        return await forward(sc, call, status=status, store=True)
+    finally:
+        if lease is not None:
+            await lease.release()
 
 
 @dataclass(frozen=True, slots=True)
