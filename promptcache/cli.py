@@ -19,6 +19,8 @@ BENCHMARKS = {
               "exact hits through the sidecar beside a one-GET aiohttp floor"),
     "semantic": ("promptcache.benchmarks.semantic_speed",
                  "semantic lookup throughput and latency against the model; index search"),
+    "budget": ("promptcache.benchmarks.budget",
+               "byte budget under a write flood (overshoot, evictions/s); bytes per entry"),
     "hitrate": ("promptcache.benchmarks.hitrate",
                 "hit rate against false hits on labelled pairs: the semantic tier's tuner"),
 }

@@ -6,6 +6,7 @@ import asyncio
 import itertools
 import random
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
@@ -222,3 +223,28 @@ def test_promptcache_reconcile_prints_the_report_and_exits_1_on_drift(
     report = json.loads(capsys.readouterr().out)
     assert report["untracked"] == 1 and report["entries_after"] == 1
     assert main(["reconcile", "--redis-url", redis_url]) == 0
+
+
+PROMPTS = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "chat_prompts.jsonl.gz"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not PROMPTS.exists(), reason="shared datasets are not there")
+def test_bench_budget_writes_its_figures_and_never_overshoots(tmp_path: Path) -> None:
+    import argparse
+    import json
+
+    from promptcache.benchmarks import budget
+
+    parser = argparse.ArgumentParser()
+    budget.add_arguments(parser)
+    out = tmp_path
+    args = parser.parse_args(["--prompts", str(PROMPTS), "--entries", "400", "--max-bytes",
+                              "150000", "--writers", "3", "--out", str(out)])
+    assert budget.main(args) == 0
+    result = json.loads((out / "budget.json").read_text())
+    flood = result["flood"]
+    assert flood["overshoot_bytes"] <= 0 and flood["evicted"] > 200
+    assert flood["entries"] + flood["evicted"] == 400
+    # a 400-entry fill is small: fixed allocations weigh more than at 4000 entries (~0.98)
+    assert 0.8 < result["per_entry"]["used_memory_over_counted"] < 1.25
