@@ -2,6 +2,9 @@
 
 :class:`ExactCache` does the shared work once (Redis keys, encoding, TTL, size limit,
 timeouts, circuit breaker) and calls a small :class:`~promptcache.cache.store.EntryStore`.
+Given a :class:`~promptcache.cache.eviction.Budget` (as the sidecar always does), writes,
+hits and deletes go through the budget's scripts instead, which keep the byte accounting,
+the LRU and the change stream that other nodes follow.
 Every backend failure, timeout or open circuit surfaces as
 :class:`~promptcache.cache.errors.CacheUnavailable`, which callers turn into
 pass-through: the cache never takes traffic down.
