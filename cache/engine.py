@@ -161,21 +161,21 @@ class ExactCache:
         return await self._invalidate(*self.layout.patterns())
 
     async def _invalidate(self, entries: str, vectors: str) -> int:
-        """Delete what the patterns match: accounted entries through the budget's script
-        (on every master), then any key left without accounting."""
-        deleted = 0
-        if self.budget is not None:
-            budget, layout = self.budget, self.layout
+        """Delete what the patterns match (SCAN visits every master of a cluster). With a
+        budget, every entry or vector key found goes through its script, so the accounting
+        stays exact even for keys written without it."""
+        if self.budget is None:
+            deleted = await self._scan_op(lambda: self.store.delete_matching(entries))
+            await self._scan_op(lambda: self.store.delete_matching(vectors))
+            return deleted
+        budget, layout = self.budget, self.layout
 
-            async def scripted() -> int:
-                found = [layout.split(k.decode() if isinstance(k, bytes) else k)
-                         async for k in self.store.scan(entries)]
-                return await budget.delete(found)
+        async def scripted() -> int:
+            found = {layout.split(k.decode() if isinstance(k, bytes) else k)
+                     for pattern in (entries, vectors) async for k in self.store.scan(pattern)}
+            return await budget.delete(sorted(found))
 
-            deleted = await self._scan_op(scripted)
-        deleted += await self._scan_op(lambda: self.store.delete_matching(entries))
-        await self._scan_op(lambda: self.store.delete_matching(vectors))
-        return deleted
+        return await self._scan_op(scripted)
 
     async def _scan_op(self, op: Callable[[], Awaitable[int]]) -> int:
         # A scan may take longer than one lookup: no per-op timeout here.

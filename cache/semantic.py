@@ -175,25 +175,25 @@ class SemanticCache:
             self._index(record)
         return written
 
-    def _index(self, record: VectorRecord) -> bool:
+    def _index(self, record: VectorRecord, *, count_full: bool = True) -> bool:
         """Add ``record`` to the index, unless the index is at its bound."""
         id_ = vector_id(record.digest)
         limit = self.policy.max_index_bytes
         if limit and id_ not in self._refs and self.index.nbytes >= limit:
-            self.counts["index_full"] += 1
+            self.counts["index_full"] += count_full
             return False
         self.index.add(record.scope, np.array([id_], dtype=np.int64), record.vector[None, :])
         self._refs[id_] = (record.namespace, record.digest)
         return True
 
-    def add_records(self, raw: Sequence[bytes | None]) -> int:
+    def add_records(self, raw: Sequence[bytes | None], *, count_full: bool = True) -> int:
         """Index encoded vector records (None, gone since, are skipped); return how many."""
         added = 0
         for value in raw:
             if value is None:
                 continue
             try:
-                added += self._index(VectorRecord.decode(value))
+                added += self._index(VectorRecord.decode(value), count_full=count_full)
             except EntryFormatError:
                 continue
         return added

@@ -35,7 +35,9 @@ def _s(value: Any) -> str:
 
 class IndexSync:
     def __init__(self, client: Any, semantic: SemanticCache, layout: KeyLayout, *,
-                 block_ms: int = 1000, batch: int = 500, retry_after: float = 1.0) -> None:
+                 node: str = "", block_ms: int = 1000, batch: int = 500,
+                 retry_after: float = 1.0) -> None:
+        self.node = node.encode()  # this node's id in the stream's events
         self.redis = client  # its read timeout must exceed block_ms
         self.semantic = semantic
         self.layout = layout
@@ -57,10 +59,15 @@ class IndexSync:
             self._last[shard] = ("0-0", None)
 
     async def start(self) -> int:
-        """Note every stream's position, then rebuild the index from Redis."""
-        for shard in range(self.layout.shards):
-            await self._mark(shard)
-        return await self.semantic.rebuild()
+        """Note every stream's position, then rebuild the index from Redis. If that fails,
+        each shard's tail rebuilds it once Redis answers."""
+        try:
+            for shard in range(self.layout.shards):
+                await self._mark(shard)
+            return await self.semantic.rebuild()
+        except BaseException:
+            self._last.clear()
+            raise
 
     async def run(self) -> None:
         """Tail every shard until cancelled."""
@@ -79,6 +86,9 @@ class IndexSync:
                 for _stream, events in reply or ():
                     await self._apply(shard, events)
             except (RedisError, OSError) as exc:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise asyncio.CancelledError from exc  # a client that hid the cancel
                 self.counts["errors"] += 1
                 log.info("index sync of shard %d paused: %r", shard, exc)
                 await asyncio.sleep(self.retry_after)
@@ -105,8 +115,11 @@ class IndexSync:
             self._last[shard] = (_s(event_id), seq)
             members = _s(fields[b"ids"]).split(",")
             if fields.get(b"op") == b"+":
+                # This node's own inserts are indexed already; one is missing only if a
+                # removal logged before it was applied after it (or the index is full).
                 self.counts["added"] += self.semantic.add_records(
-                    [records.pop(m, None) for m in members])
+                    [records.pop(m, None) for m in members],
+                    count_full=fields.get(b"node") != self.node)
             else:
                 self.semantic.forget_digests([self.layout.digest_of(m) for m in members])
                 self.counts["removed"] += len(members)

@@ -68,7 +68,8 @@ async def _resources(settings: Settings, redis_url: str, embedder: Embedder | No
         client = redis_client(redis_url, timeout=settings.redis_timeout)
         stack.push_async_callback(client.aclose)
         shards = CLUSTER_SHARDS if is_cluster_url(redis_url) else 1
-        layout, node = KeyLayout(settings.key_prefix, shards), secrets.token_hex(6)
+        layout = KeyLayout(settings.key_prefix, shards)
+        budget = Budget(client, layout, max_bytes=settings.max_bytes, node=secrets.token_hex(6))
         cache = ExactCache(
             RedisStore(client),
             CachePolicy(
@@ -80,15 +81,14 @@ async def _resources(settings: Settings, redis_url: str, embedder: Embedder | No
             ),
             breaker=CircuitBreaker(failure_threshold=settings.breaker_threshold,
                                    reset_timeout=settings.breaker_reset),
-            budget=Budget(client, layout, max_bytes=settings.max_bytes, node=node),
+            budget=budget,
         )
         semantic = sync = None
         if settings.semantic:
             semantic = await _semantic(settings, cache, embedder)
             stack.push_async_callback(semantic.embedder.close)
             sync = await _start_sync(stack, redis_url, settings, semantic)
-        assert cache.budget is not None
-        _background(stack, cache.budget.reap_forever())
+        _background(stack, budget.reap_forever())
         session = await stack.enter_async_context(aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
             auto_decompress=True,
@@ -108,8 +108,11 @@ def _background(stack: contextlib.AsyncExitStack, work: Coroutine[Any, Any, None
 
     async def cancel() -> None:
         task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        done, _ = await asyncio.wait({task}, timeout=5.0)  # never hang the shutdown
+        if not done:
+            log.warning("background task %r did not stop within 5 s", task)
+        elif not task.cancelled() and task.exception() is not None:
+            log.warning("background task %r had failed: %r", task, task.exception())
 
     stack.push_async_callback(cancel)
 
@@ -121,7 +124,9 @@ async def _start_sync(stack: contextlib.AsyncExitStack, redis_url: str, settings
     tail = redis_client(redis_url, timeout=settings.redis_timeout,
                         read_timeout=block_ms / 1000 + settings.redis_timeout + 1.0)
     stack.push_async_callback(tail.aclose)
-    sync = IndexSync(tail, semantic, semantic.exact.layout, block_ms=block_ms)
+    assert semantic.exact.budget is not None
+    sync = IndexSync(tail, semantic, semantic.exact.layout, node=semantic.exact.budget.node,
+                     block_ms=block_ms)
     try:
         await sync.start()
     except (RedisError, OSError) as exc:  # fail open: start empty, fill as traffic comes

