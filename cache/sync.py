@@ -55,8 +55,9 @@ class IndexSync:
         if last:
             event_id, fields = last[0]
             self._last[shard] = (_s(event_id), int(fields[b"seq"]))
-        else:
-            self._last[shard] = ("0-0", None)
+        else:  # an empty stream: the next event is the one after the shard's counter
+            seq = await self.redis.hget(self.layout.shard_keys(shard)[3], "seq")
+            self._last[shard] = ("0-0", int(seq or 0))
 
     async def start(self) -> int:
         """Note every stream's position, then rebuild the index from Redis. If that fails,
