@@ -95,6 +95,8 @@ def _reconcile(args: argparse.Namespace) -> int:
     import json
     from urllib.parse import quote
 
+    from redis.exceptions import RedisError
+
     from promptcache.cache.embedded import SOCKET_NAME
     from promptcache.cache.reconcile import reconcile_url
     from promptcache.server.config import Settings
@@ -103,6 +105,11 @@ def _reconcile(args: argparse.Namespace) -> int:
     if url is None:
         data_dir = Settings(upstream="http://unused", data_dir=args.data_dir).resolved_data_dir
         url = "unix://" + quote(str(data_dir / SOCKET_NAME))
-    report = asyncio.run(reconcile_url(url, key_prefix=args.key_prefix))
+    try:
+        report = asyncio.run(reconcile_url(url, key_prefix=args.key_prefix))
+    except (RedisError, OSError) as exc:
+        print(f"promptcache: error: cannot reconcile the cache at {url}: {exc}",
+              file=sys.stderr)
+        return 2
     print(json.dumps(report.as_dict(), indent=2))
     return 0 if report.clean else 1

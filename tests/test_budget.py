@@ -248,3 +248,11 @@ def test_bench_budget_writes_its_figures_and_never_overshoots(tmp_path: Path) ->
     assert flood["entries"] + flood["evicted"] == 400
     # a 400-entry fill is small: fixed allocations weigh more than at 4000 entries (~0.98)
     assert 0.8 < result["per_entry"]["used_memory_over_counted"] < 1.25
+
+
+def test_promptcache_reconcile_without_a_reachable_redis_is_a_clean_error(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from promptcache.cli import main
+
+    assert main(["reconcile", "--data-dir", str(tmp_path)]) == 2
+    assert "cannot reconcile the cache at unix://" in capsys.readouterr().err
