@@ -287,3 +287,26 @@ async def test_stats_and_metrics_report_the_budget_and_resident_memory(
     assert "promptcache_budget_max_bytes 1e+06" in text
     assert 'promptcache_memory_bytes{part="other"}' in text
     assert "promptcache_resident_bytes" in text
+
+
+async def test_invalidation_reaches_every_master_and_keeps_the_accounting_exact(
+    fake: FakeUpstream, deployment_url: str, sidecars: list[RunningSidecar],
+    http: aiohttp.ClientSession, direct: Any,
+) -> None:
+    a, b = await nodes(2, fake, deployment_url, sidecars, admin_token="tok",
+                       max_bytes=1_000_000)
+    layout = layout_for(deployment_url)
+    for i in range(24):  # spread over every shard (and master) of a cluster
+        await post(http, (a, b)[i % 2], chat(f"question {i}"),
+                   headers={"X-Cache-Namespace": "team-a" if i % 3 else "team-b"})
+    assert (await accounted(direct, layout))[1] == 24
+    auth = {"Authorization": "Bearer tok"}
+    async with http.delete(a.url + "/cache", json={"namespace": "team-b"}, headers=auth) as r:
+        assert r.status == 200 and (await r.json())["deleted"] == 8
+    assert (await accounted(direct, layout))[1] == 16
+    _, h, _ = await post(http, b, chat("question 0"), headers={"X-Cache-Namespace": "team-b"})
+    assert h["X-Cache"] == "MISS"
+    async with http.delete(b.url + "/cache", json={"all": True}, headers=auth) as r:
+        assert r.status == 200 and (await r.json())["deleted"] == 17
+    assert await accounted(direct, layout) == (0, 0)
+    assert (await reconcile_url(deployment_url)).clean
