@@ -45,6 +45,8 @@ ENTRY_OVERHEAD_BYTES: Final = 860
 #: Events kept per shard's change stream (approximate trim); a node that falls further
 #: behind than this rebuilds its index from Redis.
 STREAM_MAXLEN: Final = 10_000
+#: Keys whose last touch a node remembers (see :meth:`Budget.get`); cleared when full.
+TOUCH_MEMO: Final = 65_536
 #: Expired entries reaped per script call (the rest on the next call).
 REAP_BATCH: Final = 64
 
@@ -239,8 +241,8 @@ class Budget:
 
     def __init__(self, client: Any, layout: KeyLayout, *, max_bytes: int = 0, node: str = "",
                  clock: Callable[[], float] = time.time,
-                 overhead: int = ENTRY_OVERHEAD_BYTES, stream_maxlen: int = STREAM_MAXLEN
-                 ) -> None:
+                 overhead: int = ENTRY_OVERHEAD_BYTES, stream_maxlen: int = STREAM_MAXLEN,
+                 touch_interval: float = 1.0) -> None:
         self.redis = client
         self.layout = layout
         self.max_bytes = max_bytes
@@ -249,6 +251,8 @@ class Budget:
         self.overhead = overhead
         self.stream_maxlen = stream_maxlen
         self._clock = clock
+        self.touch_interval = touch_interval
+        self._touched: dict[str, float] = {}  # digest -> when this node last touched it
         self._put = client.register_script(_PUT)
         self._get_touch = client.register_script(_GET_TOUCH)
         self._delete = client.register_script(_DELETE)
@@ -263,15 +267,23 @@ class Budget:
         return [self.layout.tag(shard), self.node, self.stream_maxlen]
 
     async def get(self, namespace: str, digest: str) -> bytes | None:
-        """The entry's bytes; a hit refreshes its recency when there is a budget to keep."""
+        """The entry's bytes; a hit refreshes its recency when there is a budget to keep.
+
+        Recency has a resolution of ``touch_interval`` per node: a key this node touched
+        less than that long ago is read with a plain GET (hot keys cost one GET a hit).
+        """
         key = self.layout.entry(namespace, digest)
-        if not self.max_bytes:
+        now = self._clock()
+        if not self.max_bytes or now - self._touched.get(digest, -1e18) < self.touch_interval:
             value = await self.redis.get(key)
         else:
-            shard = self.layout.shard(digest)
             value = await self._get_touch(
-                keys=[key, self.layout.shard_keys(shard)[0]],
-                args=[self.layout.member(namespace, digest), self._score()])
+                keys=[key, self.layout.shard_keys(self.layout.shard(digest))[0]],
+                args=[self.layout.member(namespace, digest), int(now * 1000)])
+            if value is not None:
+                if len(self._touched) >= TOUCH_MEMO:
+                    self._touched.clear()
+                self._touched[digest] = now
         return value.encode() if isinstance(value, str) else value
 
     async def touch(self, namespace: str, digest: str) -> None:

@@ -256,3 +256,22 @@ def test_promptcache_reconcile_without_a_reachable_redis_is_a_clean_error(
 
     assert main(["reconcile", "--data-dir", str(tmp_path)]) == 2
     assert "cannot reconcile the cache at unix://" in capsys.readouterr().err
+
+
+async def test_hits_refresh_recency_at_most_once_per_touch_interval(
+        client: aioredis.Redis) -> None:
+    now = [1000.0]
+    budget = Budget(client, LAYOUT, max_bytes=100_000, clock=lambda: now[0])
+    cache = ExactCache(RedisStore(client), CachePolicy(op_timeout=5.0), budget=budget)
+    await put(cache, 0)
+    member = LAYOUT.member("", key(0).digest)
+    assert await client.zscore("pc:lru", member) == 1_000_000
+    now[0] = 1002.0
+    await cache.lookup(key(0))
+    assert await client.zscore("pc:lru", member) == 1_002_000
+    now[0] = 1002.5  # within the interval: a plain GET
+    await cache.lookup(key(0))
+    assert await client.zscore("pc:lru", member) == 1_002_000
+    now[0] = 1003.1
+    await cache.lookup(key(0))
+    assert await client.zscore("pc:lru", member) == 1_003_100
