@@ -242,7 +242,7 @@ class Budget:
     def __init__(self, client: Any, layout: KeyLayout, *, max_bytes: int = 0, node: str = "",
                  clock: Callable[[], float] = time.time,
                  overhead: int = ENTRY_OVERHEAD_BYTES, stream_maxlen: int = STREAM_MAXLEN,
-                 touch_interval: float = 1.0) -> None:
+                 touch_interval: float = 0.1) -> None:
         self.redis = client
         self.layout = layout
         self.max_bytes = max_bytes
