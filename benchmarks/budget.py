@@ -9,10 +9,12 @@ size, a 384-dim float16 vector record) as fast as they can into one private Redi
 - inserts and evictions per second during the flood;
 - bytes counted per entry against the raw request+response bytes;
 - Redis ``used_memory`` per entry (an unbounded fill of the same entries), against the
-  bytes counted, which checks the per-entry bookkeeping constant.
+  bytes counted, which checks the per-entry bookkeeping constant;
+- index sync latency: from one node's insert until another node's index holds the vector
+  (p50/p99 over ``--sync-samples`` inserts, one at a time).
 
-    promptcache bench budget [--prompts PATH] [--entries 4000] [--max-bytes 2MB]
-                             [--writers 4] [--out DIR]
+    promptcache bench budget [--prompts PATH] [--entries 4000] [--max-bytes 2000000]
+                             [--writers 4] [--sync-samples 300] [--out DIR]
 """
 
 from __future__ import annotations
@@ -32,9 +34,11 @@ from promptcache.benchmarks.results import publish
 from promptcache.cache.embedded import EmbeddedRedis
 from promptcache.cache.engine import CachePolicy, ExactCache
 from promptcache.cache.eviction import ENTRY_OVERHEAD_BYTES, Budget
+from promptcache.cache.index import PartitionedIndex
 from promptcache.cache.keys import KeyLayout, request_key
-from promptcache.cache.semantic import VectorRecord
+from promptcache.cache.semantic import SemanticCache, VectorRecord, vector_id
 from promptcache.cache.store import RedisStore, redis_client
+from promptcache.cache.sync import IndexSync
 
 DEFAULT_PROMPTS = Path(__file__).resolve().parents[2] / "shared" / "datasets" / \
     "chat_prompts.jsonl.gz"
@@ -49,6 +53,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the budget during the flood, in bytes (default: 2000000)")
     p.add_argument("--writers", type=int, default=4,
                    help="concurrent writers, each with its own client (default: 4)")
+    p.add_argument("--sync-samples", type=int, default=300,
+                   help="inserts timed until another node indexes them (default: 300)")
     p.add_argument("--out", default="bench-results",
                    help="directory for budget.json (default: bench-results)")
 
@@ -118,6 +124,46 @@ async def _fill(url: str, items: list[tuple[bytes, bytes, str]], max_bytes: int,
             "evicted": evicted, "redis_used_memory_delta": used, "stream_bytes": stream}
 
 
+async def _sync_latency(url: str, samples: int) -> dict[str, float]:
+    """Seconds from a writer's insert until a second node's IndexSync has indexed it."""
+    layout = KeyLayout("bench:", 1)
+    writer_client = redis_client(url, timeout=10.0)
+    reader_client = redis_client(url, timeout=10.0)
+    writer = Budget(writer_client, layout, node="writer")
+    exact = ExactCache(RedisStore(reader_client), CachePolicy(key_prefix="bench:"),
+                       budget=Budget(reader_client, layout, node="reader"))
+    semantic = SemanticCache(exact, None, PartitionedIndex(DIM, "flat"), None)  # type: ignore[arg-type]
+    sync = IndexSync(reader_client, semantic, layout, node="reader", block_ms=1000)
+    await writer_client.flushall()
+    await sync.start()
+    task = asyncio.create_task(sync.run())
+    rng = np.random.default_rng(1)
+    latencies = []
+    try:
+        for i in range(samples):
+            digest = f"{i:032x}"
+            vector = rng.normal(size=DIM).astype(np.float32)
+            record = VectorRecord("scope", "text", vector / np.linalg.norm(vector), "", digest)
+            started = time.perf_counter()
+            await writer.put("", digest, b"entry", record.encode(), None)
+            for _ in range(100_000):  # polled: the index has no change notification
+                if vector_id(digest) in semantic.index:
+                    break
+                await asyncio.sleep(0.0001)
+            else:
+                raise RuntimeError(f"insert {i} did not reach the other node's index")
+            latencies.append(time.perf_counter() - started)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await writer_client.aclose()
+        await reader_client.aclose()
+    latencies.sort()
+    return {"p50_ms": round(latencies[len(latencies) // 2] * 1000, 3),
+            "p99_ms": round(latencies[int(len(latencies) * 0.99)] * 1000, 3),
+            "max_ms": round(latencies[-1] * 1000, 3)}
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     items = _items(args.prompts, args.entries)
     raw = sum(len(r) + len(s) for r, s, _ in items) / len(items)
@@ -127,6 +173,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         try:
             flood = asyncio.run(_fill(url, items, args.max_bytes, args.writers))
             fill = asyncio.run(_fill(url, items, 0, args.writers))
+            sync = asyncio.run(_sync_latency(url, max(args.sync_samples, 1)))
         finally:
             redis.stop()
     counted = fill["bytes"] / max(fill["entries"], 1)
@@ -144,6 +191,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                       "counted_over_raw": round(counted / raw, 3),
                       "used_memory_over_counted": round(used / counted, 3)},
         "unbounded_fill": fill,
+        "sync_latency": sync,
     }
 
 
@@ -158,6 +206,9 @@ def report(r: dict[str, Any]) -> str:
         f"per entry: raw request+response {e['raw_request_response_bytes']} B, counted "
         f"{e['counted_bytes']} B ({e['counted_over_raw']}x), Redis used_memory "
         f"{e['redis_used_memory_bytes']} B ({e['used_memory_over_counted']}x of counted)",
+        f"index sync: insert on one node -> in another node's index: p50 "
+        f"{r['sync_latency']['p50_ms']} ms, p99 {r['sync_latency']['p99_ms']} ms, max "
+        f"{r['sync_latency']['max_ms']} ms",
     ])
 
 

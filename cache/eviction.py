@@ -46,7 +46,7 @@ ENTRY_OVERHEAD_BYTES: Final = 860
 #: behind than this rebuilds its index from Redis.
 STREAM_MAXLEN: Final = 10_000
 #: Keys whose last touch a node remembers (see :meth:`Budget.get`); cleared when full.
-TOUCH_MEMO: Final = 65_536
+TOUCH_MEMO: Final = 8192
 #: Expired entries reaped per script call (the rest on the next call).
 REAP_BATCH: Final = 64
 

@@ -33,6 +33,14 @@ def _s(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def _raise_if_cancelled() -> None:
+    """redis-py's blocking XREAD can swallow a cancel (the call returns or fails once the
+    block times out, and the task goes on): honour a pending cancel after every read."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 class IndexSync:
     def __init__(self, client: Any, semantic: SemanticCache, layout: KeyLayout, *,
                  node: str = "", block_ms: int = 1000, batch: int = 500,
@@ -84,12 +92,11 @@ class IndexSync:
                 last_id = self._last[shard][0]
                 reply = await self.redis.xread({self._log_key(shard): last_id},
                                                count=self.batch, block=self.block_ms)
+                _raise_if_cancelled()
                 for _stream, events in reply or ():
                     await self._apply(shard, events)
             except (RedisError, OSError) as exc:
-                task = asyncio.current_task()
-                if task is not None and task.cancelling():
-                    raise asyncio.CancelledError from exc  # a client that hid the cancel
+                _raise_if_cancelled()
                 self.counts["errors"] += 1
                 log.info("index sync of shard %d paused: %r", shard, exc)
                 await asyncio.sleep(self.retry_after)

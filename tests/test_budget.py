@@ -240,7 +240,8 @@ def test_bench_budget_writes_its_figures_and_never_overshoots(tmp_path: Path) ->
     budget.add_arguments(parser)
     out = tmp_path
     args = parser.parse_args(["--prompts", str(PROMPTS), "--entries", "400", "--max-bytes",
-                              "150000", "--writers", "3", "--out", str(out)])
+                              "150000", "--writers", "3", "--sync-samples", "50",
+                              "--out", str(out)])
     assert budget.main(args) == 0
     result = json.loads((out / "budget.json").read_text())
     flood = result["flood"]
@@ -248,6 +249,7 @@ def test_bench_budget_writes_its_figures_and_never_overshoots(tmp_path: Path) ->
     assert flood["entries"] + flood["evicted"] == 400
     # a 400-entry fill is small: fixed allocations weigh more than at 4000 entries (~0.98)
     assert 0.8 < result["per_entry"]["used_memory_over_counted"] < 1.25
+    assert 0 < result["sync_latency"]["p50_ms"] <= result["sync_latency"]["max_ms"] < 2000
 
 
 def test_promptcache_reconcile_without_a_reachable_redis_is_a_clean_error(
