@@ -2,6 +2,9 @@
 
 :class:`ExactCache` does the shared work once (Redis keys, encoding, TTL, size limit,
 timeouts, circuit breaker) and calls a small :class:`~promptcache.cache.store.EntryStore`.
+Given a :class:`~promptcache.cache.eviction.Budget` (as the sidecar always does), writes,
+hits and deletes go through the budget's scripts instead, which keep the byte accounting,
+the LRU and the change stream that other nodes follow.
 Every backend failure, timeout or open circuit surfaces as
 :class:`~promptcache.cache.errors.CacheUnavailable`, which callers turn into
 pass-through: the cache never takes traffic down.
@@ -10,10 +13,12 @@ pass-through: the cache never takes traffic down.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -22,7 +27,8 @@ from redis.exceptions import RedisError
 from promptcache.cache.breaker import CircuitBreaker
 from promptcache.cache.entry import Entry, EntryFormatError
 from promptcache.cache.errors import CacheUnavailable
-from promptcache.cache.keys import CacheKey, entry_key, namespace_patterns, vector_key
+from promptcache.cache.eviction import Budget
+from promptcache.cache.keys import CacheKey, KeyLayout
 from promptcache.cache.store import EntryStore
 
 log = logging.getLogger(__name__)
@@ -35,6 +41,11 @@ class CachePolicy:
     max_entry_bytes: int = 1 << 20
     op_timeout: float = 0.25  # seconds per backend call
     key_prefix: str = "pc:"
+    shards: int = 1  # budget/LRU shards (hash tags): 1 on a single Redis
+
+    @property
+    def layout(self) -> KeyLayout:
+        return KeyLayout(self.key_prefix, self.shards)
 
 
 class ExactCache:
@@ -45,9 +56,13 @@ class ExactCache:
         *,
         breaker: CircuitBreaker | None = None,
         clock: Callable[[], float] = time.time,
+        budget: Budget | None = None,
     ) -> None:
         self.store = store
         self.policy = policy or CachePolicy()
+        self.layout = self.policy.layout
+        self.budget = budget
+        self.counts: Counter[str] = Counter()
         self.breaker = breaker or CircuitBreaker()
         self._clock = clock
 
@@ -67,7 +82,12 @@ class ExactCache:
         return result
 
     async def lookup(self, key: CacheKey) -> Entry | None:
-        raw = await self._call(lambda: self.store.get(key.redis_key(self.policy.key_prefix)))
+        if self.budget is not None:
+            budget = self.budget
+            raw = await self._call(lambda: budget.get(key.namespace, key.digest))
+        else:
+            raw = await self._call(
+                lambda: self.store.get(self.layout.entry(key.namespace, key.digest)))
         if raw is None:
             return None
         try:
@@ -75,6 +95,13 @@ class ExactCache:
         except EntryFormatError:
             log.warning("unreadable entry %s treated as a miss", key.digest)
             return None
+
+    async def touch(self, namespace: str, digest: str) -> None:
+        """Refresh an entry's recency (a semantic hit served it); failures are ignored."""
+        if self.budget is not None:
+            budget = self.budget
+            with contextlib.suppress(CacheUnavailable):
+                await self._call(lambda: budget.touch(namespace, digest))
 
     def entry_for(self, status: int, body: bytes, content_type: str, api: str) -> Entry:
         return Entry(status, body, content_type, self._clock(), api)
@@ -85,19 +112,29 @@ class ExactCache:
         return max(1, math.ceil(ttl * 1000)) if ttl else None
 
     async def put(self, key: CacheKey, entry: Entry, *, ttl: float | None = None,
-                  extra: Sequence[tuple[str, bytes]] = ()) -> int:
-        """Store ``entry`` (and ``extra`` keys with the same TTL, in one transaction);
-        return the bytes written, or 0 if the entry is over the size limit."""
+                  vector: bytes | None = None) -> int:
+        """Store ``entry`` (and its vector record, with the same TTL, atomically); return
+        the bytes counted for it, or 0 if it is over the size limit or the budget."""
         data = entry.encode()
         if len(data) > self.policy.max_entry_bytes:
             return 0
         ttl_ms = self.ttl_ms(ttl)
-        items = [(key.redis_key(self.policy.key_prefix), data), *extra]
+        if self.budget is not None:
+            budget = self.budget
+            result = await self._call(
+                lambda: budget.put(key.namespace, key.digest, data, vector, ttl_ms))
+            self.counts["evicted"] += len(result.evicted)
+            if not result.stored:
+                self.counts["over_budget"] += 1
+            return result.size if result.stored else 0
+        items = [(self.layout.entry(key.namespace, key.digest), data)]
+        if vector is not None:
+            items.append((self.layout.vector(key.namespace, key.digest), vector))
         if len(items) == 1:
             await self._call(lambda: self.store.set(items[0][0], data, ttl_ms))
         else:
             await self._call(lambda: self.store.set_many(items, ttl_ms))
-        return len(data) + sum(len(v) for _, v in extra)
+        return len(data) + (len(vector) if vector is not None else 0)
 
     async def get_many(self, keys: list[str]) -> list[bytes | None]:
         return await self._call(lambda: self.store.get_many(keys))
@@ -107,29 +144,45 @@ class ExactCache:
 
     async def invalidate_key(self, namespace: str, digest: str) -> int:
         """Delete one entry (and its vector record); return the entries deleted (0 or 1)."""
-        prefix = self.policy.key_prefix
-        entry = entry_key(prefix, namespace, digest)
+        layout = self.layout
+        if self.budget is not None:
+            budget = self.budget
+            member = (layout.shard(digest), layout.member(namespace, digest))
+            return await self._call(lambda: budget.delete([member]))
+        entry = layout.entry(namespace, digest)
         existed = await self._call(lambda: self.store.get_many([entry]))
-        await self._call(lambda: self.store.delete(entry, vector_key(prefix, namespace, digest)))
+        await self._call(lambda: self.store.delete(entry, layout.vector(namespace, digest)))
         return int(existed[0] is not None)
 
     async def invalidate_namespace(self, namespace: str) -> int:
-        entries, vectors = namespace_patterns(self.policy.key_prefix, namespace)
-        deleted = await self._delete_matching(entries)
-        await self._delete_matching(vectors)
-        return deleted
+        return await self._invalidate(*self.layout.patterns(namespace))
 
     async def invalidate_all(self) -> int:
-        deleted = await self._delete_matching(f"{self.policy.key_prefix}e:*")
-        await self._delete_matching(f"{self.policy.key_prefix}v:*")
-        return deleted
+        return await self._invalidate(*self.layout.patterns())
 
-    async def _delete_matching(self, pattern: str) -> int:
+    async def _invalidate(self, entries: str, vectors: str) -> int:
+        """Delete what the patterns match (SCAN visits every master of a cluster). With a
+        budget, every entry or vector key found goes through its script, so the accounting
+        stays exact even for keys written without it."""
+        if self.budget is None:
+            deleted = await self._scan_op(lambda: self.store.delete_matching(entries))
+            await self._scan_op(lambda: self.store.delete_matching(vectors))
+            return deleted
+        budget, layout = self.budget, self.layout
+
+        async def scripted() -> int:
+            found = {layout.split(k.decode() if isinstance(k, bytes) else k)
+                     for pattern in (entries, vectors) async for k in self.store.scan(pattern)}
+            return await budget.delete(sorted(found))
+
+        return await self._scan_op(scripted)
+
+    async def _scan_op(self, op: Callable[[], Awaitable[int]]) -> int:
         # A scan may take longer than one lookup: no per-op timeout here.
         if not self.breaker.allow():
             raise CacheUnavailable("cache circuit is open")
         try:
-            deleted = await self.store.delete_matching(pattern)
+            deleted = await op()
         except (RedisError, OSError) as exc:
             self.breaker.record_failure()
             raise CacheUnavailable(f"cache backend failed: {exc!r}") from exc
@@ -147,4 +200,10 @@ class ExactCache:
         return True
 
     async def info(self) -> dict[str, Any]:
-        return await self._call(self.store.info)
+        info = await self._call(self.store.info)
+        if self.budget is not None:
+            usage = await self._call(self.budget.usage)
+            info.update(entries=usage.entries, bytes=usage.bytes, max_bytes=usage.max_bytes,
+                        shards=usage.shards, evicted=self.counts["evicted"],
+                        over_budget=self.counts["over_budget"])
+        return info

@@ -32,6 +32,7 @@ from promptcache.cache.control import CacheControl
 from promptcache.cache.entry import Entry
 from promptcache.cache.errors import CacheUnavailable, RequestError
 from promptcache.cache.keys import Api, CacheKey, check_namespace, loads_normalised, request_key
+from promptcache.cache.lease import RemoteFlight
 from promptcache.cache.runtime import Answer, Engine
 from promptcache.cache.scope import SemanticView, semantic_view, temperature
 from promptcache.cache.semantic import SemanticHit
@@ -263,10 +264,35 @@ async def handle(engine: Engine, req: Prepared, exchange: Exchange[R],
         return (await exchange.forward(Outcome(status), store_it))[0]
     answer: Answer | None = None
     try:
+        if engine.remote is not None and store_it:
+            result, answer = await _lead_across_nodes(engine, req, exchange, engine.remote,
+                                                      status, metrics)
+            return result
         result, answer = await exchange.forward(Outcome(status), store_it)
         return result
     finally:
         engine.flights.land(req.key.digest, flight, answer)
+
+
+async def _lead_across_nodes(engine: Engine, req: Prepared, exchange: Exchange[R],
+                             remote: RemoteFlight, status: str, metrics: FlowMetrics
+                             ) -> tuple[R, Answer | None]:
+    """This node's leader of a miss: call upstream if it gets the Redis lease (or Redis
+    fails); otherwise wait for the node holding it to store the answer, and serve that
+    (to local followers too)."""
+    ns, digest = req.key.namespace, req.key.digest
+    lease = await remote.acquire(ns, digest)
+    if lease is None:
+        entry = await remote.wait(ns, digest, lambda: engine.cache.lookup(req.key))
+        if entry is not None:
+            metrics.on_coalesced()
+            answer = Answer(entry.status, entry.body, entry.content_type)
+            return await exchange.serve(answer, Outcome(status, coalesced=True)), answer
+    try:
+        return await exchange.forward(Outcome(status), True)
+    finally:
+        if lease is not None:
+            await lease.release()
 
 
 def cacheable(status: int, body: bytes, max_bytes: int) -> str | None:

@@ -162,3 +162,72 @@ def request_key(
         h.update(b"\0" + part)
     h.update(b"\0" + canonical_json(keyed_fields(body), normalised=normalised))
     return CacheKey(tenant, namespace, endpoint, h.hexdigest()[:32])
+
+
+#: Hash-tag shards of a Redis Cluster deployment: the byte budget and the LRU are split
+#: evenly over this many tags (``{0}`` .. ``{15}``), each one slot on one master. A single
+#: Redis uses one shard with no tag, so every entry competes in one global LRU.
+CLUSTER_SHARDS: Final = 16
+
+
+@dataclass(frozen=True, slots=True)
+class KeyLayout:
+    """Where everything the cache writes lives in Redis.
+
+    An entry is ``member = "{nsid}:{digest}"``; its keys and its shard's bookkeeping share
+    the shard's tag, so one script touches one slot::
+
+        {tag}e:{member}   the entry             {tag}lru    ZSET member -> last hit (ms)
+        {tag}v:{member}   its vector record     {tag}exp    ZSET member -> expires at (ms)
+        {tag}l:{member}   the single-flight     {tag}sizes  HASH member -> bytes counted
+                          lease                 {tag}meta   HASH bytes, entries, seq
+                                                {tag}log    STREAM of inserts and removals
+
+    ``tag`` is the prefix (``pc:``) with one shard, ``pc:{3}:`` with several.
+    """
+
+    prefix: str = "pc:"
+    shards: int = 1
+
+    def shard(self, digest: str) -> int:
+        return int(digest[:8], 16) % self.shards if self.shards > 1 else 0
+
+    def tag(self, shard: int) -> str:
+        return self.prefix if self.shards == 1 else f"{self.prefix}{{{shard}}}:"
+
+    def member(self, namespace: str, digest: str) -> str:
+        return f"{namespace_id(namespace)}:{digest}"
+
+    def entry(self, namespace: str, digest: str) -> str:
+        return f"{self.tag(self.shard(digest))}e:{namespace_id(namespace)}:{digest}"
+
+    def vector(self, namespace: str, digest: str) -> str:
+        return f"{self.tag(self.shard(digest))}v:{namespace_id(namespace)}:{digest}"
+
+    def lease(self, namespace: str, digest: str) -> str:
+        return f"{self.tag(self.shard(digest))}l:{namespace_id(namespace)}:{digest}"
+
+    def shard_keys(self, shard: int) -> list[str]:
+        """KEYS[1..5] of every bookkeeping script: lru, exp, sizes, meta, log."""
+        tag = self.tag(shard)
+        return [f"{tag}lru", f"{tag}exp", f"{tag}sizes", f"{tag}meta", f"{tag}log"]
+
+    def _any_tag(self) -> str:
+        return self.prefix if self.shards == 1 else f"{self.prefix}{{*}}:"
+
+    def patterns(self, namespace: str | None = None) -> tuple[str, str]:
+        """SCAN patterns of the entries and vector records (of one namespace, or all)."""
+        rest = "*" if namespace is None else f"{namespace_id(namespace)}:*"
+        return f"{self._any_tag()}e:{rest}", f"{self._any_tag()}v:{rest}"
+
+    def split(self, key: str) -> tuple[int, str]:
+        """(shard, member) of an entry or vector key found by SCAN."""
+        rest = key[len(self.prefix):]
+        shard = 0
+        if self.shards > 1:
+            tag, _, rest = rest.partition(":")
+            shard = int(tag.strip("{}"))
+        return shard, rest[2:]  # drop "e:" / "v:"
+
+    def digest_of(self, member: str) -> str:
+        return member.rpartition(":")[2]

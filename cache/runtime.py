@@ -2,10 +2,11 @@
 in-process cache (``promptcache.clients``) construct the cache.
 
 :class:`EngineOptions` holds every option that shapes the cache itself (Redis, TTL, sizes,
-breaker, the semantic tier); the sidecar's ``Settings`` extends it with the HTTP-side ones,
+breaker, budget, the semantic tier); the sidecar's ``Settings`` extends it with the HTTP-side ones,
 so an option has one name and one default everywhere. :func:`open_engine` builds the
 :class:`Engine` (Redis client or a private embedded Redis, :class:`ExactCache`, and the
-semantic tier with its embedder, index and verifier) and registers its cleanup on the
+semantic tier with its embedder, index and verifier; the byte budget and its reaper, the
+index sync with other nodes and the cross-node single flight) and registers its cleanup on the
 caller's :class:`~contextlib.AsyncExitStack`.
 """
 
@@ -14,11 +15,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import tempfile
 import threading
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import platformdirs
 from redis.exceptions import RedisError
@@ -32,11 +36,15 @@ from promptcache.cache.embed import (
 )
 from promptcache.cache.embedded import EmbeddedRedis
 from promptcache.cache.engine import CachePolicy, ExactCache
+from promptcache.cache.eviction import Budget
 from promptcache.cache.index import PartitionedIndex
-from promptcache.cache.keys import tenant_id
+from promptcache.cache.keys import CLUSTER_SHARDS, KeyLayout, tenant_id
+from promptcache.cache.lease import RemoteFlight
+from promptcache.cache.resident import model_bytes
 from promptcache.cache.semantic import SemanticCache, SemanticPolicy
 from promptcache.cache.singleflight import SingleFlight
-from promptcache.cache.store import RedisStore, redis_client
+from promptcache.cache.store import RedisStore, is_cluster_url, redis_client
+from promptcache.cache.sync import IndexSync
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +63,9 @@ class EngineOptions:
     data_dir: str | None = None
     default_ttl: float = 86400.0
     max_entry_bytes: int = 1 << 20
+    max_bytes: int = 0
+    index_max_bytes: int = 0
+    flight_lease: float = 30.0
     shared_cache: bool = False
     redis_timeout: float = 0.25
     breaker_threshold: int = 3
@@ -92,6 +103,9 @@ class Engine:
     cache: ExactCache
     semantic: SemanticCache | None = None
     flights: SingleFlight[str, Answer] = field(default_factory=SingleFlight)
+    remote: RemoteFlight | None = None  # cross-node single flight (a lease in Redis)
+    sync: IndexSync | None = None  # keeps the semantic index in step with other nodes
+    model_bytes: int = 0  # the embedding model's weights, for the memory report
 
     def tenant(self, credential: str | None) -> str:
         return tenant_id(credential, shared=self.options.shared_cache)
@@ -108,24 +122,67 @@ async def open_engine(options: EngineOptions, stack: contextlib.AsyncExitStack, 
     url = options.redis_url or await _embedded_redis(options.data_dir, stack)
     client = redis_client(url, timeout=options.redis_timeout)
     stack.push_async_callback(client.aclose)
+    shards = CLUSTER_SHARDS if is_cluster_url(url) else 1
+    layout = KeyLayout(options.key_prefix, shards)
+    budget = Budget(client, layout, max_bytes=options.max_bytes, node=secrets.token_hex(6))
     cache = ExactCache(
         RedisStore(client),
         CachePolicy(default_ttl=options.default_ttl or None,
                     max_entry_bytes=options.max_entry_bytes,
-                    op_timeout=options.redis_timeout, key_prefix=options.key_prefix),
+                    op_timeout=options.redis_timeout, key_prefix=options.key_prefix,
+                    shards=shards),
         breaker=CircuitBreaker(failure_threshold=options.breaker_threshold,
                                reset_timeout=options.breaker_reset),
+        budget=budget,
     )
-    semantic = None
+    semantic = sync = None
     if options.semantic:
         semantic = await _semantic(options, cache, embedder)
         stack.push_async_callback(semantic.embedder.close)
-    return Engine(options, url, cache, semantic)
+        sync = await _start_sync(stack, url, options, semantic)
+    _background(stack, budget.reap_forever())
+    remote = RemoteFlight(client, layout, lease=options.flight_lease,
+                          timeout=options.redis_timeout) if options.flight_lease else None
+    return Engine(options, url, cache, semantic, remote=remote, sync=sync,
+                  model_bytes=model_bytes(semantic.embedder.embedder) if semantic else 0)
+
+
+def _background(stack: contextlib.AsyncExitStack, work: Coroutine[Any, Any, None]) -> None:
+    """Run ``work`` until ``stack`` unwinds (then cancel it)."""
+    task = asyncio.create_task(work)
+
+    async def cancel() -> None:
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=5.0)  # never hang the shutdown
+        if not done:
+            log.warning("background task %r did not stop within 5 s", task)
+        elif not task.cancelled() and task.exception() is not None:
+            log.warning("background task %r had failed: %r", task, task.exception())
+
+    stack.push_async_callback(cancel)
+
+
+async def _start_sync(stack: contextlib.AsyncExitStack, redis_url: str, options: EngineOptions,
+                      semantic: SemanticCache) -> IndexSync:
+    """Rebuild the index from Redis and follow the other nodes' changes from then on."""
+    block_ms = 1000
+    tail = redis_client(redis_url, timeout=options.redis_timeout,
+                        read_timeout=block_ms / 1000 + options.redis_timeout + 1.0)
+    stack.push_async_callback(tail.aclose)
+    assert semantic.exact.budget is not None
+    sync = IndexSync(tail, semantic, semantic.exact.layout, node=semantic.exact.budget.node,
+                     block_ms=block_ms)
+    try:
+        await sync.start()
+    except (RedisError, OSError) as exc:  # fail open: start empty, fill as traffic comes
+        log.warning("could not rebuild the semantic index from Redis: %r", exc)
+    _background(stack, sync.run())
+    return sync
 
 
 async def _semantic(options: EngineOptions, cache: ExactCache, embedder: Embedder | None
                     ) -> SemanticCache:
-    """Load the model (on a thread: it takes seconds) and rebuild the index from Redis."""
+    """Load the model (on a thread: it takes seconds); the index is filled by the sync."""
     from promptcache.cache.verify import Verifier, VerifierConfig
 
     model: Embedder = embedder if embedder is not None else await asyncio.to_thread(
@@ -143,12 +200,9 @@ async def _semantic(options: EngineOptions, cache: ExactCache, embedder: Embedde
         PartitionedIndex(model.dim, options.index_kind),
         verifier,
         SemanticPolicy(threshold=options.similarity_threshold,
-                       max_temperature=options.semantic_max_temperature),
+                       max_temperature=options.semantic_max_temperature,
+                       max_index_bytes=options.index_max_bytes),
     )
-    try:
-        await semantic.rebuild()
-    except (RedisError, OSError) as exc:  # fail open: start empty, fill as traffic comes
-        log.warning("could not rebuild the semantic index from Redis: %r", exc)
     return semantic
 
 

@@ -28,7 +28,7 @@ from promptcache.cache.embed import BatchingEmbedder
 from promptcache.cache.engine import ExactCache
 from promptcache.cache.entry import Entry, EntryFormatError
 from promptcache.cache.index import PartitionedIndex
-from promptcache.cache.keys import CacheKey, entry_key, vector_key
+from promptcache.cache.keys import CacheKey
 from promptcache.cache.scope import SemanticView
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,9 @@ class SemanticPolicy:
     threshold: float = 0.925
     max_temperature: float = 1.0
     candidates: int = 4
+    #: Bound of this node's index (0 = none). When reached, new vectors are not indexed
+    #: here (their entries still answer exact matches) until removals make room.
+    max_index_bytes: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,7 +120,7 @@ class SemanticCache:
     @property
     def model(self) -> str:
         """The name of the embedder's vectors; records made by another are re-embedded."""
-        return str(getattr(self.embedder.embedder, "name", ""))
+        return str(getattr(getattr(self.embedder, "embedder", None), "name", ""))
 
     async def lookup(self, view: SemanticView, *, threshold: float | None = None
                      ) -> SemanticHit | None:
@@ -133,8 +136,8 @@ class SemanticCache:
             self.counts["below_threshold"] += 1
             return None
         refs = [self._refs[i] for i, _ in found]
-        keys = [k for ns, d in refs for k in (entry_key(self.prefix, ns, d),
-                                              vector_key(self.prefix, ns, d))]
+        layout = self.exact.layout
+        keys = [k for ns, d in refs for k in (layout.entry(ns, d), layout.vector(ns, d))]
         raw = await self.exact.get_many(keys)
         candidates: list[tuple[float, Entry, VectorRecord]] = []
         for n, (id_, similarity) in enumerate(found):
@@ -150,6 +153,7 @@ class SemanticCache:
         for (similarity, entry, record), verdict in zip(candidates, verdicts, strict=True):
             if verdict.ok:
                 self.counts["hits"] += 1
+                await self.exact.touch(record.namespace, record.digest)
                 return SemanticHit(entry, similarity, record.namespace, record.digest)
             self.counts[f"rejected_{verdict.reason or 'model'}"] += 1
         return None
@@ -175,51 +179,68 @@ class SemanticCache:
         vector = await self.embedder.embed(view.text)
         record = VectorRecord(view.scope, view.text, vector, key.namespace, key.digest,
                               self.model)
-        written = await self.exact.put(
-            key, entry, ttl=ttl,
-            extra=[(vector_key(self.prefix, key.namespace, key.digest), record.encode())],
-        )
+        written = await self.exact.put(key, entry, ttl=ttl, vector=record.encode())
         if written:
             self._index(record)
         return written
 
-    def _index(self, record: VectorRecord) -> None:
+    def _index(self, record: VectorRecord, *, count_full: bool = True) -> bool:
+        """Add ``record`` to the index, unless the index is at its bound."""
         id_ = vector_id(record.digest)
+        limit = self.policy.max_index_bytes
+        if limit and id_ not in self._refs and self.index.nbytes >= limit:
+            self.counts["index_full"] += count_full
+            return False
         self.index.add(record.scope, np.array([id_], dtype=np.int64), record.vector[None, :])
         self._refs[id_] = (record.namespace, record.digest)
+        return True
+
+    async def add_records(self, raw: Sequence[bytes | None], *, count_full: bool = True
+                          ) -> int:
+        """Index encoded vector records (None, gone since, are skipped); return how many.
+
+        A record made by another embedder (another model or tuning, or a record from before
+        records named their model) is embedded again from its text: its vector means
+        nothing in this index.
+        """
+        records = []
+        for value in raw:
+            if value is None:
+                continue
+            try:
+                records.append(VectorRecord.decode(value))
+            except EntryFormatError:
+                continue
+        stale = [n for n, r in enumerate(records) if r.model != self.model]
+        if stale:
+            vectors = await self.embedder.embed_many([records[n].text for n in stale])
+            for n, vector in zip(stale, vectors, strict=True):
+                records[n] = dataclasses.replace(records[n], vector=vector)
+            self.counts["reembedded"] += len(stale)
+        return sum(self._index(r, count_full=count_full) for r in records)
+
+    def forget_digests(self, digests: Sequence[str]) -> None:
+        ids = [vector_id(d) for d in digests]
+        self.index.remove(np.array(ids, dtype=np.int64))
+        for id_ in ids:
+            self._refs.pop(id_, None)
 
     def forget(self, id_: int) -> None:
         self.index.remove(np.array([id_], dtype=np.int64))
         self._refs.pop(id_, None)
 
-    async def rebuild(self, batch: int = 500) -> int:
-        """Load every vector record in Redis into the index (at start-up)."""
+    async def rebuild(self, batch: int = 500, pattern: str | None = None) -> int:
+        """Load every vector record in Redis (matching ``pattern``) into the index."""
         store = self.exact.store
         keys: list[str] = []
         loaded = 0
 
         async def flush() -> int:
-            values = await store.get_many(keys)
+            n = await self.add_records(await store.get_many(keys))
             keys.clear()
-            records = []
-            for value in values:
-                if value is None:
-                    continue
-                try:
-                    records.append(VectorRecord.decode(value))
-                except EntryFormatError:
-                    continue
-            stale = [n for n, r in enumerate(records) if r.model != self.model]
-            if stale:  # another model's vectors mean nothing here: embed the text again
-                vectors = await self.embedder.embed_many([records[n].text for n in stale])
-                for n, vector in zip(stale, vectors, strict=True):
-                    records[n] = dataclasses.replace(records[n], vector=vector)
-                self.counts["reembedded"] += len(stale)
-            for record in records:
-                self._index(record)
-            return len(records)
+            return n
 
-        async for key in store.scan(f"{self.prefix}v:*"):
+        async for key in store.scan(pattern or self.exact.layout.patterns()[1]):
             keys.append(key.decode() if isinstance(key, bytes) else key)
             if len(keys) >= batch:
                 loaded += await flush()

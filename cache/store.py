@@ -9,9 +9,11 @@ keys, encoding, timeouts and the circuit breaker are the engine's job
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
+from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
@@ -40,15 +42,34 @@ class EntryStore(Protocol):
     async def close(self) -> None: ...
 
 
-def redis_client(url: str, *, timeout: float, max_connections: int = 256) -> aioredis.Redis:
-    """A client for ``url`` (redis://, rediss://, unix://, with password) with short timeouts.
+#: URL schemes that name a Redis Cluster (any one node of it; the rest is discovered).
+CLUSTER_SCHEMES: Final = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
+
+
+def is_cluster_url(url: str) -> bool:
+    return urlsplit(url).scheme in CLUSTER_SCHEMES
+
+
+def redis_client(url: str, *, timeout: float, max_connections: int = 256,
+                 read_timeout: float | None = None) -> Any:
+    """A client for ``url`` (redis://, rediss://, unix://, with password) with short timeouts;
+    ``redis+cluster://`` / ``rediss+cluster://`` give a cluster client seeded by that node.
 
     One immediate retry covers a pooled connection that went stale when Redis restarted;
     anything longer is the circuit breaker's decision, not the client's.
     """
+    scheme = urlsplit(url).scheme
+    if scheme in CLUSTER_SCHEMES:
+        return RedisCluster.from_url(
+            CLUSTER_SCHEMES[scheme] + url[len(scheme):],
+            socket_timeout=read_timeout or timeout,
+            socket_connect_timeout=timeout,
+            retry=Retry(NoBackoff(), 1),
+            max_connections=max_connections,
+        )
     return aioredis.Redis.from_url(
         url,
-        socket_timeout=timeout,
+        socket_timeout=read_timeout or timeout,
         socket_connect_timeout=timeout,
         retry=Retry(NoBackoff(), 1),
         max_connections=max_connections,
@@ -57,8 +78,11 @@ def redis_client(url: str, *, timeout: float, max_connections: int = 256) -> aio
 
 
 class RedisStore:
-    def __init__(self, client: aioredis.Redis) -> None:
-        self._redis = client
+    """A single Redis or a Redis Cluster (multi-key reads are split by slot there)."""
+
+    def __init__(self, client: aioredis.Redis | RedisCluster) -> None:
+        self._redis: Any = client
+        self.cluster = isinstance(client, RedisCluster)
 
     async def get(self, key: str) -> bytes | None:
         value = await self._redis.get(key)
@@ -70,12 +94,14 @@ class RedisStore:
     async def get_many(self, keys: list[str]) -> list[bytes | None]:
         if not keys:
             return []
-        return [v.encode() if isinstance(v, str) else v for v in await self._redis.mget(keys)]
+        values = await (self._redis.mget_nonatomic(keys) if self.cluster
+                        else self._redis.mget(keys))
+        return [v.encode() if isinstance(v, str) else v for v in values]
 
     async def set_many(self, items: list[tuple[str, bytes]], ttl_ms: int | None) -> None:
         async with self._redis.pipeline(transaction=True) as pipe:
             for key, value in items:
-                pipe.set(key, value, px=ttl_ms)
+                pipe.set(key, value, px=ttl_ms)  # one slot: the keys share a hash tag
             await pipe.execute()
 
     def scan(self, pattern: str) -> AsyncIterator[bytes]:
@@ -101,10 +127,12 @@ class RedisStore:
 
     async def info(self) -> dict[str, Any]:
         memory = await self._redis.info("memory")
-        return {
-            "keys": int(await self._redis.dbsize()),
-            "used_memory_bytes": int(memory.get("used_memory", 0)),
-        }
+        if self.cluster:  # one section per node
+            used = sum(int(m.get("used_memory", 0)) for m in memory.values()
+                       if isinstance(m, dict))
+        else:
+            used = int(memory.get("used_memory", 0))
+        return {"keys": int(await self._redis.dbsize()), "used_memory_bytes": used}
 
     async def close(self) -> None:
         await self._redis.aclose()

@@ -19,6 +19,8 @@ BENCHMARKS = {
               "exact hits through the sidecar beside a one-GET aiohttp floor"),
     "semantic": ("promptcache.benchmarks.semantic_speed",
                  "semantic lookup throughput and latency against the model; index search"),
+    "budget": ("promptcache.benchmarks.budget",
+               "byte budget under a write flood (overshoot, evictions/s); bytes per entry"),
     "hitrate": ("promptcache.benchmarks.hitrate",
                 "hit rate against false hits on labelled pairs: the semantic tier's tuner"),
     "load": ("promptcache.benchmarks.load",
@@ -52,6 +54,16 @@ def parser() -> argparse.ArgumentParser:
     fit.add_arguments(sub.add_parser(
         "fit", help="fit the verifier's model on labelled pairs (your own traffic too)",
         description=fit.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
+    rec = sub.add_parser(
+        "reconcile", help="recompute the byte accounting from the live keys; report drift",
+        description="Recompute the cache's byte accounting (sizes, totals, LRU and expiry "
+        "bookkeeping) from the keys Redis holds, fix any difference, and print a JSON report. "
+        "Exit status 0 if the accounting was exact, 1 if it had drifted (and is now fixed).")
+    rec.add_argument("--redis-url", metavar="URL", help="the cache's Redis (redis+cluster:// "
+                     "for a cluster); default: the embedded Redis of --data-dir")
+    rec.add_argument("--data-dir", metavar="DIR", help="the embedded Redis's data directory")
+    rec.add_argument("--key-prefix", metavar="PREFIX", default="pc:",
+                     help="prefix of the cache's keys; default: pc:")
     bench = sub.add_parser("bench", help="benchmarks (see benchmarks/)",
                            description="Run a benchmark; each writes JSON to --out.")
     kinds = bench.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
@@ -74,6 +86,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from promptcache.cache import fit
 
             return fit.main(args)
+        if args.command == "reconcile":
+            return _reconcile(args)
         if args.command == "bench":
             args.argv = list(sys.argv[1:] if argv is None else argv)
             return int(importlib.import_module(BENCHMARKS[args.bench][0]).main(args))
@@ -81,3 +95,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"promptcache: error: {exc}", file=sys.stderr)
         return 2
     return 2
+
+
+def _reconcile(args: argparse.Namespace) -> int:
+    import asyncio
+    import json
+    from urllib.parse import quote
+
+    from redis.exceptions import RedisError
+
+    from promptcache.cache.embedded import SOCKET_NAME
+    from promptcache.cache.reconcile import reconcile_url
+    from promptcache.server.config import Settings
+
+    url = args.redis_url
+    if url is None:
+        data_dir = Settings(upstream="http://unused", data_dir=args.data_dir).resolved_data_dir
+        url = "unix://" + quote(str(data_dir / SOCKET_NAME))
+    try:
+        report = asyncio.run(reconcile_url(url, key_prefix=args.key_prefix))
+    except (RedisError, OSError) as exc:
+        print(f"promptcache: error: cannot reconcile the cache at {url}: {exc}",
+              file=sys.stderr)
+        return 2
+    print(json.dumps(report.as_dict(), indent=2))
+    return 0 if report.clean else 1

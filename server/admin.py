@@ -12,6 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from promptcache.cache.errors import CacheUnavailable, RequestError
 from promptcache.cache.keys import check_namespace
+from promptcache.cache.resident import memory_split
 from promptcache.server.state import SIDECAR, Sidecar
 
 
@@ -35,13 +36,25 @@ async def _refresh_gauges(sc: Sidecar) -> dict[str, Any] | None:
     if sc.semantic is not None:
         sc.metrics.index_vectors.set(len(sc.semantic.index))
         sc.metrics.index_bytes.set(sc.semantic.index.nbytes)
+    memory = _memory(sc)
+    sc.metrics.rss.set(memory["rss_bytes"])
+    for part in ("model", "index", "other"):
+        sc.metrics.memory.labels(part).set(memory[f"{part}_bytes"])
+    sc.metrics.evicted.set(sc.cache.counts["evicted"])
     try:
         info = await sc.cache.info()
     except CacheUnavailable:
         return None
-    sc.metrics.entries.set(info["keys"])
+    sc.metrics.entries.set(info.get("entries", info["keys"]))
     sc.metrics.bytes_stored.set(info["used_memory_bytes"])
+    sc.metrics.budget_bytes.set(info.get("bytes", 0))
+    sc.metrics.max_bytes.set(info.get("max_bytes", 0))
     return info
+
+
+def _memory(sc: Sidecar) -> dict[str, int]:
+    index = sc.semantic.index.nbytes if sc.semantic is not None else 0
+    return memory_split(model=sc.model_bytes, index=index)
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -80,7 +93,10 @@ async def stats(request: web.Request) -> web.Response:
                 **(info or {}),
             },
             "semantic": sc.semantic.stats() if sc.semantic is not None else None,
+            "index_sync": sc.sync.stats() if sc.sync is not None else None,
+            "memory": _memory(sc),
             "flights_in_progress": len(sc.flights),
+            "remote_flights": sc.remote.stats() if sc.remote is not None else None,
             "settings": sc.settings.public(),
         },
         dumps=lambda o: json.dumps(o, default=str),

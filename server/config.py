@@ -91,9 +91,13 @@ def _url(value: Any) -> str:
     return value.rstrip("/")
 
 
+_REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster")
+
+
 def _redis_url(value: Any) -> str:
-    if urlsplit(_str(value)).scheme not in ("redis", "rediss", "unix"):
-        raise ValueError(f"not a redis://, rediss:// or unix:// URL: {value!r}")
+    if urlsplit(_str(value)).scheme not in _REDIS_SCHEMES:
+        raise ValueError(f"not a redis://, rediss://, unix://, redis+cluster:// or "
+                         f"rediss+cluster:// URL: {value!r}")
     return value
 
 
@@ -116,12 +120,22 @@ OPTIONS: tuple[Option, ...] = (
     Option("host", _str, "address to listen on", "ADDR"),
     Option("port", _int, "port to listen on", "PORT"),
     Option("redis_url", _redis_url, "use this Redis (redis://, rediss://, unix://, "
-           "with password) instead of starting the embedded one", "URL"),
+           "with password) instead of starting the embedded one; redis+cluster://HOST:PORT "
+           "(or rediss+cluster://) names a Redis Cluster by any one of its nodes", "URL"),
     Option("data_dir", _str, "where the embedded Redis keeps its data "
            f"(default: {default_data_dir()})", "DIR"),
     Option("default_ttl", _number, "seconds an entry lives unless the request says "
            "max-age=N; 0 means no expiry", "SECONDS"),
     Option("max_entry_bytes", parse_size, "larger responses are not cached", "SIZE"),
+    Option("max_bytes", parse_size, "byte budget of all cached entries (payload, vector "
+           "record, keys, bookkeeping) across every sidecar on this Redis; least recently "
+           "used entries are evicted to stay within it; 0 means unbounded", "SIZE"),
+    Option("index_max_bytes", parse_size, "bound of this node's vector index; when full, "
+           "new vectors are not indexed here (they still answer exact matches); 0 means "
+           "unbounded", "SIZE"),
+    Option("flight_lease", _number, "seconds a sidecar holds the Redis lease that makes "
+           "identical misses on other sidecars wait for its answer; 0 turns cross-node "
+           "single flight off", "SECONDS"),
     Option("max_body_bytes", parse_size, "larger request bodies to cached routes "
            "are refused with 413", "SIZE"),
     Option("shared_cache", parse_bool, "share entries across credentials (by default "
@@ -272,6 +286,8 @@ def _check_ranges(v: dict[str, Any]) -> None:
         (v["default_ttl"] >= 0, "--default-ttl must be >= 0"),
         (v["max_entry_bytes"] > 0, "--max-entry-bytes must be > 0"),
         (v["max_body_bytes"] > 0, "--max-body-bytes must be > 0"),
+        (v["max_bytes"] >= 0, "--max-bytes must be >= 0"),
+        (v["index_max_bytes"] >= 0, "--index-max-bytes must be >= 0"),
         (v["redis_timeout"] > 0, "--redis-timeout must be > 0"),
         (v["breaker_threshold"] >= 1, "--breaker-threshold must be >= 1"),
         (v["breaker_reset"] > 0, "--breaker-reset must be > 0"),

@@ -47,8 +47,27 @@ class Metrics:
             "(single flight)", registry=r,
         )
         self.entries = Gauge(
-            "promptcache_entries", "Keys in the cache's Redis database (read at scrape time)",
+            "promptcache_entries", "Entries in the cache, all nodes (read at scrape time)",
             registry=r,
+        )
+        self.budget_bytes = Gauge(
+            "promptcache_budget_used_bytes", "Bytes counted against --max-bytes, all nodes "
+            "(payload, vector record, keys, bookkeeping; read at scrape time)", registry=r,
+        )
+        self.max_bytes = Gauge(
+            "promptcache_budget_max_bytes", "The byte budget (--max-bytes; 0 = unbounded)",
+            registry=r,
+        )
+        self.evicted = Gauge(
+            "promptcache_evicted_entries", "Entries this node evicted to make room", registry=r,
+        )
+        self.rss = Gauge(
+            "promptcache_resident_bytes", "Resident memory (RSS) of this sidecar process",
+            registry=r,
+        )
+        self.memory = Gauge(
+            "promptcache_memory_bytes", "This sidecar's memory by part: model (weights), "
+            "index (vector index estimate), other (RSS minus both)", ["part"], registry=r,
         )
         self.bytes_stored = Gauge(
             "promptcache_redis_used_memory_bytes", "Redis used_memory (read at scrape time)",

@@ -8,9 +8,11 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from promptcache.cache.engine import ExactCache
+from promptcache.cache.lease import RemoteFlight
 from promptcache.cache.runtime import Answer, Engine
 from promptcache.cache.semantic import SemanticCache
 from promptcache.cache.singleflight import SingleFlight
+from promptcache.cache.sync import IndexSync
 from promptcache.server.config import Settings
 from promptcache.server.metrics import Metrics
 from promptcache.server.proxy import Upstream
@@ -23,6 +25,18 @@ class Sidecar:
     upstream: Upstream
     metrics: Metrics
     started: float = field(default_factory=time.time)
+
+    @property
+    def remote(self) -> RemoteFlight | None:
+        return self.engine.remote
+
+    @property
+    def sync(self) -> IndexSync | None:
+        return self.engine.sync
+
+    @property
+    def model_bytes(self) -> int:
+        return self.engine.model_bytes
 
     @property
     def cache(self) -> ExactCache:

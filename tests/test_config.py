@@ -76,6 +76,9 @@ def test_every_option_can_come_from_each_source(source: str, tmp_path: Path) -> 
         "default_ttl": "60",
         "max_entry_bytes": "64KiB",
         "max_body_bytes": "2MB",
+        "max_bytes": "512MB",
+        "index_max_bytes": "64MiB",
+        "flight_lease": "12.5",
         "shared_cache": "true",
         "pass_credentials": "no",
         "upstream_api_key": "sk-up",
@@ -117,6 +120,9 @@ def test_every_option_can_come_from_each_source(source: str, tmp_path: Path) -> 
         default_ttl=60.0,
         max_entry_bytes=65536,
         max_body_bytes=2_000_000,
+        max_bytes=512_000_000,
+        index_max_bytes=64 << 20,
+        flight_lease=12.5,
         shared_cache=True,
         pass_credentials=False,
         upstream_api_key="sk-up",
@@ -141,6 +147,11 @@ def test_every_option_can_come_from_each_source(source: str, tmp_path: Path) -> 
         admin_token="tok",
         log_level="debug",
     )
+
+
+def test_a_cluster_url_is_accepted_as_redis_url() -> None:
+    assert settings({"redis_url": "redis+cluster://10.0.0.1:7000"}).redis_url == (
+        "redis+cluster://10.0.0.1:7000")
 
 
 def test_toml_keys_may_use_dashes_or_underscores(tmp_path: Path) -> None:

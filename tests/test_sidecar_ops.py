@@ -58,7 +58,7 @@ async def test_stats_reports_counts_hit_ratio_and_hides_secrets(
         stats = await r.json()
     assert stats["requests"][CHAT] == {"MISS": 1, "HIT": 1}
     assert stats["hit_ratio"] == 0.5
-    assert stats["cache"]["reachable"] is True and stats["cache"]["keys"] == 1
+    assert stats["cache"]["reachable"] is True and stats["cache"]["entries"] == 1
     assert stats["settings"]["admin_token"] == "***"
     assert TOKEN not in json.dumps(stats)
 
