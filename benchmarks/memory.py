@@ -155,10 +155,26 @@ def budget_adherence(args: argparse.Namespace, client: redis.Redis,
 
 
 def plan_vs_measured(measured: dict[str, Any]) -> dict[str, Any] | None:
-    """Plug-in point for ``promptcache plan`` (the lead's branch): ask the planner for the
-    memory of ``measured["entries"]`` entries at these sizes and compare with the measured
-    bytes per entry. Not measured until it lands."""
-    return None
+    """What ``promptcache plan`` predicts for these entries at these sizes, against the
+    measured Redis growth and index bytes (ratios measured / planned)."""
+    from promptcache.cache import plan
+
+    per = measured["per_entry"]
+    predicted = plan.plan(plan.Workload(
+        entries=measured["entries"], avg_request_chars=round(measured["avg_prompt_chars"]),
+        avg_response_bytes=round(per["raw_response_bytes"]), index="flat",
+        semantic=measured["semantic"]))
+    out: dict[str, Any] = {
+        "planned_redis_bytes_per_entry": predicted.redis_bytes_per_entry,
+        "redis_measured_over_planned": round(
+            per["used_memory_growth_per_entry"] / predicted.redis_bytes_per_entry, 3)}
+    index = measured.get("sidecar_index")
+    if index and index.get("vectors"):
+        measured_index = index["bytes"] + index["vectors"] * plan.REFS_BYTES_PER_VECTOR
+        out["planned_index_bytes"] = predicted.index_bytes_per_node
+        out["index_measured_over_planned"] = round(
+            measured_index / max(predicted.index_bytes_per_node, 1), 3)
+    return out
 
 
 def run(args: argparse.Namespace, embedder: Embedder | None = None) -> dict[str, Any]:
@@ -185,6 +201,7 @@ def run(args: argparse.Namespace, embedder: Embedder | None = None) -> dict[str,
                 "benchmark": "memory",
                 "date": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(started)),
                 "prompts": str(args.prompts), "entries": len(prompts),
+                "avg_prompt_chars": statistics.fmean(len(t) for t in prompts),
                 "answer_words": args.answer_words, "semantic": args.semantic,
                 "redis": {"exact_entries": exact, "vector_records": vector,
                           "used_memory_growth_bytes": after - before},
@@ -230,6 +247,12 @@ def report(r: dict[str, Any]) -> str:
         for x in r["index"]:
             lines.append(f"| {x['kind']} | {x['vectors']} | {x['bytes_per_vector']} | "
                          f"{x['reported_bytes_per_vector']} |")
+    if r.get("plan_vs_measured"):
+        pv = r["plan_vs_measured"]
+        lines += ["", f"promptcache plan: {pv['planned_redis_bytes_per_entry']} Redis bytes per "
+                  f"entry planned, measured/planned {pv['redis_measured_over_planned']}"
+                  + (f"; index measured/planned {pv['index_measured_over_planned']}"
+                     if "index_measured_over_planned" in pv else "")]
     for name in ("budget_adherence", "plan_vs_measured"):
         if r[name] is None:
             lines.append(f"{name}: not measured (the feature is not on this branch)")

@@ -185,6 +185,10 @@ class HNSWIndex:
         return total * (self.dim * 4 + self.m * 2 * 4 + 16)
 
 
+#: ``auto`` switches a scope's partition from flat to HNSW at this many vectors.
+AUTO_HNSW_AT = 20_000
+
+
 def make_index(kind: str, dim: int) -> VectorIndex:
     if kind == "flat":
         return FlatIndex(dim)
@@ -198,7 +202,7 @@ def make_index(kind: str, dim: int) -> VectorIndex:
 class PartitionedIndex:
     """One vector index per scope; ``kind="auto"`` picks flat or HNSW by partition size."""
 
-    def __init__(self, dim: int, kind: str = "auto", *, hnsw_threshold: int = 20_000) -> None:
+    def __init__(self, dim: int, kind: str = "auto", *, hnsw_threshold: int = AUTO_HNSW_AT) -> None:
         if kind not in KINDS:
             raise ValueError(f"unknown index kind {kind!r} (one of {', '.join(KINDS)})")
         self.dim, self.kind, self.hnsw_threshold = dim, kind, hnsw_threshold

@@ -1,5 +1,6 @@
 """The ``promptcache`` command: ``serve`` runs the sidecar, ``fit`` fits the verifier,
-``bench`` runs a benchmark."""
+``plan`` estimates memory, ``reconcile`` checks the byte accounting, ``bench`` runs a
+benchmark."""
 
 from __future__ import annotations
 
@@ -54,6 +55,11 @@ def parser() -> argparse.ArgumentParser:
     fit.add_arguments(sub.add_parser(
         "fit", help="fit the verifier's model on labelled pairs (your own traffic too)",
         description=fit.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
+    from promptcache.cache import plan
+
+    plan.add_arguments(sub.add_parser(
+        "plan", help="estimate the memory each tier needs (Redis, index, model, per node)",
+        description=plan.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
     rec = sub.add_parser(
         "reconcile", help="recompute the byte accounting from the live keys; report drift",
         description="Recompute the cache's byte accounting (sizes, totals, LRU and expiry "
@@ -88,6 +94,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return fit.main(args)
         if args.command == "reconcile":
             return _reconcile(args)
+        if args.command == "plan":
+            from promptcache.cache import plan
+
+            return plan.main(args)
         if args.command == "bench":
             args.argv = list(sys.argv[1:] if argv is None else argv)
             return int(importlib.import_module(BENCHMARKS[args.bench][0]).main(args))

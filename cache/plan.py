@@ -1,0 +1,199 @@
+"""The capacity planner: the memory each tier needs before anything is deployed.
+
+``promptcache plan --entries N --avg-request-chars C --avg-response-bytes B [--index KIND]
+[--nodes K]`` estimates, from what this code stores and constants measured on it:
+
+- **Redis** (shared by every node): per entry, the encoded entry (the response body, zlib
+  deflated when >= 1 KiB at :data:`COMPRESSION` of its size, the ratio measured on real chat
+  text), the vector record (the final user message, 384 float16, scope and ids), both key
+  names, and :data:`~promptcache.cache.eviction.ENTRY_OVERHEAD_BYTES` of Redis bookkeeping
+  (dict entries, LRU/expiry/size members, allocator rounding). This is what ``--max-bytes``
+  counts, so a budget of the planned total holds N entries; Redis's own ``maxmemory``
+  should leave room above it for the change streams and fragmentation
+  (:data:`REDIS_HEADROOM`).
+- **Each node**: the vector index (bytes per vector by kind, as ``/stats`` reports them, plus
+  the per-vector map from ids to entries), the embedding model's weights, and the rest of
+  the process (Python, torch, aiohttp, buffers) measured with the model loaded.
+
+The estimate is checked against a real filled cache in ``tests/test_plan.py`` (within 20%).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Final
+
+import numpy as np
+
+from promptcache.cache.entry import COMPRESS_MIN_BYTES, Entry
+from promptcache.cache.eviction import ENTRY_OVERHEAD_BYTES
+from promptcache.cache.index import AUTO_HNSW_AT, make_index
+from promptcache.cache.keys import CLUSTER_SHARDS, KeyLayout, namespace_id
+from promptcache.cache.semantic import VectorRecord
+
+#: zlib (level 1) size / raw size of chat-completion JSON bodies >= 1 KiB whose content is
+#: real chat text (the 769 such bodies made from ../shared/datasets/chat_prompts: mean 0.465,
+#: median 0.484, p10-p90 0.36-0.55).
+COMPRESSION: Final = 0.47
+#: Dimensions of the default model's vectors (all-MiniLM-L6-v2).
+DIM: Final = 384
+#: The node's map from vector ids to entries (a dict entry and a tuple of two strings per
+#: vector), measured with tracemalloc over 100k vectors: about 330 bytes.
+REFS_BYTES_PER_VECTOR: Final = 330
+#: all-MiniLM-L6-v2's parameters and buffers (float32).
+MODEL_BYTES: Final = 90_861_056
+#: Resident memory of a process with the engine running and the model loaded, less the
+#: model's weights (Python, torch and its allocator, FAISS, Redis client, aiohttp): 542 MB
+#: measured with one text embedded, so about 450 MB.
+PROCESS_BYTES: Final = 451_000_000
+#: Redis ``maxmemory`` over the planned bytes: change streams (< 1 MB a shard), client
+#: buffers, and allocator fragmentation.
+REDIS_HEADROOM: Final = 1.25
+
+
+@dataclass(frozen=True)
+class Workload:
+    entries: int
+    avg_request_chars: int  # the final user message: what the vector record keeps
+    avg_response_bytes: int  # the upstream's JSON answer
+    index: str = "auto"
+    nodes: int = 1
+    semantic: bool = True
+    cluster: bool = False
+    compression: float = COMPRESSION
+
+
+@dataclass(frozen=True)
+class Plan:
+    workload: Workload
+    entry_bytes: int  # the encoded entry
+    vector_record_bytes: int
+    key_bytes: int  # both key names
+    bookkeeping_bytes: int
+    redis_bytes_per_entry: int
+    redis_bytes: int  # what --max-bytes counts, all nodes together
+    redis_maxmemory: int  # a Redis maxmemory with headroom
+    index_kind: str
+    index_bytes_per_vector: int
+    index_bytes_per_node: int
+    model_bytes_per_node: int
+    process_bytes_per_node: int
+    node_bytes: int  # index + model + process, per node
+    total_bytes: int  # Redis + every node
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def encoded_entry_bytes(response_bytes: int, compression: float = COMPRESSION) -> int:
+    """The stored size of a response body of ``response_bytes`` (msgpack around the body)."""
+    stored = (math.ceil(response_bytes * compression)
+              if response_bytes >= COMPRESS_MIN_BYTES and compression < 1 else response_bytes)
+    header = len(Entry(200, b"", "application/json", 1.7e9, "openai.chat").encode())
+    return header + stored + (5 if stored >= 1 << 16 else 3 if stored >= 256 else 2)
+
+
+def vector_record_bytes(request_chars: int) -> int:
+    """A vector record for a final user message of ``request_chars`` (ASCII) characters."""
+    record = VectorRecord("0" * 32, "x" * request_chars, np.zeros(DIM, np.float32),
+                          namespace_id(""), "0" * 32, "all-MiniLM-L6-v2")
+    return len(record.encode())
+
+
+def index_bytes_per_vector(kind: str, entries: int) -> tuple[str, int]:
+    """(the kind used, FAISS bytes per vector as the index reports them + the id map)."""
+    used = ("hnsw" if entries >= AUTO_HNSW_AT else "flat") if kind == "auto" else kind
+    index = make_index(used, DIM)
+    probe = 1000
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(probe, DIM)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    index.add(np.arange(probe, dtype=np.int64), vectors)
+    return used, math.ceil(index.nbytes / probe) + REFS_BYTES_PER_VECTOR
+
+
+def plan(w: Workload) -> Plan:
+    if w.entries < 0 or w.avg_request_chars < 0 or w.avg_response_bytes < 0 or w.nodes < 1:
+        raise ValueError("entries, sizes and nodes must be positive")
+    layout = KeyLayout("pc:", CLUSTER_SHARDS if w.cluster else 1)
+    digest = "0" * 32
+    keys = len(layout.entry("", digest)) + (len(layout.vector("", digest)) if w.semantic else 0)
+    entry = encoded_entry_bytes(w.avg_response_bytes, w.compression)
+    record = vector_record_bytes(w.avg_request_chars) if w.semantic else 0
+    per_entry = entry + record + keys + ENTRY_OVERHEAD_BYTES
+    kind, per_vector = index_bytes_per_vector(w.index, w.entries) if w.semantic else ("none", 0)
+    index = per_vector * w.entries
+    model = MODEL_BYTES if w.semantic else 0
+    process = PROCESS_BYTES if w.semantic else PROCESS_BYTES // 8  # no torch, no model
+    node = index + model + process
+    redis = per_entry * w.entries
+    return Plan(w, entry, record, keys, ENTRY_OVERHEAD_BYTES, per_entry, redis,
+                math.ceil(redis * REDIS_HEADROOM) + (1 << 20) * layout.shards, kind, per_vector,
+                index, model, process, node, redis + node * w.nodes)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1000  # type: ignore[assignment]
+    raise AssertionError
+
+
+def report(p: Plan) -> str:
+    w = p.workload
+    lines = [
+        f"{w.entries:,} entries, requests of {w.avg_request_chars:,} chars, responses of "
+        f"{w.avg_response_bytes:,} B, {w.nodes} node(s), index {p.index_kind}"
+        + (", Redis Cluster" if w.cluster else ""),
+        "",
+        "Redis (all nodes together)",
+        f"  per entry          {_size(p.redis_bytes_per_entry):>12}   = entry "
+        f"{p.entry_bytes:,} + vector record {p.vector_record_bytes:,} + keys {p.key_bytes:,}"
+        f" + bookkeeping {p.bookkeeping_bytes:,}",
+        f"  total              {_size(p.redis_bytes):>12}   (--max-bytes {p.redis_bytes})",
+        f"  maxmemory          {_size(p.redis_maxmemory):>12}   (with headroom for streams "
+        "and fragmentation)",
+        "",
+        "Each node",
+        f"  index              {_size(p.index_bytes_per_node):>12}   "
+        f"({p.index_bytes_per_vector:,} B per vector; --index-max-bytes caps it)",
+        f"  model              {_size(p.model_bytes_per_node):>12}",
+        f"  process            {_size(p.process_bytes_per_node):>12}",
+        f"  node total         {_size(p.node_bytes):>12}",
+        "",
+        f"Deployment total     {_size(p.total_bytes):>12}",
+    ]
+    return "\n".join(lines)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--entries", type=int, required=True, help="entries to hold")
+    p.add_argument("--avg-request-chars", type=int, required=True,
+                   help="mean length of the final user message (what the semantic tier keeps)")
+    p.add_argument("--avg-response-bytes", type=int, required=True,
+                   help="mean size of the upstream's JSON answer")
+    p.add_argument("--index", default="auto", choices=("auto", "flat", "sq8", "hnsw"),
+                   help="vector index kind (default auto: flat, HNSW from 20k vectors)")
+    p.add_argument("--nodes", type=int, default=1, help="sidecars (default 1)")
+    p.add_argument("--no-semantic", action="store_true",
+                   help="exact tier only: no vector records, index or model")
+    p.add_argument("--cluster", action="store_true", help="keys carry cluster hash tags")
+    p.add_argument("--compression", type=float, default=COMPRESSION,
+                   help=f"stored/raw size of response bodies >= 1 KiB (default {COMPRESSION}, "
+                   "measured on real chat text)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        p = plan(Workload(args.entries, args.avg_request_chars, args.avg_response_bytes,
+                          args.index, args.nodes, not args.no_semantic, args.cluster,
+                          args.compression))
+    except ValueError as exc:
+        raise SystemExit(f"promptcache plan: {exc}") from exc
+    print(json.dumps(p.as_dict(), indent=1) if args.json else report(p))
+    return 0

@@ -1,0 +1,117 @@
+"""The capacity planner against a real filled cache: Redis bytes, index bytes, within 20%."""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+
+from promptcache.cache import flow, plan
+from promptcache.cache.embed import Embedder
+from promptcache.cache.runtime import Answer, EngineOptions, open_engine
+from tests.redis_helpers import RedisServer
+
+PROMPTS = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "chat_prompts.jsonl.gz"
+needs_prompts = pytest.mark.skipif(not PROMPTS.exists(), reason=f"{PROMPTS} is not there")
+
+
+def _prompts(n: int) -> list[str]:
+    out: list[str] = []
+    with gzip.open(PROMPTS, "rt", encoding="utf-8") as lines:
+        for line in lines:
+            text = json.loads(line)["prompt"]
+            if 20 <= len(text) <= 4000 and text not in out:
+                out.append(text)
+            if len(out) == n:
+                break
+    return out
+
+
+def _answer(text: str) -> bytes:
+    return json.dumps({
+        "id": "chatcmpl-plan", "object": "chat.completion", "created": 1700000000,
+        "model": "gpt-test", "choices": [{"index": 0, "finish_reason": "stop",
+                                          "message": {"role": "assistant", "content": text}}],
+        "usage": {"prompt_tokens": 10, "completion_tokens": 100, "total_tokens": 110}}).encode()
+
+
+@needs_prompts
+@pytest.mark.slow
+async def test_the_plan_matches_a_filled_cache_within_20_percent(
+    fresh_redis: RedisServer, embedder: Embedder,
+) -> None:
+    """Real prompts as requests and real text as answers, stored through the engine (budget,
+    vector records, index): Redis's used memory, the budget's count and the node's index
+    bytes each land within 20% of what `plan` predicts for the same sizes."""
+    n = 600
+    texts = _prompts(2 * n)
+    requests, answers = texts[:n], [_answer(t) for t in texts[n:]]
+    url = fresh_redis.url
+    client = aioredis.Redis.from_url(url)
+    try:
+        before = int((await client.info("memory"))["used_memory"])
+        async with contextlib.AsyncExitStack() as stack:
+            engine = await open_engine(EngineOptions(redis_url=url, max_bytes=10**9,
+                                                     index_kind="flat"), stack,
+                                       embedder=embedder)
+            for prompt, answer in zip(requests, answers, strict=True):
+                body = json.dumps({"model": "gpt-test", "temperature": 0,
+                                   "messages": [{"role": "user", "content": prompt}]}).encode()
+                req = flow.prepare(engine, "chat", "/v1/chat/completions", body,
+                                   credential="sk-plan")
+                assert await flow.store(engine, req, Answer(200, answer, "application/json"))
+            assert engine.cache.budget is not None and engine.semantic is not None
+            usage = await engine.cache.budget.usage()
+            index_bytes = engine.semantic.index.nbytes
+            indexed = len(engine.semantic.index)
+        used = int((await client.info("memory"))["used_memory"]) - before
+    finally:
+        await client.aclose()
+    assert usage.entries == n and indexed == n
+    predicted = plan.plan(plan.Workload(
+        entries=n, avg_request_chars=round(sum(map(len, requests)) / n),
+        avg_response_bytes=round(sum(map(len, answers)) / n), index="flat"))
+    for name, measured, expected in (
+        ("budget bytes", usage.bytes, predicted.redis_bytes),
+        ("redis used_memory", used, predicted.redis_bytes),
+        ("index bytes", index_bytes + n * plan.REFS_BYTES_PER_VECTOR,
+         predicted.index_bytes_per_node),
+    ):
+        assert 0.8 <= measured / expected <= 1.2, (name, measured, expected)
+
+
+def test_plan_scales_with_entries_and_nodes_and_counts_every_tier() -> None:
+    small = plan.plan(plan.Workload(1000, 500, 2000))
+    big = plan.plan(plan.Workload(100_000, 500, 2000, nodes=3))
+    assert big.redis_bytes == 100 * small.redis_bytes
+    assert big.index_kind == "hnsw" and small.index_kind == "flat"  # auto switches at 20k
+    assert big.total_bytes == big.redis_bytes + 3 * big.node_bytes
+    assert small.redis_bytes_per_entry == (small.entry_bytes + small.vector_record_bytes
+                                           + small.key_bytes + small.bookkeeping_bytes)
+    sq8 = plan.plan(plan.Workload(1000, 500, 2000, index="sq8"))
+    assert sq8.index_bytes_per_vector < small.index_bytes_per_vector
+    exact_only = plan.plan(plan.Workload(1000, 500, 2000, semantic=False))
+    assert exact_only.vector_record_bytes == 0 and exact_only.index_bytes_per_node == 0
+    assert exact_only.model_bytes_per_node == 0
+    compressed = plan.plan(plan.Workload(1000, 500, 20_000))
+    assert compressed.entry_bytes < 0.6 * 20_000  # large bodies are stored deflated
+
+
+def test_plan_command_prints_a_table_and_json() -> None:
+    argv = [sys.executable, "-m", "promptcache", "plan", "--entries", "5000",
+            "--avg-request-chars", "400", "--avg-response-bytes", "1500", "--nodes", "2"]
+    table = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=True)
+    assert "Redis (all nodes together)" in table.stdout and "node total" in table.stdout
+    out = subprocess.run([*argv, "--json"], capture_output=True, text=True, timeout=120,
+                         check=True)
+    data = json.loads(out.stdout)
+    assert data["workload"]["nodes"] == 2 and data["redis_bytes"] > 5000 * 860
+    bad = subprocess.run([*argv[:5], "-1", *argv[6:]], capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode != 0 and "must be positive" in bad.stderr
