@@ -136,3 +136,15 @@ def test_a_tuning_file_that_is_not_ours_is_a_config_error(tmp_path: Path) -> Non
     save_file({"x": np.zeros(2, np.float32)}, str(plain))
     with pytest.raises(ConfigError, match="not written by"):
         SentenceTransformerEmbedder(tuning=plain)
+
+
+def test_raw_at_same_fhr_takes_the_baselines_best_threshold_at_no_higher_fhr() -> None:
+    raw = [{"threshold": 0.90, "hr": 0.40, "fhr": 0.05},
+           {"threshold": 0.95, "hr": 0.20, "fhr": 0.010},
+           {"threshold": 0.97, "hr": 0.08, "fhr": 0.004},
+           {"threshold": 0.99, "hr": 0.02, "fhr": 0.0}]
+    got = hitrate.raw_at_same_fhr(raw, {"hr": 0.12, "fhr": 0.006})
+    assert got["raw_hr_at_same_fhr"] == 0.08 and got["raw_threshold_at_same_fhr"] == 0.97
+    assert got["hr_vs_raw_at_same_fhr"] == pytest.approx(1.5)
+    none = hitrate.raw_at_same_fhr(raw[:2], {"hr": 0.1, "fhr": 0.001})
+    assert none["raw_hr_at_same_fhr"] == 0.0 and none["hr_vs_raw_at_same_fhr"] is None
