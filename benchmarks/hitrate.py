@@ -155,7 +155,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
     pairs = read_pairs(args.pairs, args.limit)
     train_pairs, test_pairs = split(pairs, args.holdout)
-    _, cal_pairs = split(train_pairs, CALIBRATION)  # what no fitting step has seen
+    _, cal_pairs = split(train_pairs, CALIBRATION, draw=1)  # what no fitting step saw
     texts = {t for p in (*cal_pairs, *test_pairs) for t in (p.a, p.b)}
     size = max(len(test_pairs), 1)
 

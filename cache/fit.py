@@ -88,15 +88,21 @@ def _digest(pair: Pair) -> bytes:
     return hashlib.sha1(f"{pair.a}\0{pair.b}".encode()).digest()
 
 
-def in_holdout(pair: Pair, fraction: float) -> bool:
-    """Deterministic: a hash of the pair puts it in the held-out share or not."""
-    return int.from_bytes(_digest(pair)[:8], "big") / 2**64 < fraction
+def in_holdout(pair: Pair, fraction: float, *, draw: int = 0) -> bool:
+    """Deterministic: a hash of the pair puts it in the held-out share or not.
+
+    ``draw`` 1 uses other bits of the hash than draw 0, so a split of a split (the
+    calibration quarter of the training split) is independent of the first.
+    """
+    offset = (0, 12)[draw]
+    return int.from_bytes(_digest(pair)[offset:offset + 8], "big") / 2**64 < fraction
 
 
-def split(pairs: Sequence[Pair], holdout: float) -> tuple[list[Pair], list[Pair]]:
+def split(pairs: Sequence[Pair], holdout: float, *, draw: int = 0
+          ) -> tuple[list[Pair], list[Pair]]:
     """(train, test): test is the held-out share."""
-    return ([p for p in pairs if not in_holdout(p, holdout)],
-            [p for p in pairs if in_holdout(p, holdout)])
+    return ([p for p in pairs if not in_holdout(p, holdout, draw=draw)],
+            [p for p in pairs if in_holdout(p, holdout, draw=draw)])
 
 
 def normalise(text: str) -> str:
@@ -380,7 +386,7 @@ def main(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     train_pairs, test_pairs = split(read_pairs(args.pairs, args.limit), args.holdout)
     size = max(len(test_pairs), 1)  # caches the size of the held-out split
-    tune_pairs, cal_pairs = split(train_pairs, CALIBRATION)
+    tune_pairs, cal_pairs = split(train_pairs, CALIBRATION, draw=1)
     if not tune_pairs or not cal_pairs:
         raise ConfigError(f"{args.pairs}: too few pairs to fit and calibrate on")
     source = {"pairs": str(args.pairs), "limit": args.limit, "holdout": args.holdout,
