@@ -124,6 +124,17 @@ def test_the_shipped_default_loads_and_says_how_it_was_made(default: Verifier) -
     assert (default.scorer is None) == (default.params["kind"] == "rules")
 
 
+def test_the_default_threshold_is_the_one_fitted_with_the_shipped_verifier(
+        default: Verifier) -> None:
+    """The sidecar's --similarity-threshold default is the operating point `promptcache fit`
+    chose for the shipped verifier; refitting means updating both."""
+    from promptcache.cache.runtime import EngineOptions
+    from promptcache.cache.semantic import SemanticPolicy
+
+    fitted = default.params["similarity_threshold"]
+    assert EngineOptions().similarity_threshold == SemanticPolicy().threshold == fitted
+
+
 def _linear_params(tmp_path: Path, threshold: float = 0.5) -> str:
     """A hand-made linear model: the score is a logistic of the similarity alone."""
     n = len(FEATURES)
