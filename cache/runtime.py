@@ -122,6 +122,10 @@ async def open_engine(options: EngineOptions, stack: contextlib.AsyncExitStack, 
     url = options.redis_url or await _embedded_redis(options.data_dir, stack)
     client = redis_client(url, timeout=options.redis_timeout)
     stack.push_async_callback(client.aclose)
+    # Connect (and, on a cluster, learn the slot map) now rather than in the first request's
+    # 250 ms budget; an unreachable Redis here is the breaker's business later, not an error.
+    with contextlib.suppress(RedisError, OSError, asyncio.TimeoutError):
+        await asyncio.wait_for(client.ping(), timeout=max(5.0, options.redis_timeout))
     shards = CLUSTER_SHARDS if is_cluster_url(url) else 1
     layout = KeyLayout(options.key_prefix, shards)
     budget = Budget(client, layout, max_bytes=options.max_bytes, node=secrets.token_hex(6))
