@@ -66,10 +66,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--holdout", type=float, default=0.2,
                    help="share of pairs held out for reporting (default: 0.2)")
     p.add_argument("--out", default="bench-results", help="directory for hitrate.json")
-    p.add_argument("--embedding-tuning", default="default",
-                   help="the embedder under test: default (the shipped tuning), none (the "
-                   "bundled model as is) or a file from `promptcache fit --embedder`; the "
-                   "raw-cosine baseline is always the bundled model as is")
+    p.add_argument("--embedding-tuning", default=None,
+                   help="a tuning file from `promptcache fit --embedder` for the embedder "
+                   "under test (default: none); the raw-cosine baseline is always the bundled "
+                   "model as it is")
     p.add_argument("--verifier-model", default="default",
                    help="the verifier's model: default (shipped), none, or a fitted path")
     p.add_argument("--tune-limit", type=int, default=20000,
@@ -171,7 +171,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     base_train, base_test = lookups(SentenceTransformerEmbedder(), "embedding (base)")
     timings["embed_s"] = time.perf_counter() - started
     timings["texts_per_s"] = len(texts) / max(timings["embed_s"], 1e-9)
-    tuned_with = resolve_tuning(args.embedding_tuning, None)
+    tuned_with = resolve_tuning(args.embedding_tuning)
     train, test = lookups(SentenceTransformerEmbedder(tuning=tuned_with),
                           "embedding (tuned)") if tuned_with else (base_train, base_test)
     if args.tune_limit and len(train.query) > args.tune_limit:

@@ -147,8 +147,7 @@ def _index_sizes(client: redis.Redis, kinds: list[str]) -> list[dict[str, Any]]:
     return out
 
 
-def budget_adherence(args: argparse.Namespace, client: redis.Redis,
-                     measured: dict[str, Any]) -> dict[str, Any] | None:
+def budget_adherence(measured: dict[str, Any]) -> dict[str, Any] | None:
     """How well the byte budget's count tracks the memory Redis really used for the fill
     (a budget is a memory bound only if it counts what Redis spends). Overshoot under a
     concurrent write flood is ``promptcache bench budget``'s figure."""
@@ -231,7 +230,7 @@ def run(args: argparse.Namespace, embedder: Embedder | None = None) -> dict[str,
             per_entry["exact_over_raw"] = round((exact["memory_usage_mean"] or 0)
                                                 / (raw_req + raw_resp), 3)
             measured["per_entry"] = per_entry
-            measured["budget_adherence"] = budget_adherence(args, client, measured)
+            measured["budget_adherence"] = budget_adherence(measured)
             measured["plan_vs_measured"] = plan_vs_measured(measured)
         finally:
             client.close()

