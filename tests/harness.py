@@ -37,6 +37,10 @@ async def start_sidecar(upstream: str, redis_url: str, *, embedder: Embedder | N
     """A sidecar on a free port; the semantic tier is on only when given an embedder
     (tests share one loaded model instead of loading it per sidecar)."""
     overrides.setdefault("semantic", embedder is not None)
+    # Tests run several sidecars, their clients and pollers on one event loop of a 2-core CI
+    # machine, where a loop stall of a quarter second (the production default) is routine and
+    # would turn a MISS into a fail-open BYPASS. Tests of fail-open set their own short timeout.
+    overrides.setdefault("redis_timeout", 2.0)
     settings = replace(Settings(upstream=upstream), port=0, **overrides)
     app = create_app(settings, redis_url, embedder=embedder)
     runner = web.AppRunner(app, access_log=None)
