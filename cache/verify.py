@@ -307,12 +307,23 @@ def named_things(text: str) -> list[str]:
 
 
 def names_agree(query: str, candidate: str) -> bool:
-    """Every named thing of each prompt appears in the other, and none trade places."""
+    """Every named thing of each prompt appears in the other, and no two named things or
+    content words trade places ("Why are westerners more polite than Asians?" / "Why are
+    Asians more polite than westerners?")."""
     q, c = named_things(query), named_things(candidate)
     q_text, c_text = _match_space(query), _match_space(candidate)
     if any(_plain(n) not in c_text for n in q) or any(_plain(n) not in q_text for n in c):
         return False
-    return not _swapped({_plain(n) for n in q + c}, q_text, c_text)
+    content = {f" {w} " for w in set(words(query)) & set(words(candidate))
+               if w not in STOPWORDS and not w.isdigit()}
+    return not (_swapped({_plain(n) for n in q + c}, q_text, c_text)
+                or _swapped(content, q_text, c_text, ignore=_SYMMETRIC))
+
+
+#: Words that leave two things in symmetric roles: "the difference between X and Y" is the
+#: difference between Y and X. Between content words (not names) only these, or nothing
+#: ("little black bugs" / "black little bugs"), is word order, not a swap.
+_SYMMETRIC = frozenset("and or nor both a an the vs versus".split())
 
 
 def _plain(name: str) -> str:
@@ -331,12 +342,15 @@ def _same_order(a: list[str], b: list[str]) -> bool:
     return fa == fb
 
 
-def _swapped(names: set[str], a: str, b: str) -> bool:
+def _swapped(names: set[str], a: str, b: str, *, ignore: frozenset[str] | None = None
+             ) -> bool:
     """Two names trade places around the same words ("Alice pays Bob" / "Bob pays Alice").
 
     Names that come in another order with other words between them are a rephrasing
     (clauses moved: "S3 is an example in this guide" / "this guide names S3 as an
-    example"), not a swap, so only the words between a pair of names decide.
+    example"), not a swap, so only the words between a pair of names decide. With
+    ``ignore``, those words do not count as between, and a pair with nothing else between
+    it is not a swap either.
     """
     present = sorted(n for n in names if n in a and n in b)
     for i, x in enumerate(present):
@@ -346,10 +360,14 @@ def _swapped(names: set[str], a: str, b: str) -> bool:
             ax, ay, bx, by = a.find(x), a.find(y), b.find(x), b.find(y)
             if (ax < ay) == (bx < by):
                 continue
-            between_a = set(a[min(ax, ay):max(ax, ay) + 1].split()) - set((x + y).split())
-            between_b = set(b[min(bx, by):max(bx, by) + 1].split()) - set((x + y).split())
+            skip = set((x + y).split()) | (ignore or set())
+            between_a = set(a[min(ax, ay):max(ax, ay) + 1].split()) - skip
+            between_b = set(b[min(bx, by):max(bx, by) + 1].split()) - skip
             union = between_a | between_b
-            if not union or len(between_a & between_b) >= 0.5 * len(union):
+            if not union:
+                if ignore is None:
+                    return True
+            elif len(between_a & between_b) >= 0.5 * len(union):
                 return True
     return False
 

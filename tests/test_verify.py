@@ -55,6 +55,11 @@ NAME_TRAPS = [
     ("Summarise https://example.com/a", "Summarise https://example.com/b"),
     ("What does config.yaml configure?", "What does config.json configure?"),
     ("Does the NHS cover this?", "Does the IRS cover this?"),
+    # content words that trade places change the question as much as names do
+    ("Why are westerners more polite than Asians?", "Why are Asians more polite than westerners?"),
+    ("How do I convert a pdf to a word file?", "How do I convert a word file to a pdf?"),
+    ("Can I work abroad after studying law in India?",
+     "Can I work in India after studying law abroad?"),
 ]
 TRAPS = [("negation", p) for p in NEGATION_TRAPS] + [("numbers", p) for p in NUMBER_TRAPS] + [
     ("entities", p) for p in NAME_TRAPS]
@@ -73,6 +78,10 @@ PARAPHRASES = [
     ("Amazon SageMaker trains Transformer models with Hugging Face DLCs",
      "With Hugging Face DLCs, Amazon SageMaker trains Transformer models"),
     ("How does `load_dataset()` work?", "How does load_dataset work?"),
+    # symmetric roles and word order are not swaps
+    ("What is the difference between a cocktail and a mocktail?",
+     "What is the difference between a mocktail and a cocktail?"),
+    ("How do I get rid of little black bugs?", "How do I get rid of black little bugs?"),
 ]
 
 
