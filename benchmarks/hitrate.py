@@ -54,7 +54,7 @@ from promptcache.cache.fit import (
     sharded_lookups,
     split,
 )
-from promptcache.cache.verify import CHECKS, RULES, Verifier, VerifierConfig
+from promptcache.cache.verify import CHECKS, RULES, STOPWORDS, Verifier, VerifierConfig, words
 
 THRESHOLDS = np.round(np.arange(0.70, 0.9976, 0.0025), 4)
 TARGETS = (0.01, 0.05)
@@ -211,7 +211,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 variant[key]["hr_vs_raw"] = variant[key]["hr"] / max(base["hr"], 1e-9)
     default = _default_point(verifier, test, accepted["verifier"][1])
     if default["threshold"] is not None:
-        default |= raw_at_same_fhr(variants["raw"]["test_curve"], default)
+        default |= raw_at_same_fhr(base_test, default)
+        default["false_hits"] = audit_false_hits(
+            test, accepted["verifier"][1] & (test.similarity >= default["threshold"]))
+        default["ceiling"] = noise_ceiling(base_test, default["false_hits"], default["fhr"])
     recommendation = (tuning.recommend(train, test, accepted, args.target_fhr, curve, choose)
                       if args.target_fhr is not None else None)
     field, categories = tuning.read_categories(args.pairs, args.limit)
@@ -245,19 +248,82 @@ def _default_point(verifier: Verifier, test: Lookups, accepted: np.ndarray) -> d
     return {**rows[0], "threshold": float(threshold)}
 
 
-def raw_at_same_fhr(raw_curve: list[dict[str, float]], point: dict[str, Any]
-                    ) -> dict[str, Any]:
+def _raw_best(raw: Lookups, fhr: float) -> tuple[float, float | None]:
+    """(HR, threshold): raw cosine's best hit rate at a false-hit rate <= ``fhr``, over every
+    threshold (each distinct similarity), not only the sweep's grid."""
+    n1 = max(int((raw.label == 1).sum()), 1)
+    n0 = max(int((raw.label == 0).sum()), 1)
+    order = np.argsort(-raw.similarity, kind="stable")
+    sims = raw.similarity[order]
+    false = np.cumsum(raw.label[order] == 0) / n0
+    true = np.cumsum(raw.true[order]) / n1
+    last = np.r_[sims[1:] != sims[:-1], True]  # a threshold takes every tie or none
+    ok = np.flatnonzero(last & (false <= fhr + 1e-12))
+    if not len(ok):
+        return 0.0, None
+    best = ok[np.argmax(true[ok])]
+    return float(true[best]), float(sims[best])
+
+
+def raw_at_same_fhr(raw: Lookups, point: dict[str, Any]) -> dict[str, Any]:
     """Raw cosine's best held-out hit rate at a false-hit rate no higher than ``point``'s.
 
-    The baseline gets its threshold chosen on the held-out split itself (an oracle), so
-    the ratio is if anything unfair to the verifier.
+    The baseline gets its threshold chosen on the held-out split itself, from every
+    possible threshold (an oracle), so the ratio is if anything unfair to the verifier.
     """
-    ok = [r for r in raw_curve if r["fhr"] <= point["fhr"]]
-    best = max(ok, key=lambda r: r["hr"]) if ok else None
-    hr = best["hr"] if best else 0.0
+    hr, threshold = _raw_best(raw, point["fhr"])
     return {"raw_hr_at_same_fhr": hr,
-            "raw_threshold_at_same_fhr": best["threshold"] if best else None,
+            "raw_threshold_at_same_fhr": round(threshold, 6) if threshold else None,
             "hr_vs_raw_at_same_fhr": point["hr"] / hr if hr else None}
+
+
+def _content(text: str) -> frozenset[str]:
+    return frozenset(w for w in words(text) if w not in STOPWORDS)
+
+
+def audit_false_hits(test: Lookups, hit: np.ndarray, examples: int = 40) -> dict[str, Any]:
+    """What the false hits at an operating point are, to tell label noise from real errors.
+
+    ``same_content_words``: the prompt and the served entry have the same content words
+    (stopwords aside), so the hit can only be wrong through word order or function words
+    ("How do I ask a girl out?" / "How do I ask a girl out." is labelled 0 in QQP).
+    ``true_same_content_words`` counts true hits of that kind, for the share of label 0
+    among them. ``on_other_entry``: the hit was on an entry other than the pair's own
+    ``a``, which the labels say nothing about.
+    """
+    false = np.flatnonzero(hit & (test.label == 0))
+    true = np.flatnonzero(hit & test.true)
+    same = [i for i in false if _content(test.query[i]) == _content(test.candidate[i])]
+    true_same = sum(_content(test.query[i]) == _content(test.candidate[i]) for i in true)
+    shown = sorted(false, key=lambda i: -test.similarity[i])[:examples]
+    return {"count": len(false), "on_other_entry": int((~test.own[false]).sum()),
+            "same_content_words": len(same), "true_same_content_words": int(true_same),
+            "examples": [{"query": test.query[i], "served": test.candidate[i],
+                          "similarity": round(float(test.similarity[i]), 4),
+                          "own_entry": bool(test.own[i])} for i in shown]}
+
+
+def noise_ceiling(raw: Lookups, audit: dict[str, Any], fhr: float) -> dict[str, Any] | None:
+    """An estimate of the best any judge of meaning could do here, given the labels.
+
+    If a share ``r`` of hits that keep every content word is labelled 0, take ``r`` as the
+    labels' disagreement on prompts that mean the same. A judge that served only prompts
+    meaning the same would then pay one false hit per ``(1 - r) / r`` true hits, so at a
+    false-hit rate ``fhr`` its hit rate is at most ``fhr * n0 * (1 - r) / r / n1`` (capped
+    by the lookups whose nearest entry is their own). An estimate, not a bound: it assumes
+    the disagreement on same-content pairs holds for all paraphrases.
+    """
+    same, true_same = audit["same_content_words"], audit["true_same_content_words"]
+    if not same or not true_same:
+        return None
+    r = same / (same + true_same)
+    n1 = max(int((raw.label == 1).sum()), 1)
+    n0 = max(int((raw.label == 0).sum()), 1)
+    reachable = float(((raw.label == 1) & raw.own).sum()) / n1
+    hr = min(reachable, fhr * n0 * (1 - r) / r / n1)
+    raw_hr, _ = _raw_best(raw, fhr)
+    return {"label0_share_same_content": round(r, 4), "hr": hr,
+            "hr_vs_raw": hr / raw_hr if raw_hr else None}
 
 
 def report(result: dict[str, Any]) -> str:
@@ -293,6 +359,16 @@ def report(result: dict[str, Any]) -> str:
                      + (f"{ratio:.2f}x" if ratio else "n/a"))
         lines.append(f"default verifier at similarity >= {d['threshold']}: HR {d['hr']:.1%}, "
                      f"FHR {d['fhr']:.2%}, wrong {d['wrong']:.1%}, precision {d['precision']:.0%}")
+        f = d["false_hits"]
+        lines.append(f"its {f['count']} false hits: {f['same_content_words']} keep every "
+                     f"content word (against {f['true_same_content_words']} true hits that "
+                     f"do), {f['on_other_entry']} on another pair's entry")
+        if d.get("ceiling"):
+            c = d["ceiling"]
+            lines.append(f"label-noise ceiling (an estimate): {c['label0_share_same_content']:.0%}"
+                         f" of same-content hits are labelled 0, so a perfect judge of meaning "
+                         f"would reach about HR {c['hr']:.1%} at FHR {d['fhr']:.2%} "
+                         + (f"({c['hr_vs_raw']:.2f}x raw)" if c["hr_vs_raw"] else ""))
     costs = result["cost_ms_per_candidate"]
     lines.append("cost per candidate: " + ", ".join(f"{k} {c:.3f} ms" for k, c in costs.items()))
     return "\n".join(lines + tuning.report_lines(result))

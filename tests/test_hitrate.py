@@ -138,13 +138,50 @@ def test_a_tuning_file_that_is_not_ours_is_a_config_error(tmp_path: Path) -> Non
         SentenceTransformerEmbedder(tuning=plain)
 
 
+def _lookups(rows: list[tuple[float, int, bool]], texts: list[tuple[str, str]] | None = None
+             ) -> fit.Lookups:
+    """Lookups from (similarity, label, own) rows."""
+    texts = texts or [(f"q{i}", f"c{i}") for i in range(len(rows))]
+    return fit.Lookups([q for q, _ in texts], [c for _, c in texts],
+                       np.array([r[0] for r in rows]), np.array([r[1] for r in rows]),
+                       np.array([r[2] for r in rows]))
+
+
 def test_raw_at_same_fhr_takes_the_baselines_best_threshold_at_no_higher_fhr() -> None:
-    raw = [{"threshold": 0.90, "hr": 0.40, "fhr": 0.05},
-           {"threshold": 0.95, "hr": 0.20, "fhr": 0.010},
-           {"threshold": 0.97, "hr": 0.08, "fhr": 0.004},
-           {"threshold": 0.99, "hr": 0.02, "fhr": 0.0}]
-    got = hitrate.raw_at_same_fhr(raw, {"hr": 0.12, "fhr": 0.006})
-    assert got["raw_hr_at_same_fhr"] == 0.08 and got["raw_threshold_at_same_fhr"] == 0.97
+    # 5 label-1 lookups (4 reachable), 10 label-0 ones
+    raw = _lookups([(0.99, 1, True), (0.98, 0, False), (0.97, 1, True), (0.97, 1, True),
+                    (0.96, 0, True), (0.95, 1, True), (0.5, 1, False)]
+                   + [(0.3, 0, True)] * 8)
+    got = hitrate.raw_at_same_fhr(raw, {"hr": 0.9, "fhr": 0.1})
+    assert got["raw_hr_at_same_fhr"] == pytest.approx(0.6)
+    assert got["raw_threshold_at_same_fhr"] == 0.97
     assert got["hr_vs_raw_at_same_fhr"] == pytest.approx(1.5)
-    none = hitrate.raw_at_same_fhr(raw[:2], {"hr": 0.1, "fhr": 0.001})
+    strict = hitrate.raw_at_same_fhr(raw, {"hr": 0.4, "fhr": 0.0})
+    assert strict["raw_hr_at_same_fhr"] == pytest.approx(0.2)
+    # a threshold takes every tied lookup or none: a false hit tied with the best true one
+    tied = _lookups([(0.99, 1, True), (0.99, 0, True), (0.3, 0, True)])
+    none = hitrate.raw_at_same_fhr(tied, {"hr": 0.1, "fhr": 0.0})
     assert none["raw_hr_at_same_fhr"] == 0.0 and none["hr_vs_raw_at_same_fhr"] is None
+
+
+def test_false_hits_are_audited_and_give_a_label_noise_ceiling() -> None:
+    texts = [("How do I ask a girl out?", "How do I ask a girl out."),  # label 0, same words
+             ("Why is the sky blue?", "Why is the sea blue?"),  # label 0, other words
+             ("How can I cook rice?", "How do I cook rice?"),  # true, same content words
+             ("How can I learn Go?", "How do I learn Go?"),  # true, same content words
+             ("How can I learn Rust?", "How do I start with Rust?"),  # true, other words
+             ("a", "b"), ("c", "d"), ("e", "f")]
+    test = _lookups([(0.99, 0, True), (0.98, 0, False), (0.99, 1, True), (0.99, 1, True),
+                     (0.98, 1, True), (0.5, 0, True), (0.5, 0, True), (0.5, 1, True)], texts)
+    hit = test.similarity >= 0.95
+    audit = hitrate.audit_false_hits(test, hit)
+    assert (audit["count"], audit["same_content_words"], audit["true_same_content_words"],
+            audit["on_other_entry"]) == (2, 1, 2, 1)
+    assert audit["examples"][0] == {"query": texts[0][0], "served": texts[0][1],
+                                    "similarity": 0.99, "own_entry": True}
+    ceiling = hitrate.noise_ceiling(test, audit, 0.25)
+    assert ceiling is not None
+    assert ceiling["label0_share_same_content"] == pytest.approx(1 / 3, abs=1e-4)
+    # one false hit of 4 label-0 lookups buys two true hits of 4: HR 0.5 (raw there: 0.5)
+    assert ceiling["hr"] == pytest.approx(0.5) and ceiling["hr_vs_raw"] == pytest.approx(1.0)
+    assert hitrate.noise_ceiling(test, {**audit, "same_content_words": 0}, 0.25) is None
