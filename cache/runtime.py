@@ -71,7 +71,7 @@ class EngineOptions:
     breaker_threshold: int = 3
     breaker_reset: float = 1.0
     semantic: bool = True
-    similarity_threshold: float = 0.9775
+    similarity_threshold: float = 0.975
     semantic_max_temperature: float = 1.0
     embedding_model: str | None = None
     embedding_tuning: str | None = None

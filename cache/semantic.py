@@ -54,7 +54,7 @@ class Verifier(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class SemanticPolicy:
-    threshold: float = 0.9775
+    threshold: float = 0.975
     max_temperature: float = 1.0
     candidates: int = 4
     #: Bound of this node's index (0 = none). When reached, new vectors are not indexed
