@@ -126,6 +126,22 @@ def hitrate_markdown(r: dict[str, Any]) -> list[str]:
     if d.get("threshold") is not None:
         lines += ["", f"- Default settings (verifier on, similarity >= {d['threshold']}): "
                   f"HR {_pct(d['hr'])}, FHR {d['fhr']:.2%}, precision {d['precision']:.0%}."]
+        if d.get("hr_vs_raw_at_same_fhr"):
+            lines.append(f"- Raw cosine at that false-hit rate (its best threshold on the "
+                         f"held-out split): HR {_pct(d['raw_hr_at_same_fhr'])}; the default "
+                         f"gives {d['hr_vs_raw_at_same_fhr']:.2f}x.")
+        f = d.get("false_hits")
+        if f and f["count"]:
+            lines.append(f"- The default's {f['count']} false hits: {f['same_content_words']} "
+                         f"keep every content word of the entry served (as do "
+                         f"{f['true_same_content_words']} true hits), {f['on_other_entry']} "
+                         f"are on another pair's entry.")
+        c = d.get("ceiling")
+        if c and c.get("hr_vs_raw"):
+            lines.append(f"- Label-noise ceiling (an estimate): with "
+                         f"{c['label0_share_same_content']:.0%} of same-content hits labelled "
+                         f"0, a perfect judge of meaning would reach about HR {_pct(c['hr'])} "
+                         f"at FHR {d['fhr']:.2%} ({c['hr_vs_raw']:.2f}x raw).")
     rec = r.get("recommendation")
     if rec and rec.get("config"):
         t = rec["test"]
