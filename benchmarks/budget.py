@@ -37,7 +37,7 @@ from promptcache.cache.eviction import ENTRY_OVERHEAD_BYTES, Budget
 from promptcache.cache.index import PartitionedIndex
 from promptcache.cache.keys import KeyLayout, request_key
 from promptcache.cache.semantic import SemanticCache, VectorRecord, vector_id
-from promptcache.cache.store import RedisStore, redis_client
+from promptcache.cache.store import RedisStore, close_client, redis_client
 from promptcache.cache.sync import IndexSync
 
 DEFAULT_PROMPTS = Path(__file__).resolve().parents[2] / "shared" / "datasets" / \
@@ -118,7 +118,7 @@ async def _fill(url: str, items: list[tuple[bytes, bytes, str]], max_bytes: int,
     stream = int(await clients[0].memory_usage("bench:log") or 0)
     evicted = sum(c.counts["evicted"] for c in caches)
     for c in clients:
-        await c.aclose()
+        await close_client(c)
     return {"seconds": round(elapsed, 3), "max_seen": max(seen, default=0),
             "samples": len(seen), "entries": usage.entries, "bytes": usage.bytes,
             "evicted": evicted, "redis_used_memory_delta": used, "stream_bytes": stream}
@@ -156,8 +156,8 @@ async def _sync_latency(url: str, samples: int) -> dict[str, float]:
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
-        await writer_client.aclose()
-        await reader_client.aclose()
+        await close_client(writer_client)
+        await close_client(reader_client)
     latencies.sort()
     return {"p50_ms": round(latencies[len(latencies) // 2] * 1000, 3),
             "p99_ms": round(latencies[int(len(latencies) * 0.99)] * 1000, 3),

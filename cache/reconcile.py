@@ -74,11 +74,11 @@ async def reconcile_url(url: str, *, key_prefix: str = "pc:", socket_timeout: fl
                         ) -> Report:
     """Reconcile the cache at ``url`` (``redis+cluster://`` for a cluster)."""
     from promptcache.cache.keys import CLUSTER_SHARDS, KeyLayout
-    from promptcache.cache.store import RedisStore, is_cluster_url, redis_client
+    from promptcache.cache.store import RedisStore, close_client, is_cluster_url, redis_client
 
     client = redis_client(url, timeout=socket_timeout)
     try:
         layout = KeyLayout(key_prefix, CLUSTER_SHARDS if is_cluster_url(url) else 1)
         return await reconcile(Budget(client, layout, node="reconcile"), RedisStore(client))
     finally:
-        await client.aclose()
+        await close_client(client)

@@ -43,7 +43,7 @@ from promptcache.cache.lease import RemoteFlight
 from promptcache.cache.resident import model_bytes
 from promptcache.cache.semantic import SemanticCache, SemanticPolicy
 from promptcache.cache.singleflight import SingleFlight
-from promptcache.cache.store import RedisStore, is_cluster_url, redis_client
+from promptcache.cache.store import RedisStore, close_client, is_cluster_url, redis_client
 from promptcache.cache.sync import IndexSync
 
 log = logging.getLogger(__name__)
@@ -121,7 +121,7 @@ async def open_engine(options: EngineOptions, stack: contextlib.AsyncExitStack, 
     """
     url = options.redis_url or await _embedded_redis(options.data_dir, stack)
     client = redis_client(url, timeout=options.redis_timeout)
-    stack.push_async_callback(client.aclose)
+    stack.push_async_callback(close_client, client)
     # Connect (and, on a cluster, learn the slot map) now rather than in the first request's
     # 250 ms budget; an unreachable Redis here is the breaker's business later, not an error.
     with contextlib.suppress(RedisError, OSError, asyncio.TimeoutError):
@@ -172,7 +172,7 @@ async def _start_sync(stack: contextlib.AsyncExitStack, redis_url: str, options:
     block_ms = 1000
     tail = redis_client(redis_url, timeout=options.redis_timeout,
                         read_timeout=block_ms / 1000 + options.redis_timeout + 1.0)
-    stack.push_async_callback(tail.aclose)
+    stack.push_async_callback(close_client, tail)
     assert semantic.exact.budget is not None
     sync = IndexSync(tail, semantic, semantic.exact.layout, node=semantic.exact.budget.node,
                      block_ms=block_ms)

@@ -8,6 +8,8 @@ keys, encoding, timeouts and the circuit breaker are the engine's job
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any, Final, Protocol
 from urllib.parse import urlsplit
@@ -75,6 +77,21 @@ def redis_client(url: str, *, timeout: float, max_connections: int = 256,
         max_connections=max_connections,
         health_check_interval=30,
     )
+
+
+async def close_client(client: Any) -> None:
+    """Close a client from :func:`redis_client`, connections and all.
+
+    A cluster client's ``aclose()`` does nothing while the client is still learning the slot
+    map, and that learning, if it is in flight, then finishes with open connections nobody
+    closes. So wait (briefly) for an initialisation in flight before closing.
+    """
+    lock = getattr(client, "_lock", None) if isinstance(client, RedisCluster) else None
+    if lock is not None:
+        with contextlib.suppress(asyncio.TimeoutError):
+            async with asyncio.timeout(5.0), lock:
+                pass
+    await client.aclose()
 
 
 class RedisStore:

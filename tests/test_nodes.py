@@ -23,7 +23,7 @@ from promptcache.cache.embed import Embedder
 from promptcache.cache.keys import CLUSTER_SHARDS, KeyLayout
 from promptcache.cache.reconcile import reconcile_url
 from promptcache.cache.semantic import vector_id
-from promptcache.cache.store import is_cluster_url, redis_client
+from promptcache.cache.store import close_client, is_cluster_url, redis_client
 from tests.harness import RunningSidecar, eventually, start_sidecar
 from tests.test_semantic import PARAPHRASE, Q, ask, chat
 from tests.test_sidecar_exact import CHAT, post
@@ -56,7 +56,7 @@ async def direct(deployment_url: str) -> AsyncIterator[Any]:
     """A client of the deployment for the test's own checks."""
     client = redis_client(deployment_url, timeout=5.0)
     yield client
-    await client.aclose()
+    await close_client(client)
 
 
 async def accounted(client: Any, layout: KeyLayout) -> tuple[int, int]:
@@ -310,3 +310,17 @@ async def test_invalidation_reaches_every_master_and_keeps_the_accounting_exact(
         assert r.status == 200 and (await r.json())["deleted"] == 17
     assert await accounted(direct, layout) == (0, 0)
     assert (await reconcile_url(deployment_url)).clean
+
+
+async def test_closing_a_cluster_client_while_it_learns_the_slot_map_closes_it(
+        redis_cluster: Any) -> None:
+    """redis-py's cluster aclose() is a no-op until the client is initialised; closing
+    while the client is learning the slot map must still leave no connection open."""
+    client = redis_client(redis_cluster.url, timeout=5.0)
+    learning = asyncio.create_task(client.initialize())
+    await asyncio.sleep(0)  # the client is now learning the slot map
+    await close_client(client)
+    await asyncio.gather(learning, return_exceptions=True)
+    nodes = list(client.nodes_manager.nodes_cache.values())
+    assert nodes, "the client learnt the slot map"
+    assert not any(c.is_connected for node in nodes for c in node._connections)
