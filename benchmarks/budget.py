@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from promptcache.benchmarks.results import publish
+from promptcache.benchmarks.workload import DEFAULT_PROMPTS
 from promptcache.cache.embedded import EmbeddedRedis
 from promptcache.cache.engine import CachePolicy, ExactCache
 from promptcache.cache.eviction import ENTRY_OVERHEAD_BYTES, Budget
@@ -40,14 +41,12 @@ from promptcache.cache.semantic import SemanticCache, VectorRecord, vector_id
 from promptcache.cache.store import RedisStore, close_client, redis_client
 from promptcache.cache.sync import IndexSync
 
-DEFAULT_PROMPTS = Path(__file__).resolve().parents[2] / "shared" / "datasets" / \
-    "chat_prompts.jsonl.gz"
 DIM = 384
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--prompts", default=str(DEFAULT_PROMPTS),
-                   help="chat_prompts.jsonl.gz (default: ../shared/datasets/...)")
+    p.add_argument("--prompts", default=DEFAULT_PROMPTS, metavar="FILE",
+                   help=f"JSON lines with a 'prompt' field (default: {DEFAULT_PROMPTS})")
     p.add_argument("--entries", type=int, default=4000, help="entries written (default: 4000)")
     p.add_argument("--max-bytes", type=int, default=2_000_000,
                    help="the budget during the flood, in bytes (default: 2000000)")

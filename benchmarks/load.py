@@ -41,11 +41,10 @@ from promptcache.benchmarks.loadgen import Outcome, replay
 from promptcache.benchmarks.procs import free_port, python_process
 from promptcache.benchmarks.progress import add_quiet, progress
 from promptcache.benchmarks.results import command, publish
-from promptcache.benchmarks.workload import Mix, Request, build, load_prompts
+from promptcache.benchmarks.workload import DEFAULT_PROMPTS, Mix, Request, build, load_prompts
 from promptcache.cache.embedded import EmbeddedRedis
 
 CHAT = "/v1/chat/completions"
-DEFAULT_PROMPTS = "../shared/datasets/chat_prompts.jsonl.gz"
 HEADERS = {"Authorization": "Bearer sk-bench"}
 
 

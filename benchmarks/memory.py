@@ -40,10 +40,10 @@ from aiohttp import web
 
 from promptcache.benchmarks import plots
 from promptcache.benchmarks.fake_upstream import running_fake_upstream
-from promptcache.benchmarks.load import DEFAULT_PROMPTS, _bool
+from promptcache.benchmarks.load import _bool
 from promptcache.benchmarks.progress import add_quiet, progress
 from promptcache.benchmarks.results import command, publish
-from promptcache.benchmarks.workload import load_prompts
+from promptcache.benchmarks.workload import DEFAULT_PROMPTS, load_prompts
 from promptcache.cache.embed import Embedder
 from promptcache.cache.embedded import EmbeddedRedis
 from promptcache.cache.index import make_index

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gzip
 import json
 import statistics
 import tempfile
@@ -33,6 +32,7 @@ import numpy as np
 from promptcache.benchmarks.loadgen import closed_loop
 from promptcache.benchmarks.procs import free_port, python_process
 from promptcache.benchmarks.results import command, publish
+from promptcache.benchmarks.workload import load_prompts
 from promptcache.cache.embed import SentenceTransformerEmbedder
 from promptcache.cache.embedded import EmbeddedRedis
 from promptcache.cache.index import make_index
@@ -53,17 +53,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="bench-results", help="directory for semantic.json")
 
 
-def load_prompts(path: str, n: int, max_chars: int = 300) -> list[str]:
-    opener = gzip.open if path.endswith(".gz") else open
-    seen: list[str] = []
-    with opener(path, "rt", encoding="utf-8") as f:
-        for line in f:
-            text = json.loads(line).get("prompt", "").strip().rstrip("?!.: ")
-            if 20 <= len(text) <= max_chars and text not in seen and text.isprintable():
-                seen.append(text)
+def base_prompts(path: str, n: int, max_chars: int = 300) -> list[str]:
+    """The first ``n`` distinct printable prompts of 20 to ``max_chars`` characters, without
+    final punctuation (the lookups add their own variation)."""
+    seen: dict[str, None] = {}
+    for prompt in load_prompts(path, max_chars=10**9, min_chars=0):
+        text = prompt.rstrip("?!.: ")
+        if 20 <= len(text) <= max_chars and text.isprintable():
+            seen.setdefault(text)
             if len(seen) >= n:
                 break
-    return seen
+    return list(seen)
 
 
 def body(text: str) -> bytes:
@@ -160,7 +160,7 @@ def index_figures(vectors: np.ndarray, sizes: list[int], kinds: list[str]
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    base = load_prompts(args.prompts, args.base)
+    base = base_prompts(args.prompts, args.base)
     lookups = [b + v for v in VARIANTS[1:] for b in base][: args.requests]
     single = [b + "  ." for b in base][:200]
     assert len(set(lookups)) == len(lookups), "every lookup text must be distinct"

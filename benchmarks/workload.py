@@ -65,6 +65,10 @@ class Mix:
         return 1.0 - self.exact - self.paraphrase
 
 
+#: The real chat prompts of the shared datasets, beside the repository (run from its root).
+DEFAULT_PROMPTS = "../shared/datasets/chat_prompts.jsonl.gz"
+
+
 def load_prompts(path: str | Path, *, max_chars: int = 1000, min_chars: int = 8) -> list[str]:
     """Distinct prompts of a JSON-lines file (gzip or plain) with a ``prompt`` field."""
     path = Path(path)
