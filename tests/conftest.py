@@ -7,7 +7,9 @@ sections at the end of this file. Only fixtures live here: no hooks that change 
 
 from __future__ import annotations
 
+import asyncio
 import gc
+import socket
 import warnings
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
@@ -16,6 +18,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 import redis
+from redis.asyncio.connection import AbstractConnection
 
 from promptcache.benchmarks.fake_upstream import FakeUpstream, running_fake_upstream
 from promptcache.cache.embed import Embedder, SentenceTransformerEmbedder
@@ -140,6 +143,17 @@ def deployment_url(request: pytest.FixtureRequest) -> str:
     return cluster.url
 
 
+def _still_open(o: object) -> bool:
+    """A connection, stream, transport or socket that nobody closed."""
+    if isinstance(o, AbstractConnection):
+        return bool(o.is_connected)
+    if isinstance(o, asyncio.StreamWriter):
+        return not o.transport.is_closing()
+    if isinstance(o, asyncio.Transport):
+        return not o.is_closing()
+    return isinstance(o, socket.socket) and o.fileno() != -1
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_unconfigure(config: pytest.Config) -> None:
     """Garbage left in reference cycles until the session ends is reported, not failed.
@@ -157,9 +171,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         gc.set_debug(gc.DEBUG_SAVEALL)
         try:
             gc.collect()
-            left = Counter(type(o).__qualname__ for o in gc.garbage
-                           if type(o).__module__.startswith(("redis", "asyncio", "aiohttp",
-                                                              "socket")))
+            left = Counter(type(o).__qualname__ for o in gc.garbage if _still_open(o))
             gc.garbage.clear()
         finally:
             gc.set_debug(0)
