@@ -32,14 +32,14 @@ import numpy as np
 
 from promptcache.benchmarks.results import publish
 from promptcache.benchmarks.workload import DEFAULT_PROMPTS
-from promptcache.cache.embedded import EmbeddedRedis
-from promptcache.cache.engine import CachePolicy, ExactCache
-from promptcache.cache.eviction import ENTRY_OVERHEAD_BYTES, Budget
-from promptcache.cache.index import PartitionedIndex
+from promptcache.cache.exact import CachePolicy, ExactCache
 from promptcache.cache.keys import KeyLayout, request_key
-from promptcache.cache.semantic import SemanticCache, VectorRecord, vector_id
-from promptcache.cache.store import RedisStore, close_client, redis_client
-from promptcache.cache.sync import IndexSync
+from promptcache.cache.redis.budget import ENTRY_OVERHEAD_BYTES, Budget
+from promptcache.cache.redis.client import RedisStore, close_client, redis_client
+from promptcache.cache.redis.embedded import EmbeddedRedis
+from promptcache.cache.redis.index_sync import IndexSync
+from promptcache.cache.semantic.index import PartitionedIndex
+from promptcache.cache.semantic.tier import SemanticCache, VectorRecord, vector_id
 
 DIM = 384
 

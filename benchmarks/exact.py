@@ -27,7 +27,7 @@ import redis
 from promptcache.benchmarks.loadgen import closed_loop
 from promptcache.benchmarks.procs import cpu_seconds, free_port, python_process
 from promptcache.benchmarks.results import command, publish
-from promptcache.cache.embedded import EmbeddedRedis
+from promptcache.cache.redis.embedded import EmbeddedRedis
 
 CHAT = "/v1/chat/completions"
 BODY = json.dumps({

@@ -43,9 +43,7 @@ from typing import Any
 import numpy as np
 
 from promptcache.benchmarks import plots, tuning
-from promptcache.benchmarks.progress import add_quiet, progress
-from promptcache.benchmarks.results import command, publish
-from promptcache.cache.fit import (
+from promptcache.benchmarks.pairs import (
     CALIBRATION,
     Lookups,
     cache_lookups,
@@ -54,7 +52,10 @@ from promptcache.cache.fit import (
     sharded_lookups,
     split,
 )
-from promptcache.cache.verify import CHECKS, RULES, STOPWORDS, Verifier, VerifierConfig, words
+from promptcache.benchmarks.progress import add_quiet, progress
+from promptcache.benchmarks.results import command, publish
+from promptcache.cache.semantic.rules import CHECKS, RULES, STOPWORDS, words
+from promptcache.cache.semantic.verifier import Verifier, VerifierConfig
 
 THRESHOLDS = np.round(np.arange(0.70, 0.9976, 0.0025), 4)
 TARGETS = (0.01, 0.05)
@@ -149,7 +150,7 @@ def _single_cost(verifier: Verifier, lookups: Lookups, n: int = 200) -> float:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from promptcache.cache.embed import SentenceTransformerEmbedder, resolve_tuning
+    from promptcache.cache.semantic.embedding import SentenceTransformerEmbedder, resolve_tuning
 
     timings: dict[str, float] = {}
     started = time.perf_counter()

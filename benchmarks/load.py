@@ -42,7 +42,7 @@ from promptcache.benchmarks.procs import free_port, python_process
 from promptcache.benchmarks.progress import add_quiet, progress
 from promptcache.benchmarks.results import command, publish
 from promptcache.benchmarks.workload import DEFAULT_PROMPTS, Mix, Request, build, load_prompts
-from promptcache.cache.embedded import EmbeddedRedis
+from promptcache.cache.redis.embedded import EmbeddedRedis
 
 CHAT = "/v1/chat/completions"
 HEADERS = {"Authorization": "Bearer sk-bench"}

@@ -8,7 +8,8 @@ from it (the entry and its vector record are written either way). Then:
 - per entry in Redis: ``MEMORY USAGE`` (key, value and Redis's own overhead) of the exact
   tier's entry keys and of the semantic tier's vector records (sampled, ``--sample``),
   and the growth of ``used_memory`` per request over the whole fill;
-- per vector in the index: each index kind (flat, sq8, hnsw; :mod:`promptcache.cache.index`)
+- per vector in the index: each index kind (flat, sq8, hnsw;
+  :mod:`promptcache.cache.semantic.index`)
   built from the stored vectors, measured serialized, beside the bytes the index reports
   for itself (``nbytes``, what ``/stats`` shows);
 - against the raw size: the request body the client sent plus the response body it got.
@@ -44,10 +45,10 @@ from promptcache.benchmarks.load import _bool
 from promptcache.benchmarks.progress import add_quiet, progress
 from promptcache.benchmarks.results import command, publish
 from promptcache.benchmarks.workload import DEFAULT_PROMPTS, load_prompts
-from promptcache.cache.embed import Embedder
-from promptcache.cache.embedded import EmbeddedRedis
-from promptcache.cache.index import make_index
-from promptcache.cache.semantic import VectorRecord
+from promptcache.cache.redis.embedded import EmbeddedRedis
+from promptcache.cache.semantic.embedding import Embedder
+from promptcache.cache.semantic.index import make_index
+from promptcache.cache.semantic.tier import VectorRecord
 from promptcache.server.app import create_app
 from promptcache.server.config import Settings
 
@@ -164,7 +165,7 @@ def budget_adherence(measured: dict[str, Any]) -> dict[str, Any] | None:
 def plan_vs_measured(measured: dict[str, Any]) -> dict[str, Any] | None:
     """What ``promptcache plan`` predicts for these entries at these sizes, against the
     measured Redis growth and index bytes (ratios measured / planned)."""
-    from promptcache.cache import plan
+    from promptcache.benchmarks import plan
 
     per = measured["per_entry"]
     predicted = plan.plan(plan.Workload(

@@ -33,9 +33,9 @@ from promptcache.benchmarks.loadgen import closed_loop
 from promptcache.benchmarks.procs import free_port, python_process
 from promptcache.benchmarks.results import command, publish
 from promptcache.benchmarks.workload import load_prompts
-from promptcache.cache.embed import SentenceTransformerEmbedder
-from promptcache.cache.embedded import EmbeddedRedis
-from promptcache.cache.index import make_index
+from promptcache.cache.redis.embedded import EmbeddedRedis
+from promptcache.cache.semantic.embedding import SentenceTransformerEmbedder
+from promptcache.cache.semantic.index import make_index
 
 CHAT = "/v1/chat/completions"
 VARIANTS = ("", " ", "  ", "?", " ?", "!", ".", "...", "\n", " :)", "??", "!!")

@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from promptcache.cache.fit import Lookups
-from promptcache.cache.verify import RULES
+from promptcache.benchmarks.pairs import Lookups
+from promptcache.cache.semantic.rules import RULES
 
 #: Fields of a pair file that name a category, in order of preference.
 CATEGORY_FIELDS = ("category", "split", "source")

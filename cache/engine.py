@@ -1,13 +1,13 @@
-"""The exact-match cache engine: keys in, entries out, failures contained.
+"""Building a running engine from options: the one place both the sidecar and the
+in-process cache (``promptcache.clients``) construct the cache.
 
-:class:`ExactCache` does the shared work once (Redis keys, encoding, TTL, size limit,
-timeouts, circuit breaker) and calls a small :class:`~promptcache.cache.store.EntryStore`.
-Given a :class:`~promptcache.cache.eviction.Budget` (as the sidecar always does), writes,
-hits and deletes go through the budget's scripts instead, which keep the byte accounting,
-the LRU and the change stream that other nodes follow.
-Every backend failure, timeout or open circuit surfaces as
-:class:`~promptcache.cache.errors.CacheUnavailable`, which callers turn into
-pass-through: the cache never takes traffic down.
+:class:`EngineOptions` holds every option that shapes the cache itself (Redis, TTL, sizes,
+breaker, budget, the semantic tier); the sidecar's ``Settings`` extends it with the HTTP-side ones,
+so an option has one name and one default everywhere. :func:`open_engine` builds the
+:class:`Engine` (Redis client or a private embedded Redis, :class:`ExactCache`, and the
+semantic tier with its embedder, index and verifier; the byte budget and its reaper, the
+index sync with other nodes and the cross-node single flight) and registers its cleanup on the
+caller's :class:`~contextlib.AsyncExitStack`.
 """
 
 from __future__ import annotations
@@ -15,195 +15,261 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
-import time
-from collections import Counter
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import Any, TypeVar
+import secrets
+import tempfile
+import threading
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
 
+import platformdirs
 from redis.exceptions import RedisError
 
 from promptcache.cache.breaker import CircuitBreaker
-from promptcache.cache.entry import Entry, EntryFormatError
-from promptcache.cache.errors import CacheUnavailable
-from promptcache.cache.eviction import Budget
-from promptcache.cache.keys import CacheKey, KeyLayout
-from promptcache.cache.store import EntryStore
+from promptcache.cache.exact import CachePolicy, ExactCache
+from promptcache.cache.keys import CLUSTER_SHARDS, KeyLayout, tenant_id
+from promptcache.cache.redis.budget import Budget
+from promptcache.cache.redis.client import RedisStore, close_client, is_cluster_url, redis_client
+from promptcache.cache.redis.embedded import EmbeddedRedis
+from promptcache.cache.redis.index_sync import IndexSync
+from promptcache.cache.redis.remote_flight import RemoteFlight
+from promptcache.cache.resident import model_bytes
+from promptcache.cache.semantic.embedding import (
+    BatchingEmbedder,
+    Embedder,
+    SentenceTransformerEmbedder,
+    resolve_tuning,
+)
+from promptcache.cache.semantic.index import PartitionedIndex
+from promptcache.cache.semantic.tier import SemanticCache, SemanticPolicy
+from promptcache.cache.singleflight import SingleFlight
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 
-@dataclass(frozen=True, slots=True)
-class CachePolicy:
-    default_ttl: float | None = 86400.0  # seconds; None = no expiry
+def default_data_dir() -> str:
+    """Where the sidecar's embedded Redis keeps its data unless told otherwise."""
+    return str(Path(platformdirs.user_cache_dir("promptcache")) / "redis")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EngineOptions:
+    """The cache's own options; names, meanings and defaults as in the README's
+    Configuration table (``--redis-url`` is ``redis_url`` here, and so on)."""
+
+    redis_url: str | None = None
+    data_dir: str | None = None
+    default_ttl: float = 86400.0
     max_entry_bytes: int = 1 << 20
-    op_timeout: float = 0.25  # seconds per backend call
+    max_bytes: int = 0
+    index_max_bytes: int = 0
+    flight_lease: float = 30.0
+    shared_cache: bool = False
+    redis_timeout: float = 0.25
+    breaker_threshold: int = 3
+    breaker_reset: float = 1.0
+    semantic: bool = True
+    similarity_threshold: float = 0.975
+    semantic_max_temperature: float = 1.0
+    embedding_model: str | None = None
+    embedding_tuning: str | None = None
+    index_kind: str = "auto"
+    verifier_model: str = "default"
+    verify_numbers: bool = True
+    verify_negation: bool = True
+    verify_entities: bool = True
+    embed_window: float = 0.001
+    embed_max_batch: int = 64
     key_prefix: str = "pc:"
-    shards: int = 1  # budget/LRU shards (hash tags): 1 on a single Redis
-
-    @property
-    def layout(self) -> KeyLayout:
-        return KeyLayout(self.key_prefix, self.shards)
 
 
-class ExactCache:
-    def __init__(
-        self,
-        store: EntryStore,
-        policy: CachePolicy | None = None,
-        *,
-        breaker: CircuitBreaker | None = None,
-        clock: Callable[[], float] = time.time,
-        budget: Budget | None = None,
-    ) -> None:
-        self.store = store
-        self.policy = policy or CachePolicy()
-        self.layout = self.policy.layout
-        self.budget = budget
-        self.counts: Counter[str] = Counter()
-        self.breaker = breaker or CircuitBreaker()
-        self._clock = clock
+@dataclass(slots=True)
+class Answer:
+    """A complete upstream answer in non-streaming form: what is stored and shared."""
 
-    async def _call(self, op: Callable[[], Awaitable[T]]) -> T:
-        if not self.breaker.allow():
-            raise CacheUnavailable("cache circuit is open")
+    status: int
+    body: bytes
+    content_type: str
+
+
+@dataclass(slots=True)
+class Engine:
+    """A running cache: what one sidecar or one in-process cache owns."""
+
+    options: EngineOptions
+    redis_url: str  # the Redis in use: options.redis_url, or the private one's
+    cache: ExactCache
+    semantic: SemanticCache | None = None
+    flights: SingleFlight[str, Answer] = field(default_factory=SingleFlight)
+    remote: RemoteFlight | None = None  # cross-node single flight (a lease in Redis)
+    sync: IndexSync | None = None  # keeps the semantic index in step with other nodes
+    model_bytes: int = 0  # the embedding model's weights, for the memory report
+
+    def tenant(self, credential: str | None) -> str:
+        return tenant_id(credential, shared=self.options.shared_cache)
+
+
+async def open_engine(options: EngineOptions, stack: contextlib.AsyncExitStack, *,
+                      embedder: Embedder | None = None) -> Engine:
+    """The engine for ``options``; everything it starts is closed when ``stack`` unwinds.
+
+    Without ``redis_url`` a private redis-server is started in ``data_dir`` (a temporary
+    directory, deleted at close, when that is unset too). ``embedder`` lets several engines
+    in one process share a loaded model.
+    """
+    url = options.redis_url or await _embedded_redis(options.data_dir, stack)
+    client = redis_client(url, timeout=options.redis_timeout)
+    stack.push_async_callback(close_client, client)
+    # Connect (and, on a cluster, learn the slot map) now rather than in the first request's
+    # 250 ms budget; an unreachable Redis here is the breaker's business later, not an error.
+    with contextlib.suppress(RedisError, OSError, asyncio.TimeoutError):
+        await asyncio.wait_for(client.ping(), timeout=max(5.0, options.redis_timeout))
+    shards = CLUSTER_SHARDS if is_cluster_url(url) else 1
+    layout = KeyLayout(options.key_prefix, shards)
+    budget = Budget(client, layout, max_bytes=options.max_bytes, node=secrets.token_hex(6))
+    cache = ExactCache(
+        RedisStore(client),
+        CachePolicy(default_ttl=options.default_ttl or None,
+                    max_entry_bytes=options.max_entry_bytes,
+                    op_timeout=options.redis_timeout, key_prefix=options.key_prefix,
+                    shards=shards),
+        breaker=CircuitBreaker(failure_threshold=options.breaker_threshold,
+                               reset_timeout=options.breaker_reset),
+        budget=budget,
+    )
+    semantic = sync = None
+    if options.semantic:
+        semantic = await _semantic(options, cache, embedder)
+        stack.push_async_callback(semantic.embedder.close)
+        sync = await _start_sync(stack, url, options, semantic)
+    _background(stack, budget.reap_forever())
+    remote = RemoteFlight(client, layout, lease=options.flight_lease,
+                          timeout=options.redis_timeout) if options.flight_lease else None
+    return Engine(options, url, cache, semantic, remote=remote, sync=sync,
+                  model_bytes=model_bytes(semantic.embedder.embedder) if semantic else 0)
+
+
+def _background(stack: contextlib.AsyncExitStack, work: Coroutine[Any, Any, None]) -> None:
+    """Run ``work`` until ``stack`` unwinds (then cancel it)."""
+    task = asyncio.create_task(work)
+
+    async def cancel() -> None:
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=5.0)  # never hang the shutdown
+        if not done:
+            log.warning("background task %r did not stop within 5 s", task)
+        elif not task.cancelled() and task.exception() is not None:
+            log.warning("background task %r had failed: %r", task, task.exception())
+
+    stack.push_async_callback(cancel)
+
+
+async def _start_sync(stack: contextlib.AsyncExitStack, redis_url: str, options: EngineOptions,
+                      semantic: SemanticCache) -> IndexSync:
+    """Rebuild the index from Redis and follow the other nodes' changes from then on."""
+    block_ms = 1000
+    tail = redis_client(redis_url, timeout=options.redis_timeout,
+                        read_timeout=block_ms / 1000 + options.redis_timeout + 1.0)
+    stack.push_async_callback(close_client, tail)
+    assert semantic.exact.budget is not None
+    sync = IndexSync(tail, semantic, semantic.exact.layout, node=semantic.exact.budget.node,
+                     block_ms=block_ms)
+    try:
+        await sync.start()
+    except (RedisError, OSError) as exc:  # fail open: start empty, fill as traffic comes
+        log.warning("could not rebuild the semantic index from Redis: %r", exc)
+    _background(stack, sync.run())
+    return sync
+
+
+async def _semantic(options: EngineOptions, cache: ExactCache, embedder: Embedder | None
+                    ) -> SemanticCache:
+    """Load the model (on a thread: it takes seconds); the index is filled by the sync."""
+    from promptcache.cache.semantic.verifier import Verifier, VerifierConfig
+
+    model: Embedder = embedder if embedder is not None else await asyncio.to_thread(
+        partial(SentenceTransformerEmbedder, options.embedding_model,
+                tuning=resolve_tuning(options.embedding_tuning)))
+    config = VerifierConfig(
+        numbers=options.verify_numbers, negation=options.verify_negation,
+        entities=options.verify_entities,
+        model=None if options.verifier_model == "none" else options.verifier_model,
+    )
+    verifier = await asyncio.to_thread(Verifier, config, embedder=model)
+    semantic = SemanticCache(
+        cache,
+        BatchingEmbedder(model, window=options.embed_window, max_batch=options.embed_max_batch),
+        PartitionedIndex(model.dim, options.index_kind),
+        verifier,
+        SemanticPolicy(threshold=options.similarity_threshold,
+                       max_temperature=options.semantic_max_temperature,
+                       max_index_bytes=options.index_max_bytes),
+    )
+    return semantic
+
+
+async def _embedded_redis(data_dir: str | None, stack: contextlib.AsyncExitStack) -> str:
+    """Start a private redis-server; it is stopped (and a temporary directory removed) when
+    ``stack`` unwinds."""
+    keep = data_dir is not None
+    if data_dir is None:
+        data_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="promptcache-"))
+    keeper = _RedisKeeper(EmbeddedRedis(data_dir, persistence=keep))
+    url = await keeper.start()
+    stack.push_async_callback(keeper.stop)
+    return url
+
+
+class _RedisKeeper:
+    """Owns an :class:`EmbeddedRedis` from a thread that lives exactly as long as it.
+
+    The server is tied to the thread that started it (``PR_SET_PDEATHSIG``), so it is
+    started neither on the event loop (start-up blocks) nor on a pooled executor thread
+    (which may exit first), but on a thread of its own that waits until ``stop``.
+    """
+
+    def __init__(self, redis: EmbeddedRedis) -> None:
+        self.redis = redis
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="promptcache-redis",
+                                        daemon=True)
+        self._ready: asyncio.Future[str] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def start(self) -> str:
+        self._loop = asyncio.get_running_loop()
+        self._ready = self._loop.create_future()
+        self._thread.start()
         try:
-            async with asyncio.timeout(self.policy.op_timeout):
-                result = await op()
-        except (RedisError, OSError, TimeoutError) as exc:
-            self.breaker.record_failure()
-            raise CacheUnavailable(f"cache backend failed: {exc!r}") from exc
+            return await self._ready
         except BaseException:
-            self.breaker.release()  # cancelled: no verdict on the backend
+            self._done.set()  # cancelled or failed: a server that did start is stopped
             raise
-        self.breaker.record_success()
-        return result
 
-    async def lookup(self, key: CacheKey) -> Entry | None:
-        if self.budget is not None:
-            budget = self.budget
-            raw = await self._call(lambda: budget.get(key.namespace, key.digest))
-        else:
-            raw = await self._call(
-                lambda: self.store.get(self.layout.entry(key.namespace, key.digest)))
-        if raw is None:
-            return None
+    def _run(self) -> None:
+        assert self._loop is not None and self._ready is not None
+        ready, loop = self._ready, self._loop
         try:
-            return Entry.decode(raw)
-        except EntryFormatError:
-            log.warning("unreadable entry %s treated as a miss", key.digest)
-            return None
+            url = self.redis.start()
+        except BaseException as exc:  # hand the failure to the waiting coroutine
+            loop.call_soon_threadsafe(_settle, ready, None, exc)
+            return
+        loop.call_soon_threadsafe(_settle, ready, url, None)
+        self._done.wait()
+        self.redis.stop()
 
-    async def touch(self, namespace: str, digest: str) -> None:
-        """Refresh an entry's recency (a semantic hit served it); failures are ignored."""
-        if self.budget is not None:
-            budget = self.budget
-            with contextlib.suppress(CacheUnavailable):
-                await self._call(lambda: budget.touch(namespace, digest))
+    async def stop(self) -> None:
+        self._done.set()
+        await asyncio.to_thread(self._thread.join)
 
-    def entry_for(self, status: int, body: bytes, content_type: str, api: str) -> Entry:
-        return Entry(status, body, content_type, self._clock(), api)
 
-    def ttl_ms(self, ttl: float | None) -> int | None:
-        """Milliseconds to keep an entry: ``ttl`` seconds, or the default; None = forever."""
-        ttl = self.policy.default_ttl if ttl is None else ttl
-        return max(1, math.ceil(ttl * 1000)) if ttl else None
-
-    async def put(self, key: CacheKey, entry: Entry, *, ttl: float | None = None,
-                  vector: bytes | None = None) -> int:
-        """Store ``entry`` (and its vector record, with the same TTL, atomically); return
-        the bytes counted for it, or 0 if it is over the size limit or the budget."""
-        data = entry.encode()
-        if len(data) > self.policy.max_entry_bytes:
-            return 0
-        ttl_ms = self.ttl_ms(ttl)
-        if self.budget is not None:
-            budget = self.budget
-            result = await self._call(
-                lambda: budget.put(key.namespace, key.digest, data, vector, ttl_ms))
-            self.counts["evicted"] += len(result.evicted)
-            if not result.stored:
-                self.counts["over_budget"] += 1
-            return result.size if result.stored else 0
-        items = [(self.layout.entry(key.namespace, key.digest), data)]
-        if vector is not None:
-            items.append((self.layout.vector(key.namespace, key.digest), vector))
-        if len(items) == 1:
-            await self._call(lambda: self.store.set(items[0][0], data, ttl_ms))
-        else:
-            await self._call(lambda: self.store.set_many(items, ttl_ms))
-        return len(data) + (len(vector) if vector is not None else 0)
-
-    async def get_many(self, keys: list[str]) -> list[bytes | None]:
-        return await self._call(lambda: self.store.get_many(keys))
-
-    def age(self, entry: Entry) -> int:
-        return max(0, int(self._clock() - entry.created))
-
-    async def invalidate_key(self, namespace: str, digest: str) -> int:
-        """Delete one entry (and its vector record); return the entries deleted (0 or 1)."""
-        layout = self.layout
-        if self.budget is not None:
-            budget = self.budget
-            member = (layout.shard(digest), layout.member(namespace, digest))
-            return await self._call(lambda: budget.delete([member]))
-        entry = layout.entry(namespace, digest)
-        existed = await self._call(lambda: self.store.get_many([entry]))
-        await self._call(lambda: self.store.delete(entry, layout.vector(namespace, digest)))
-        return int(existed[0] is not None)
-
-    async def invalidate_namespace(self, namespace: str) -> int:
-        return await self._invalidate(*self.layout.patterns(namespace))
-
-    async def invalidate_all(self) -> int:
-        return await self._invalidate(*self.layout.patterns())
-
-    async def _invalidate(self, entries: str, vectors: str) -> int:
-        """Delete what the patterns match (SCAN visits every master of a cluster). With a
-        budget, every entry or vector key found goes through its script, so the accounting
-        stays exact even for keys written without it."""
-        if self.budget is None:
-            deleted = await self._scan_op(lambda: self.store.delete_matching(entries))
-            await self._scan_op(lambda: self.store.delete_matching(vectors))
-            return deleted
-        budget, layout = self.budget, self.layout
-
-        async def scripted() -> int:
-            found = {layout.split(k.decode() if isinstance(k, bytes) else k)
-                     for pattern in (entries, vectors) async for k in self.store.scan(pattern)}
-            return await budget.delete(sorted(found))
-
-        return await self._scan_op(scripted)
-
-    async def _scan_op(self, op: Callable[[], Awaitable[int]]) -> int:
-        # A scan may take longer than one lookup: no per-op timeout here.
-        if not self.breaker.allow():
-            raise CacheUnavailable("cache circuit is open")
-        try:
-            deleted = await op()
-        except (RedisError, OSError) as exc:
-            self.breaker.record_failure()
-            raise CacheUnavailable(f"cache backend failed: {exc!r}") from exc
-        except BaseException:
-            self.breaker.release()
-            raise
-        self.breaker.record_success()
-        return deleted
-
-    async def ping(self) -> bool:
-        try:
-            await self._call(self.store.ping)
-        except CacheUnavailable:
-            return False
-        return True
-
-    async def info(self) -> dict[str, Any]:
-        info = await self._call(self.store.info)
-        if self.budget is not None:
-            usage = await self._call(self.budget.usage)
-            info.update(entries=usage.entries, bytes=usage.bytes, max_bytes=usage.max_bytes,
-                        shards=usage.shards, evicted=self.counts["evicted"],
-                        over_budget=self.counts["over_budget"])
-        return info
+def _settle(future: asyncio.Future[str], url: str | None, exc: BaseException | None) -> None:
+    if future.done():
+        return
+    if exc is not None:
+        future.set_exception(exc)
+    else:
+        assert url is not None
+        future.set_result(url)

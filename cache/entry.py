@@ -1,7 +1,7 @@
 """One cached answer and its compact wire form (msgpack, zlib for larger bodies).
 
 The stored body is always the *non-streaming* response JSON: a streamed miss is
-assembled into it (see :mod:`promptcache.cache.streams`) and a streaming hit is replayed
+assembled into it (see :mod:`promptcache.cache.sse`) and a streaming hit is replayed
 from it, so one entry serves both kinds of request.
 """
 

@@ -28,15 +28,15 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
-from promptcache.cache.control import CacheControl
+from promptcache.cache.cache_control import CacheControl
+from promptcache.cache.engine import Answer, Engine
 from promptcache.cache.entry import Entry
 from promptcache.cache.errors import CacheUnavailable, RequestError
 from promptcache.cache.keys import Api, CacheKey, check_namespace, loads_normalised, request_key
-from promptcache.cache.lease import RemoteFlight
-from promptcache.cache.runtime import Answer, Engine
-from promptcache.cache.scope import SemanticView, semantic_view, temperature
-from promptcache.cache.semantic import SemanticHit
-from promptcache.cache.streams import SSEParser, assembler_for
+from promptcache.cache.redis.remote_flight import RemoteFlight
+from promptcache.cache.semantic.scope import SemanticView, semantic_view, temperature
+from promptcache.cache.semantic.tier import SemanticHit
+from promptcache.cache.sse import SSEParser, assembler_for
 from promptcache.cache.validate import validate_body
 
 log = logging.getLogger(__name__)

@@ -24,10 +24,10 @@ from dataclasses import dataclass
 import httpx2
 
 from promptcache.cache import flow
+from promptcache.cache.engine import Answer, Engine
 from promptcache.cache.errors import PromptCacheError
 from promptcache.cache.keys import ENDPOINTS, credential
-from promptcache.cache.runtime import Answer, Engine
-from promptcache.cache.streams import replay
+from promptcache.cache.sse import replay
 from promptcache.clients.cache import Cache
 from promptcache.clients.loop import CallerWork
 

@@ -50,12 +50,12 @@ def parser() -> argparse.ArgumentParser:
         "the environment, which wins over the file.",
     )
     add_arguments(serve)
-    from promptcache.cache import fit
+    from promptcache.benchmarks import fit
 
     fit.add_arguments(sub.add_parser(
         "fit", help="fit the verifier's model on labelled pairs (your own traffic too)",
         description=fit.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
-    from promptcache.cache import plan
+    from promptcache.benchmarks import plan
 
     plan.add_arguments(sub.add_parser(
         "plan", help="estimate the memory each tier needs (Redis, index, model, per node)",
@@ -89,13 +89,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return serve(build_settings(vars(args) | {"command": None}, os.environ))
         if args.command == "fit":
-            from promptcache.cache import fit
+            from promptcache.benchmarks import fit
 
             return fit.main(args)
         if args.command == "reconcile":
             return _reconcile(args)
         if args.command == "plan":
-            from promptcache.cache import plan
+            from promptcache.benchmarks import plan
 
             return plan.main(args)
         if args.command == "bench":
@@ -114,8 +114,8 @@ def _reconcile(args: argparse.Namespace) -> int:
 
     from redis.exceptions import RedisError
 
-    from promptcache.cache.embedded import SOCKET_NAME
-    from promptcache.cache.reconcile import reconcile_url
+    from promptcache.cache.redis.embedded import SOCKET_NAME
+    from promptcache.cache.redis.reconcile import reconcile_url
     from promptcache.server.config import Settings
 
     url = args.redis_url

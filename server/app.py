@@ -12,10 +12,10 @@ import aiohttp
 import faiss
 from aiohttp import web
 
-from promptcache.cache.embed import Embedder
-from promptcache.cache.embedded import EmbeddedRedis
+from promptcache.cache.engine import open_engine
 from promptcache.cache.keys import ENDPOINTS
-from promptcache.cache.runtime import open_engine
+from promptcache.cache.redis.embedded import EmbeddedRedis
+from promptcache.cache.semantic.embedding import Embedder
 from promptcache.server import admin
 from promptcache.server.config import Settings
 from promptcache.server.handlers import cached_route

@@ -23,11 +23,11 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from promptcache.cache.engine import Answer
 from promptcache.cache.errors import BodyTooLarge, RequestError
 from promptcache.cache.flow import Outcome, Prepared, StreamCollector, handle, prepare, store
 from promptcache.cache.keys import ENDPOINTS, Api, credential
-from promptcache.cache.runtime import Answer
-from promptcache.cache.streams import replay
+from promptcache.cache.sse import replay
 from promptcache.server.proxy import abort, upstream_unavailable
 from promptcache.server.state import SIDECAR, Sidecar
 

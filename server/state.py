@@ -7,12 +7,12 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from promptcache.cache.engine import ExactCache
-from promptcache.cache.lease import RemoteFlight
-from promptcache.cache.runtime import Answer, Engine
-from promptcache.cache.semantic import SemanticCache
+from promptcache.cache.engine import Answer, Engine
+from promptcache.cache.exact import ExactCache
+from promptcache.cache.redis.index_sync import IndexSync
+from promptcache.cache.redis.remote_flight import RemoteFlight
+from promptcache.cache.semantic.tier import SemanticCache
 from promptcache.cache.singleflight import SingleFlight
-from promptcache.cache.sync import IndexSync
 from promptcache.server.config import Settings
 from promptcache.server.metrics import Metrics
 from promptcache.server.proxy import Upstream

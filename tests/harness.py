@@ -12,7 +12,7 @@ from typing import Any
 
 from aiohttp import web
 
-from promptcache.cache.embed import Embedder
+from promptcache.cache.semantic.embedding import Embedder
 from promptcache.server.app import create_app
 from promptcache.server.config import Settings
 from promptcache.server.state import SIDECAR, Sidecar

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
-from promptcache.cache.embedded import EmbeddedRedis
+from promptcache.cache.redis.embedded import EmbeddedRedis
 
 __all__ = ["RedisServer", "free_port"]
 

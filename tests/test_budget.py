@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
-from promptcache.cache.engine import CachePolicy, ExactCache
-from promptcache.cache.eviction import ENTRY_OVERHEAD_BYTES, Budget
+from promptcache.cache.exact import CachePolicy, ExactCache
 from promptcache.cache.keys import KeyLayout, request_key
-from promptcache.cache.reconcile import reconcile
-from promptcache.cache.store import RedisStore
+from promptcache.cache.redis.budget import ENTRY_OVERHEAD_BYTES, Budget
+from promptcache.cache.redis.client import RedisStore
+from promptcache.cache.redis.reconcile import reconcile
 from tests.harness import eventually
 
 LAYOUT = KeyLayout("pc:", 1)

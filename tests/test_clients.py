@@ -16,7 +16,7 @@ from openai import AsyncOpenAI, OpenAI
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from promptcache.benchmarks.fake_upstream import FakeUpstream
-from promptcache.cache.embed import Embedder
+from promptcache.cache.semantic.embedding import Embedder
 from promptcache.clients import (
     AdminRefused,
     AsyncCache,

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from promptcache.cache.embedded import MAX_UNIX_SOCKET_PATH, EmbeddedRedis
 from promptcache.cache.errors import EmbeddedRedisError
+from promptcache.cache.redis.embedded import MAX_UNIX_SOCKET_PATH, EmbeddedRedis
 from tests.redis_helpers import RedisServer
 
 
@@ -147,7 +147,7 @@ _OWNER_SCRIPT = textwrap.dedent(
     """
     import sys
     import redis
-    from promptcache.cache.embedded import EmbeddedRedis
+    from promptcache.cache.redis.embedded import EmbeddedRedis
 
     server = EmbeddedRedis(sys.argv[1])
     conn = redis.Redis.from_url(server.start(), socket_timeout=5)

@@ -13,10 +13,10 @@ import pytest
 import redis.exceptions
 
 from promptcache.cache.breaker import CircuitBreaker
-from promptcache.cache.control import CacheControl
-from promptcache.cache.engine import CachePolicy, ExactCache
+from promptcache.cache.cache_control import CacheControl
 from promptcache.cache.entry import COMPRESS_MIN_BYTES, Entry, EntryFormatError
 from promptcache.cache.errors import CacheUnavailable, RequestError
+from promptcache.cache.exact import CachePolicy, ExactCache
 from promptcache.cache.keys import request_key, tenant_id
 from promptcache.cache.singleflight import SingleFlight
 

@@ -10,10 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from promptcache.benchmarks import hitrate
-from promptcache.cache import fit
-from promptcache.cache.embed import resolve_tuning
-from promptcache.cache.verify import Verifier, VerifierConfig
+from promptcache.benchmarks import fit, hitrate, pairs
+from promptcache.cache.semantic.embedding import resolve_tuning
+from promptcache.cache.semantic.verifier import Verifier, VerifierConfig
 
 QQP = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "qqp_pairs.jsonl.gz"
 needs_qqp = pytest.mark.skipif(not QQP.exists(), reason=f"{QQP} is not there (shared datasets)")
@@ -29,11 +28,11 @@ def test_pairs_read_from_gzip_or_plain_lines_and_split_by_hash(tmp_path: Path) -
     rows = [{"a": f"question {i}", "b": f"query {i}", "label": i % 2} for i in range(200)]
     plain = tmp_path / "pairs.jsonl"
     plain.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    pairs = fit.read_pairs(plain, limit=150)
-    assert len(pairs) == 150 and pairs[3] == fit.Pair("question 3", "query 3", 1)
-    train, test = fit.split(pairs, 0.2)
+    read = pairs.read_pairs(plain, limit=150)
+    assert len(read) == 150 and read[3] == pairs.Pair("question 3", "query 3", 1)
+    train, test = pairs.split(read, 0.2)
     assert len(train) + len(test) == 150 and 10 < len(test) < 60
-    assert fit.split(pairs, 0.2) == (train, test)  # deterministic
+    assert pairs.split(read, 0.2) == (train, test)  # deterministic
 
 
 @needs_qqp
@@ -105,7 +104,7 @@ def test_fit_cross_encoder_code_path_on_a_tiny_budget(tmp_path: Path) -> None:
 def test_fit_embedder_writes_a_tuning_the_embedder_loads(tmp_path: Path) -> None:
     """fit --embedder tunes the top layers, writes them with the verifier fitted on top, and
     the embedder loads them (vectors change, names say which tuning made them)."""
-    from promptcache.cache.embed import SentenceTransformerEmbedder
+    from promptcache.cache.semantic.embedding import SentenceTransformerEmbedder
 
     out = tmp_path / "tuned"
     args = _args(fit.add_arguments, ["--pairs", str(QQP), "--limit", "200", "--out", str(out),
@@ -124,8 +123,8 @@ def test_fit_embedder_writes_a_tuning_the_embedder_loads(tmp_path: Path) -> None
 def test_a_tuning_file_that_is_not_ours_is_a_config_error(tmp_path: Path) -> None:
     from safetensors.numpy import save_file
 
-    from promptcache.cache.embed import SentenceTransformerEmbedder
     from promptcache.cache.errors import ConfigError
+    from promptcache.cache.semantic.embedding import SentenceTransformerEmbedder
 
     alien = tmp_path / "alien.safetensors"
     save_file({"encoder.layer.5.output.dense.weight": np.zeros((3, 3), np.float32)},
@@ -139,10 +138,10 @@ def test_a_tuning_file_that_is_not_ours_is_a_config_error(tmp_path: Path) -> Non
 
 
 def _lookups(rows: list[tuple[float, int, bool]], texts: list[tuple[str, str]] | None = None
-             ) -> fit.Lookups:
+             ) -> pairs.Lookups:
     """Lookups from (similarity, label, own) rows."""
     texts = texts or [(f"q{i}", f"c{i}") for i in range(len(rows))]
-    return fit.Lookups([q for q, _ in texts], [c for _, c in texts],
+    return pairs.Lookups([q for q, _ in texts], [c for _, c in texts],
                        np.array([r[0] for r in rows]), np.array([r[1] for r in rows]),
                        np.array([r[2] for r in rows]))
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from promptcache.cache.index import KINDS, PartitionedIndex, VectorIndex, make_index
+from promptcache.cache.semantic.index import KINDS, PartitionedIndex, VectorIndex, make_index
 
 DIM = 32
 KINDS_ = [k for k in KINDS if k != "auto"]

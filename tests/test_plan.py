@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
-from promptcache.cache import flow, plan
-from promptcache.cache.embed import Embedder
-from promptcache.cache.runtime import Answer, EngineOptions, open_engine
+from promptcache.benchmarks import plan
+from promptcache.cache import flow
+from promptcache.cache.engine import Answer, EngineOptions, open_engine
+from promptcache.cache.semantic.embedding import Embedder
 from tests.redis_helpers import RedisServer
 
 PROMPTS = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "chat_prompts.jsonl.gz"

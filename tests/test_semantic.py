@@ -12,8 +12,8 @@ import pytest
 import redis
 
 from promptcache.benchmarks.fake_upstream import FakeUpstream
-from promptcache.cache.embed import BatchingEmbedder, Embedder
-from promptcache.cache.index import PartitionedIndex
+from promptcache.cache.semantic.embedding import BatchingEmbedder, Embedder
+from promptcache.cache.semantic.index import PartitionedIndex
 from tests.harness import RunningSidecar, eventually, start_sidecar
 from tests.test_sidecar_exact import CHAT, MESSAGES, assembled, post, stream
 
@@ -162,7 +162,7 @@ async def test_vectors_of_another_embedder_are_re_embedded_at_restart(
     http: aiohttp.ClientSession,
 ) -> None:
     """A record made by another model (here: a nonsense vector) is never searched as is."""
-    from promptcache.cache.semantic import VectorRecord
+    from promptcache.cache.semantic.tier import VectorRecord
 
     first = await start_sidecar(fake.url, redis_url, embedder=embedder)
     await ask(http, first, chat(Q))

@@ -11,7 +11,7 @@ import pytest
 import redis
 
 from promptcache.benchmarks.fake_upstream import FakeUpstream
-from promptcache.cache.streams import SSEEvent, SSEParser, assembler_for
+from promptcache.cache.sse import SSEEvent, SSEParser, assembler_for
 from tests.harness import RunningSidecar, eventually, start_sidecar
 
 CHAT = "/v1/chat/completions"

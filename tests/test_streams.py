@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from promptcache.cache.streams import (
+from promptcache.cache.sse import (
     API,
     SSEEvent,
     SSEParser,

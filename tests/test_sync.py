@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import redis.asyncio as aioredis
 
-from promptcache.cache.engine import CachePolicy, ExactCache
-from promptcache.cache.eviction import Budget
-from promptcache.cache.index import PartitionedIndex
+from promptcache.cache.exact import CachePolicy, ExactCache
 from promptcache.cache.keys import KeyLayout
-from promptcache.cache.semantic import SemanticCache, VectorRecord
-from promptcache.cache.store import RedisStore
-from promptcache.cache.sync import IndexSync
+from promptcache.cache.redis.budget import Budget
+from promptcache.cache.redis.client import RedisStore
+from promptcache.cache.redis.index_sync import IndexSync
+from promptcache.cache.semantic.index import PartitionedIndex
+from promptcache.cache.semantic.tier import SemanticCache, VectorRecord
 from tests.harness import eventually
 
 LAYOUT = KeyLayout("pc:", 1)

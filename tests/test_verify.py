@@ -8,14 +8,9 @@ from pathlib import Path
 import pytest
 
 from promptcache.cache.errors import ConfigError
-from promptcache.cache.fit import FEATURES
-from promptcache.cache.verify import (
-    Verifier,
-    VerifierConfig,
-    named_things,
-    negation_count,
-    numbers_agree,
-)
+from promptcache.cache.semantic.rules import named_things, negation_count, numbers_agree
+from promptcache.cache.semantic.scorers import FEATURES
+from promptcache.cache.semantic.verifier import Verifier, VerifierConfig
 
 HIGH = 0.97  # these traps score above 0.95 with all-MiniLM-L6-v2; the rules must not care
 
@@ -137,8 +132,8 @@ def test_the_default_threshold_is_the_one_fitted_with_the_shipped_verifier(
         default: Verifier) -> None:
     """The sidecar's --similarity-threshold default is the operating point `promptcache fit`
     chose for the shipped verifier; refitting means updating both."""
-    from promptcache.cache.runtime import EngineOptions
-    from promptcache.cache.semantic import SemanticPolicy
+    from promptcache.cache.engine import EngineOptions
+    from promptcache.cache.semantic.tier import SemanticPolicy
 
     fitted = default.params["similarity_threshold"]
     assert EngineOptions().similarity_threshold == SemanticPolicy().threshold == fitted

@@ -1,7 +1,7 @@
 """The semantic tier: near-duplicate requests answered from an entry, if a verifier agrees.
 
 On a miss of the exact tier, the final user message is embedded and searched in the
-FAISS partition of its scope (see :mod:`promptcache.cache.scope`); candidates at or
+FAISS partition of its scope (see :mod:`promptcache.cache.semantic.scope`); candidates at or
 above the similarity threshold are fetched from Redis, dropped if their entry is gone
 (expired, evicted or deleted: the index never resurrects one), and passed to the
 verifier; the best one it accepts is served.
@@ -24,12 +24,12 @@ from typing import Any, Final, Protocol
 import msgpack
 import numpy as np
 
-from promptcache.cache.embed import BatchingEmbedder
-from promptcache.cache.engine import ExactCache
 from promptcache.cache.entry import Entry, EntryFormatError
-from promptcache.cache.index import PartitionedIndex
+from promptcache.cache.exact import ExactCache
 from promptcache.cache.keys import CacheKey
-from promptcache.cache.scope import SemanticView
+from promptcache.cache.semantic.embedding import BatchingEmbedder
+from promptcache.cache.semantic.index import PartitionedIndex
+from promptcache.cache.semantic.scope import SemanticView
 
 log = logging.getLogger(__name__)
 _FORMAT: Final = 2  # 2 added the model name; 1 (without it) is still read

@@ -1,8 +1,4 @@
-"""The verifier: a semantic candidate is served only if it passes these checks.
-
-A cached answer is served for a paraphrase only if the two prompts ask the same thing.
-Cosine similarity alone cannot tell that: "cancel my subscription" and "don't cancel my
-subscription" score above 0.95. Before a candidate is served, :class:`Verifier` runs:
+"""The verifier's rule checks: what two prompts must agree on before one's answer serves both.
 
 - ``numbers``: numbers, dates, amounts and units agree (digits, decimals, number words,
   ordinals, years, times, currency, percentages, "5 kg" vs "5 lb", months, weekdays), in the
@@ -11,47 +7,16 @@ subscription" score above 0.95. Before a candidate is served, :class:`Verifier` 
   without, none, nothing, cannot, unable, ...), idioms such as "no matter" and "or not" aside;
 - ``entities``: named things agree (capitalised names not at a sentence start, acronyms, code
   identifiers, quoted strings, URLs, file names), and the ones both prompts share appear in
-  the same order, so "Alice pays Bob" never matches "Bob pays Alice";
-- ``model``: what ``promptcache fit`` (:mod:`promptcache.cache.fit`) wrote: a logistic
-  regression over cheap features (similarity, word overlap, length ratio, the rule flags), a
-  fine-tuned cross-encoder directory, or ``kind: rules`` when no model beat the rules alone
-  on the calibration lookups. ``VerifierConfig.model`` is ``"default"`` (the file shipped as
-  ``models/verifier.json``, fitted on QQP), ``None`` (rules only) or a path.
+  the same order, so "Alice pays Bob" never matches "Bob pays Alice".
 
-Each check can be switched off in :class:`VerifierConfig`. The rules and the linear model
-cost about 0.1-0.2 ms a candidate; a cross-encoder one forward pass per pair.
+Pure functions of two strings; :mod:`.verifier` runs them, :mod:`.scorers` uses their flags
+as features.
 """
 
 from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
-
-if TYPE_CHECKING:
-    from promptcache.cache.embed import SentenceTransformerEmbedder
-
-DEFAULT_PARAMS = Path(__file__).resolve().parent / "models" / "verifier.json"
-
-
-@dataclass(frozen=True)
-class VerifierConfig:
-    numbers: bool = True
-    negation: bool = True
-    entities: bool = True
-    model: str | None = "default"
-
-
-@dataclass(frozen=True)
-class Verdict:
-    ok: bool
-    reason: str | None  # the first check that rejected: "numbers", "negation", ...
-    score: float  # the model's probability that one answer serves both (1 without a model,
-    # 0 if a rule rejected the pair)
-
 
 # --- tokens ------------------------------------------------------------------------------
 
@@ -372,16 +337,6 @@ def _swapped(names: set[str], a: str, b: str, *, ignore: frozenset[str] | None =
     return False
 
 
-# --- the verifier ------------------------------------------------------------------------
-
-class Scorer(Protocol):
-    """A fitted model: the probability that one answer serves both prompts, per pair."""
-
-    threshold: float  # scores below it are rejected
-
-    def score_batch(self, items: Sequence[tuple[str, str, float]]) -> list[float]: ...
-
-
 RULES = ("numbers", "negation", "entities")
 CHECKS = {"numbers": numbers_agree, "negation": negation_agrees, "entities": names_agree}
 
@@ -389,47 +344,3 @@ CHECKS = {"numbers": numbers_agree, "negation": negation_agrees, "entities": nam
 def rule_flags(query: str, candidate: str) -> dict[str, bool]:
     """Each rule's verdict (True = agrees), whatever the config says."""
     return {name: check(query, candidate) for name, check in CHECKS.items()}
-
-
-class Verifier:
-    """Rules first (cheap, each switchable), then the fitted model on what they let through.
-
-    ``verify_batch`` scores every rule-passing pair in one model call; ``verify`` is the
-    batch of one, and gives the same verdict. Both block: call them from a thread.
-    """
-
-    def __init__(self, config: VerifierConfig = VerifierConfig(), *,
-                 embedder: SentenceTransformerEmbedder | None = None) -> None:
-        self.config = config
-        self._checks = [(n, CHECKS[n]) for n in RULES if getattr(config, n)]
-        self.scorer: Scorer | None = None
-        self.params: dict[str, Any] = {}  # what `promptcache fit` wrote, if a model is set
-        if config.model is not None:
-            from promptcache.cache.fit import load_model
-
-            path = DEFAULT_PARAMS if config.model == "default" else Path(config.model)
-            self.params, self.scorer = load_model(path)
-        self.embedder = embedder  # the fitted kinds shipped today score without it
-
-    def _rules(self, query: str, candidate: str) -> str | None:
-        for name, check in self._checks:
-            if not check(query, candidate):
-                return name
-        return None
-
-    def verify(self, query: str, candidate: str, similarity: float) -> Verdict:
-        return self.verify_batch([(query, candidate, similarity)])[0]
-
-    def verify_batch(self, items: Sequence[tuple[str, str, float]]) -> list[Verdict]:
-        reasons = [self._rules(q, c) for q, c, _ in items]
-        scores = [1.0 if r is None else 0.0 for r in reasons]
-        if self.scorer is not None:
-            todo = [i for i, r in enumerate(reasons) if r is None]
-            if todo:
-                for i, s in zip(todo, self.scorer.score_batch([items[i] for i in todo]),
-                                strict=True):
-                    scores[i] = s
-                    if s < self.scorer.threshold:
-                        reasons[i] = "model"
-        return [Verdict(ok=r is None, reason=r, score=float(s))
-                for r, s in zip(reasons, scores, strict=True)]

@@ -3,7 +3,7 @@
 :class:`EntryStore` is the seam; :class:`RedisStore` is the implementation (a single
 Redis, reached through ``redis.asyncio``). Stores deal in bytes and Redis keys only;
 keys, encoding, timeouts and the circuit breaker are the engine's job
-(:mod:`promptcache.cache.engine`).
+(:mod:`promptcache.cache.exact`).
 """
 
 from __future__ import annotations

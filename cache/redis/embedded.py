@@ -46,7 +46,7 @@ from pathlib import Path
 from types import TracebackType
 from urllib.parse import quote
 
-from .errors import EmbeddedRedisError
+from promptcache.cache.errors import EmbeddedRedisError
 
 __all__ = ["EmbeddedRedis"]
 

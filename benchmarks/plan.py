@@ -6,7 +6,7 @@
 - **Redis** (shared by every node): per entry, the encoded entry (the response body, zlib
   deflated when >= 1 KiB at :data:`COMPRESSION` of its size, the ratio measured on real chat
   text), the vector record (the final user message, 384 float16, scope and ids), both key
-  names, and :data:`~promptcache.cache.eviction.ENTRY_OVERHEAD_BYTES` of Redis bookkeeping
+  names, and :data:`~promptcache.cache.redis.budget.ENTRY_OVERHEAD_BYTES` of Redis bookkeeping
   (dict entries, LRU/expiry/size members, allocator rounding). This is what ``--max-bytes``
   counts, so a budget of the planned total holds N entries; Redis's own ``maxmemory``
   should leave room above it for the change streams and fragmentation
@@ -29,10 +29,10 @@ from typing import Any, Final
 import numpy as np
 
 from promptcache.cache.entry import COMPRESS_MIN_BYTES, Entry
-from promptcache.cache.eviction import ENTRY_OVERHEAD_BYTES
-from promptcache.cache.index import AUTO_HNSW_AT, make_index
 from promptcache.cache.keys import CLUSTER_SHARDS, KeyLayout, namespace_id
-from promptcache.cache.semantic import VectorRecord
+from promptcache.cache.redis.budget import ENTRY_OVERHEAD_BYTES
+from promptcache.cache.semantic.index import AUTO_HNSW_AT, make_index
+from promptcache.cache.semantic.tier import VectorRecord
 
 #: zlib (level 1) size / raw size of chat-completion JSON bodies >= 1 KiB whose content is
 #: real chat text (the 769 such bodies made from ../shared/datasets/chat_prompts: mean 0.465,

@@ -14,8 +14,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from promptcache.cache.eviction import Budget
-from promptcache.cache.store import EntryStore
+from promptcache.cache.redis.budget import Budget
+from promptcache.cache.redis.client import EntryStore
 
 
 @dataclass(slots=True)
@@ -74,7 +74,12 @@ async def reconcile_url(url: str, *, key_prefix: str = "pc:", socket_timeout: fl
                         ) -> Report:
     """Reconcile the cache at ``url`` (``redis+cluster://`` for a cluster)."""
     from promptcache.cache.keys import CLUSTER_SHARDS, KeyLayout
-    from promptcache.cache.store import RedisStore, close_client, is_cluster_url, redis_client
+    from promptcache.cache.redis.client import (
+        RedisStore,
+        close_client,
+        is_cluster_url,
+        redis_client,
+    )
 
     client = redis_client(url, timeout=socket_timeout)
     try:

@@ -24,7 +24,7 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from promptcache.cache.keys import KeyLayout
-from promptcache.cache.semantic import SemanticCache, vector_id
+from promptcache.cache.semantic.tier import SemanticCache, vector_id
 
 log = logging.getLogger(__name__)
 
