@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         upstream = f"http://127.0.0.1:{up_port}"
         sidecar = f"http://127.0.0.1:{sc_port}"
         floor = f"http://127.0.0.1:{fl_port}"
-        with python_process(["-m", "promptcache.benchmarks.fake_upstream", "--port",
+        with python_process(["-m", "promptcache.testing", "--port",
                              str(up_port)], upstream + "/v1/models"), \
                 python_process(["-m", "promptcache", "serve", "--upstream", upstream,
                                 "--redis-url", store.url, "--port", str(sc_port),

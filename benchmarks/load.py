@@ -164,7 +164,7 @@ def own_sidecar(args: argparse.Namespace) -> Iterator[tuple[str, str]]:
             EmbeddedRedis(Path(tmp) / "redis", persistence=False) as store:
         up_port, sc_port = free_port(), free_port()
         upstream, sidecar = f"http://127.0.0.1:{up_port}", f"http://127.0.0.1:{sc_port}"
-        with python_process(["-m", "promptcache.benchmarks.fake_upstream", "--port",
+        with python_process(["-m", "promptcache.testing", "--port",
                              str(up_port), "--latency", str(args.upstream_latency),
                              "--answer-words", str(args.answer_words)],
                             upstream + "/v1/models"), \

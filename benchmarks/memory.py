@@ -40,7 +40,6 @@ import redis
 from aiohttp import web
 
 from promptcache.benchmarks import plots
-from promptcache.benchmarks.fake_upstream import running_fake_upstream
 from promptcache.benchmarks.load import _bool
 from promptcache.benchmarks.progress import add_quiet, progress
 from promptcache.benchmarks.results import command, publish
@@ -51,6 +50,7 @@ from promptcache.cache.semantic.index import make_index
 from promptcache.cache.semantic.tier import VectorRecord
 from promptcache.server.app import create_app
 from promptcache.server.config import Settings
+from promptcache.testing import running_fake_upstream
 
 CHAT = "/v1/chat/completions"
 

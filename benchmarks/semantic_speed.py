@@ -101,7 +101,7 @@ def sidecar_figures(args: argparse.Namespace, base: list[str], lookups: list[str
             EmbeddedRedis(Path(tmp) / "redis", persistence=False) as store:
         up_port, sc_port = free_port(), free_port()
         upstream, sidecar = f"http://127.0.0.1:{up_port}", f"http://127.0.0.1:{sc_port}"
-        with python_process(["-m", "promptcache.benchmarks.fake_upstream", "--port",
+        with python_process(["-m", "promptcache.testing", "--port",
                              str(up_port)], upstream + "/v1/models"), \
                 python_process(["-m", "promptcache", "serve", "--upstream", upstream,
                                 "--redis-url", store.url, "--port", str(sc_port),

@@ -20,8 +20,8 @@ import pytest
 import redis
 from redis.asyncio.connection import AbstractConnection
 
-from promptcache.benchmarks.fake_upstream import FakeUpstream, running_fake_upstream
 from promptcache.cache.semantic.embedding import Embedder, SentenceTransformerEmbedder
+from promptcache.testing import FakeUpstream, running_fake_upstream
 from tests.harness import RunningSidecar, start_sidecar
 from tests.redis_helpers import RedisClusterServers, RedisServer
 

@@ -16,10 +16,10 @@ import matplotlib.image
 import pytest
 
 from promptcache.benchmarks import hitrate, load, loadgen, memory, report
-from promptcache.benchmarks.fake_upstream import FakeUpstream, running_fake_upstream
 from promptcache.benchmarks.workload import Mix, build, paraphrase
 from promptcache.cache.semantic.embedding import SentenceTransformerEmbedder
 from promptcache.cache.semantic.rules import rule_flags
+from promptcache.testing import FakeUpstream, running_fake_upstream
 from tests.harness import RunningSidecar
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets"

@@ -15,7 +15,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from promptcache.benchmarks.fake_upstream import FakeUpstream
+from promptcache.testing import FakeUpstream
 from tests.redis_helpers import free_port
 from tests.test_embedded import process_alive, wait_until_gone
 

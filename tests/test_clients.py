@@ -15,7 +15,6 @@ import pytest
 from openai import AsyncOpenAI, OpenAI
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
-from promptcache.benchmarks.fake_upstream import FakeUpstream
 from promptcache.cache.semantic.embedding import Embedder
 from promptcache.clients import (
     AdminRefused,
@@ -27,6 +26,7 @@ from promptcache.clients import (
     SidecarUnreachable,
     wrap,
 )
+from promptcache.testing import FakeUpstream
 from tests.harness import RunningSidecar, eventually, start_sidecar
 
 CHAT = "/v1/chat/completions"

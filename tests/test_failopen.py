@@ -8,7 +8,7 @@ import time
 import aiohttp
 import pytest
 
-from promptcache.benchmarks.fake_upstream import FakeUpstream
+from promptcache.testing import FakeUpstream
 from tests.harness import RunningSidecar, eventually, start_sidecar
 from tests.redis_helpers import RedisServer
 from tests.test_sidecar_exact import CHAT, chat, post

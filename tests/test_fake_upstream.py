@@ -14,7 +14,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from promptcache.benchmarks.fake_upstream import FakeUpstream, running_fake_upstream
+from promptcache.testing import FakeUpstream, running_fake_upstream
 
 CHAT = "/v1/chat/completions"
 MESSAGES = "/v1/messages"

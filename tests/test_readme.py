@@ -8,9 +8,9 @@ import os
 import re
 from pathlib import Path
 
-from promptcache.benchmarks.fake_upstream import FakeUpstream
 from promptcache.cli import parser
 from promptcache.server.config import OPTIONS
+from promptcache.testing import FakeUpstream
 from tests.harness import RunningSidecar
 
 ROOT = Path(__file__).resolve().parent.parent

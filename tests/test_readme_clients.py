@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from promptcache.benchmarks.fake_upstream import FakeUpstream
+from promptcache.testing import FakeUpstream
 from tests.harness import RunningSidecar, start_sidecar
 from tests.test_readme import section
 

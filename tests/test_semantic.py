@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import redis
 
-from promptcache.benchmarks.fake_upstream import FakeUpstream
 from promptcache.cache.semantic.embedding import BatchingEmbedder, Embedder
 from promptcache.cache.semantic.index import PartitionedIndex
+from promptcache.testing import FakeUpstream
 from tests.harness import RunningSidecar, eventually, start_sidecar
 from tests.test_sidecar_exact import CHAT, MESSAGES, assembled, post, stream
 

@@ -10,8 +10,8 @@ import aiohttp
 import pytest
 import redis
 
-from promptcache.benchmarks.fake_upstream import FakeUpstream
 from promptcache.cache.sse import SSEEvent, SSEParser, assembler_for
+from promptcache.testing import FakeUpstream
 from tests.harness import RunningSidecar, eventually, start_sidecar
 
 CHAT = "/v1/chat/completions"

@@ -631,7 +631,7 @@ async def test_fake_upstream_stream_assembles_to_its_plain_answer(
 ) -> None:
     import aiohttp
 
-    from promptcache.benchmarks.fake_upstream import running_fake_upstream
+    from promptcache.testing import running_fake_upstream
 
     streamed = {**payload, "stream": True, "stream_options": {"include_usage": True}}
     if api == "messages":
