@@ -1,13 +1,11 @@
 """Building a running engine from options: the one place both the sidecar and the
 in-process cache (``promptcache.clients``) construct the cache.
 
-:class:`EngineOptions` holds every option that shapes the cache itself (Redis, TTL, sizes,
-breaker, budget, the semantic tier); the sidecar's ``Settings`` extends it with the HTTP-side ones,
-so an option has one name and one default everywhere. :func:`open_engine` builds the
-:class:`Engine` (Redis client or a private embedded Redis, :class:`ExactCache`, and the
-semantic tier with its embedder, index and verifier; the byte budget and its reaper, the
-index sync with other nodes and the cross-node single flight) and registers its cleanup on the
-caller's :class:`~contextlib.AsyncExitStack`.
+:func:`open_engine` builds the :class:`Engine` for an
+:class:`~promptcache.cache.options.EngineOptions` (Redis client or a private embedded Redis,
+:class:`ExactCache`, and the semantic tier with its embedder, index and verifier; the byte
+budget and its reaper, the index sync with other nodes and the cross-node single flight) and
+registers its cleanup on the caller's :class:`~contextlib.AsyncExitStack`.
 """
 
 from __future__ import annotations
@@ -21,15 +19,14 @@ import threading
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
 from typing import Any
 
-import platformdirs
 from redis.exceptions import RedisError
 
 from promptcache.cache.breaker import CircuitBreaker
 from promptcache.cache.exact import CachePolicy, ExactCache
 from promptcache.cache.keys import CLUSTER_SHARDS, KeyLayout, tenant_id
+from promptcache.cache.options import EngineOptions
 from promptcache.cache.redis.budget import Budget
 from promptcache.cache.redis.client import RedisStore, close_client, is_cluster_url, redis_client
 from promptcache.cache.redis.embedded import EmbeddedRedis
@@ -47,42 +44,6 @@ from promptcache.cache.semantic.tier import SemanticCache, SemanticPolicy
 from promptcache.cache.singleflight import SingleFlight
 
 log = logging.getLogger(__name__)
-
-
-def default_data_dir() -> str:
-    """Where the sidecar's embedded Redis keeps its data unless told otherwise."""
-    return str(Path(platformdirs.user_cache_dir("promptcache")) / "redis")
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class EngineOptions:
-    """The cache's own options; names, meanings and defaults as in the README's
-    Configuration table (``--redis-url`` is ``redis_url`` here, and so on)."""
-
-    redis_url: str | None = None
-    data_dir: str | None = None
-    default_ttl: float = 86400.0
-    max_entry_bytes: int = 1 << 20
-    max_bytes: int = 0
-    index_max_bytes: int = 0
-    flight_lease: float = 30.0
-    shared_cache: bool = False
-    redis_timeout: float = 0.25
-    breaker_threshold: int = 3
-    breaker_reset: float = 1.0
-    semantic: bool = True
-    similarity_threshold: float = 0.975
-    semantic_max_temperature: float = 1.0
-    embedding_model: str | None = None
-    embedding_tuning: str | None = None
-    index_kind: str = "auto"
-    verifier_model: str = "default"
-    verify_numbers: bool = True
-    verify_negation: bool = True
-    verify_entities: bool = True
-    embed_window: float = 0.001
-    embed_max_batch: int = 64
-    key_prefix: str = "pc:"
 
 
 @dataclass(slots=True)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from promptcache.cache.engine import EngineOptions
+from promptcache.cache.options import EngineOptions
 from promptcache.clients.cache import AsyncCache, Cache, Result
 from promptcache.clients.errors import (
     AdminRefused,

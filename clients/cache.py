@@ -23,9 +23,10 @@ from dataclasses import dataclass, fields
 from typing import Any, TypeVar
 
 from promptcache.cache import flow
-from promptcache.cache.engine import Answer, Engine, EngineOptions, open_engine
+from promptcache.cache.engine import Answer, Engine, open_engine
 from promptcache.cache.errors import CacheUnavailable, ConfigError, RequestError
 from promptcache.cache.keys import ENDPOINTS, check_namespace
+from promptcache.cache.options import EngineOptions
 from promptcache.cache.semantic.embedding import Embedder
 from promptcache.clients.errors import CacheClosed
 from promptcache.clients.loop import CallerWork, LoopThread

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 import httpx2
 
-from promptcache.cache.engine import EngineOptions
+from promptcache.cache.options import EngineOptions
 from promptcache.clients.cache import Cache
 from promptcache.clients.transport import AsyncCachingTransport, CachingTransport
 

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from promptcache.cache.engine import EngineOptions, default_data_dir
 from promptcache.cache.errors import ConfigError
+from promptcache.cache.options import EngineOptions, default_data_dir
 
 #: Redis keeps expiries in milliseconds; ~68 years is far beyond any sensible TTL.
 MAX_SECONDS = 2**31

@@ -14,7 +14,8 @@ import redis.asyncio as aioredis
 
 from promptcache.benchmarks import plan
 from promptcache.cache import flow
-from promptcache.cache.engine import Answer, EngineOptions, open_engine
+from promptcache.cache.engine import Answer, open_engine
+from promptcache.cache.options import EngineOptions
 from promptcache.cache.semantic.embedding import Embedder
 from tests.redis_helpers import RedisServer
 

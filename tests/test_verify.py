@@ -132,7 +132,7 @@ def test_the_default_threshold_is_the_one_fitted_with_the_shipped_verifier(
         default: Verifier) -> None:
     """The sidecar's --similarity-threshold default is the operating point `promptcache fit`
     chose for the shipped verifier; refitting means updating both."""
-    from promptcache.cache.engine import EngineOptions
+    from promptcache.cache.options import EngineOptions
     from promptcache.cache.semantic.tier import SemanticPolicy
 
     fitted = default.params["similarity_threshold"]

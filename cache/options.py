@@ -1,0 +1,50 @@
+"""The cache's own options, one typed object: what both front ends pass to the engine.
+
+:class:`EngineOptions` holds every option that shapes the cache itself (Redis, TTL, sizes,
+breaker, budget, the semantic tier); the sidecar's ``Settings`` extends it with the HTTP-side
+ones, so an option has one name and one default everywhere. Nothing heavy is imported here:
+``promptcache serve --help`` reads these defaults.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import platformdirs
+
+
+def default_data_dir() -> str:
+    """Where the sidecar's embedded Redis keeps its data unless told otherwise."""
+    return str(Path(platformdirs.user_cache_dir("promptcache")) / "redis")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EngineOptions:
+    """The cache's own options; names, meanings and defaults as in the README's
+    Configuration table (``--redis-url`` is ``redis_url`` here, and so on)."""
+
+    redis_url: str | None = None
+    data_dir: str | None = None
+    default_ttl: float = 86400.0
+    max_entry_bytes: int = 1 << 20
+    max_bytes: int = 0
+    index_max_bytes: int = 0
+    flight_lease: float = 30.0
+    shared_cache: bool = False
+    redis_timeout: float = 0.25
+    breaker_threshold: int = 3
+    breaker_reset: float = 1.0
+    semantic: bool = True
+    similarity_threshold: float = 0.975
+    semantic_max_temperature: float = 1.0
+    embedding_model: str | None = None
+    embedding_tuning: str | None = None
+    index_kind: str = "auto"
+    verifier_model: str = "default"
+    verify_numbers: bool = True
+    verify_negation: bool = True
+    verify_entities: bool = True
+    embed_window: float = 0.001
+    embed_max_batch: int = 64
+    key_prefix: str = "pc:"
