@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from promptcache.cache.errors import ConfigError
 from promptcache.cache.options import EngineOptions, default_data_dir
@@ -203,12 +203,28 @@ class Settings(EngineOptions):
         return Path(self.data_dir or default_data_dir())
 
     def public(self) -> dict[str, Any]:
-        """The settings without secrets, for /stats and the start-up log."""
+        """The settings without secrets, for /stats and the start-up log: secret options
+        as ``***``, and the password of a URL (``redis://:PASSWORD@host``) too."""
         secret = {o.name for o in OPTIONS if o.secret}
-        return {
-            f.name: ("***" if f.name in secret and getattr(self, f.name) else getattr(self, f.name))
-            for f in fields(self)
-        }
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in secret and value:
+                value = "***"
+            elif f.name in ("redis_url", "upstream") and value:
+                value = redact_password(value)
+            out[f.name] = value
+        return out
+
+
+def redact_password(url: str) -> str:
+    """``url`` with the password of its user info (if any) shown as ``***``."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
 _DEFAULTS: dict[str, Any] = {
