@@ -33,13 +33,15 @@ import numpy as np
 from promptcache.benchmarks.results import publish
 from promptcache.benchmarks.workload import DEFAULT_PROMPTS
 from promptcache.cache.exact import CachePolicy, ExactCache
-from promptcache.cache.keys import KeyLayout, request_key
-from promptcache.cache.redis.budget import ENTRY_OVERHEAD_BYTES, Budget
-from promptcache.cache.redis.client import RedisStore, close_client, redis_client
+from promptcache.cache.keys import request_key
+from promptcache.cache.redis.budget import ENTRY_OVERHEAD_BYTES, BudgetStore
+from promptcache.cache.redis.client import close_client, redis_client
 from promptcache.cache.redis.embedded import EmbeddedRedis
 from promptcache.cache.redis.index_sync import IndexSync
+from promptcache.cache.redis.layout import KeyLayout
 from promptcache.cache.semantic.index import PartitionedIndex
-from promptcache.cache.semantic.tier import SemanticCache, VectorRecord, vector_id
+from promptcache.cache.semantic.record import VectorRecord, vector_id
+from promptcache.cache.semantic.tier import SemanticCache
 
 DIM = 384
 
@@ -81,8 +83,8 @@ async def _fill(url: str, items: list[tuple[bytes, bytes, str]], max_bytes: int,
                 writers: int) -> dict[str, Any]:
     layout = KeyLayout("bench:", 1)
     clients = [redis_client(url, timeout=10.0) for _ in range(writers + 1)]
-    caches = [ExactCache(RedisStore(c), CachePolicy(op_timeout=10.0, key_prefix="bench:"),
-                         budget=Budget(c, layout, max_bytes=max_bytes, node=f"w{n}"))
+    caches = [ExactCache(BudgetStore(c, layout, max_bytes=max_bytes, node=f"w{n}"),
+                         CachePolicy(op_timeout=10.0))
               for n, c in enumerate(clients[:writers])]
     rng = np.random.default_rng(0)
     await clients[0].flushall()
@@ -92,7 +94,7 @@ async def _fill(url: str, items: list[tuple[bytes, bytes, str]], max_bytes: int,
 
     async def poll() -> None:
         while not done.is_set():
-            seen.append(int(await clients[-1].hget("bench:meta", "bytes") or 0))
+            seen.append(int(await clients[-1].hget(layout.shard_keys(0).meta, "bytes") or 0))
             await asyncio.sleep(0)
 
     async def write(w: int) -> None:
@@ -112,9 +114,9 @@ async def _fill(url: str, items: list[tuple[bytes, bytes, str]], max_bytes: int,
     elapsed = time.perf_counter() - started
     done.set()
     await poller
-    usage = await caches[0].budget.usage()  # type: ignore[union-attr]
+    usage = await caches[0].store.usage()
     used = int((await clients[0].info("memory"))["used_memory"]) - used0
-    stream = int(await clients[0].memory_usage("bench:log") or 0)
+    stream = int(await clients[0].memory_usage(layout.shard_keys(0).log) or 0)
     evicted = sum(c.counts["evicted"] for c in caches)
     for c in clients:
         await close_client(c)
@@ -128,11 +130,11 @@ async def _sync_latency(url: str, samples: int) -> dict[str, float]:
     layout = KeyLayout("bench:", 1)
     writer_client = redis_client(url, timeout=10.0)
     reader_client = redis_client(url, timeout=10.0)
-    writer = Budget(writer_client, layout, node="writer")
-    exact = ExactCache(RedisStore(reader_client), CachePolicy(key_prefix="bench:"),
-                       budget=Budget(reader_client, layout, node="reader"))
+    writer = BudgetStore(writer_client, layout, node="writer")
+    reader = BudgetStore(reader_client, layout, node="reader")
+    exact = ExactCache(reader)
     semantic = SemanticCache(exact, None, PartitionedIndex(DIM, "flat"), None)  # type: ignore[arg-type]
-    sync = IndexSync(reader_client, semantic, layout, node="reader", block_ms=1000)
+    sync = IndexSync(reader_client, semantic, reader, block_ms=1000)
     await writer_client.flushall()
     await sync.start()
     task = asyncio.create_task(sync.run())

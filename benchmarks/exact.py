@@ -28,6 +28,7 @@ from promptcache.benchmarks.loadgen import closed_loop
 from promptcache.benchmarks.procs import cpu_seconds, free_port, python_process
 from promptcache.benchmarks.results import command, publish
 from promptcache.cache.redis.embedded import EmbeddedRedis
+from promptcache.cache.redis.layout import KeyLayout
 
 CHAT = "/v1/chat/completions"
 BODY = json.dumps({
@@ -112,7 +113,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             with urllib.request.urlopen(fill) as r:
                 assert r.headers["X-Cache"] == "MISS"
             client = redis.Redis.from_url(store.url)
-            (key,) = list(client.scan_iter("pc:e:*"))
+            (key,) = list(client.scan_iter(KeyLayout().patterns()[0]))
             payload_bytes = len(client.get(key) or b"")
             client.close()
             with python_process(["-m", "promptcache.benchmarks.floor", "--port", str(fl_port),

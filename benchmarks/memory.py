@@ -44,10 +44,11 @@ from promptcache.benchmarks.load import _bool
 from promptcache.benchmarks.progress import add_quiet, progress
 from promptcache.benchmarks.results import command, publish
 from promptcache.benchmarks.workload import DEFAULT_PROMPTS, load_prompts
+from promptcache.cache.protocols import Embedder
 from promptcache.cache.redis.embedded import EmbeddedRedis
-from promptcache.cache.semantic.embedding import Embedder
+from promptcache.cache.redis.layout import KeyLayout
 from promptcache.cache.semantic.index import make_index
-from promptcache.cache.semantic.tier import VectorRecord
+from promptcache.cache.semantic.record import VectorRecord
 from promptcache.server.app import create_app
 from promptcache.server.config import Settings
 from promptcache.testing import running_fake_upstream
@@ -79,7 +80,7 @@ async def _fill(settings: Settings, redis_url: str, embedder: Embedder | None,
                 prompts: list[str], quiet: bool) -> tuple[list[int], list[int], dict[str, Any]]:
     """Send each prompt once through an in-process sidecar; (request sizes, response sizes,
     the sidecar's /stats)."""
-    app = create_app(settings, redis_url, embedder=embedder)
+    app = create_app(replace(settings, redis_url=redis_url), embedder=embedder)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -129,7 +130,7 @@ def _usage(client: redis.Redis, pattern: str, sample: int) -> dict[str, Any]:
 
 def _index_sizes(client: redis.Redis, kinds: list[str]) -> list[dict[str, Any]]:
     vectors = []
-    for key in client.scan_iter(match="pc:v:*", count=1000):
+    for key in client.scan_iter(match=KeyLayout().patterns()[1], count=1000):
         raw = client.get(key)
         if isinstance(raw, bytes):
             vectors.append(VectorRecord.decode(raw).vector)
@@ -202,8 +203,9 @@ def run(args: argparse.Namespace, embedder: Embedder | None = None) -> dict[str,
 
             sent, got, stats = asyncio.run(fill())
             after = int(client.info("memory")["used_memory"])
-            exact = _usage(client, "pc:e:*", args.sample)
-            vector = _usage(client, "pc:v:*", args.sample)
+            entries, vectors = KeyLayout().patterns()
+            exact = _usage(client, entries, args.sample)
+            vector = _usage(client, vectors, args.sample)
             index = _index_sizes(client, args.kinds) if args.semantic else []
             measured: dict[str, Any] = {
                 "benchmark": "memory",

@@ -29,10 +29,10 @@ from typing import Any, Final
 import numpy as np
 
 from promptcache.cache.entry import COMPRESS_MIN_BYTES, Entry
-from promptcache.cache.keys import CLUSTER_SHARDS, KeyLayout, namespace_id
 from promptcache.cache.redis.budget import ENTRY_OVERHEAD_BYTES
+from promptcache.cache.redis.layout import CLUSTER_SHARDS, KeyLayout, namespace_id
 from promptcache.cache.semantic.index import AUTO_HNSW_AT, make_index
-from promptcache.cache.semantic.tier import VectorRecord
+from promptcache.cache.semantic.record import VectorRecord
 
 #: zlib (level 1) size / raw size of chat-completion JSON bodies >= 1 KiB whose content is
 #: real chat text (the 769 such bodies made from ../shared/datasets/chat_prompts: mean 0.465,

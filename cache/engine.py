@@ -14,8 +14,6 @@ import asyncio
 import contextlib
 import logging
 import secrets
-import tempfile
-import threading
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from functools import partial
@@ -24,18 +22,20 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from promptcache.cache.breaker import CircuitBreaker
+from promptcache.cache.entry import Answer
 from promptcache.cache.exact import CachePolicy, ExactCache
-from promptcache.cache.keys import CLUSTER_SHARDS, KeyLayout, tenant_id
+from promptcache.cache.keys import tenant_id
 from promptcache.cache.options import EngineOptions
-from promptcache.cache.redis.budget import Budget
-from promptcache.cache.redis.client import RedisStore, close_client, is_cluster_url, redis_client
-from promptcache.cache.redis.embedded import EmbeddedRedis
+from promptcache.cache.protocols import Embedder
+from promptcache.cache.redis.budget import BudgetStore
+from promptcache.cache.redis.client import close_client, redis_client
+from promptcache.cache.redis.embedded_owner import start_embedded
 from promptcache.cache.redis.index_sync import IndexSync
+from promptcache.cache.redis.layout import KeyLayout
 from promptcache.cache.redis.remote_flight import RemoteFlight
 from promptcache.cache.resident import model_bytes
 from promptcache.cache.semantic.embedding import (
     BatchingEmbedder,
-    Embedder,
     SentenceTransformerEmbedder,
     resolve_tuning,
 )
@@ -44,15 +44,6 @@ from promptcache.cache.semantic.tier import SemanticCache, SemanticPolicy
 from promptcache.cache.singleflight import SingleFlight
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(slots=True)
-class Answer:
-    """A complete upstream answer in non-streaming form: what is stored and shared."""
-
-    status: int
-    body: bytes
-    content_type: str
 
 
 @dataclass(slots=True)
@@ -80,32 +71,29 @@ async def open_engine(options: EngineOptions, stack: contextlib.AsyncExitStack, 
     directory, deleted at close, when that is unset too). ``embedder`` lets several engines
     in one process share a loaded model.
     """
-    url = options.redis_url or await _embedded_redis(options.data_dir, stack)
+    url = options.redis_url or await start_embedded(stack, options.data_dir)
     client = redis_client(url, timeout=options.redis_timeout)
     stack.push_async_callback(close_client, client)
     # Connect (and, on a cluster, learn the slot map) now rather than in the first request's
     # 250 ms budget; an unreachable Redis here is the breaker's business later, not an error.
     with contextlib.suppress(RedisError, OSError, asyncio.TimeoutError):
         await asyncio.wait_for(client.ping(), timeout=max(5.0, options.redis_timeout))
-    shards = CLUSTER_SHARDS if is_cluster_url(url) else 1
-    layout = KeyLayout(options.key_prefix, shards)
-    budget = Budget(client, layout, max_bytes=options.max_bytes, node=secrets.token_hex(6))
+    layout = KeyLayout.for_url(url, options.key_prefix)
+    store = BudgetStore(client, layout, max_bytes=options.max_bytes, node=secrets.token_hex(6))
     cache = ExactCache(
-        RedisStore(client),
+        store,
         CachePolicy(default_ttl=options.default_ttl or None,
                     max_entry_bytes=options.max_entry_bytes,
-                    op_timeout=options.redis_timeout, key_prefix=options.key_prefix,
-                    shards=shards),
+                    op_timeout=options.redis_timeout),
         breaker=CircuitBreaker(failure_threshold=options.breaker_threshold,
                                reset_timeout=options.breaker_reset),
-        budget=budget,
     )
     semantic = sync = None
     if options.semantic:
         semantic = await _semantic(options, cache, embedder)
         stack.push_async_callback(semantic.embedder.close)
-        sync = await _start_sync(stack, url, options, semantic)
-    _background(stack, budget.reap_forever())
+        sync = await _start_sync(stack, url, options, semantic, store)
+    _background(stack, store.reap_forever())
     remote = RemoteFlight(client, layout, lease=options.flight_lease,
                           timeout=options.redis_timeout) if options.flight_lease else None
     return Engine(options, url, cache, semantic, remote=remote, sync=sync,
@@ -128,15 +116,13 @@ def _background(stack: contextlib.AsyncExitStack, work: Coroutine[Any, Any, None
 
 
 async def _start_sync(stack: contextlib.AsyncExitStack, redis_url: str, options: EngineOptions,
-                      semantic: SemanticCache) -> IndexSync:
+                      semantic: SemanticCache, store: BudgetStore) -> IndexSync:
     """Rebuild the index from Redis and follow the other nodes' changes from then on."""
     block_ms = 1000
     tail = redis_client(redis_url, timeout=options.redis_timeout,
                         read_timeout=block_ms / 1000 + options.redis_timeout + 1.0)
     stack.push_async_callback(close_client, tail)
-    assert semantic.exact.budget is not None
-    sync = IndexSync(tail, semantic, semantic.exact.layout, node=semantic.exact.budget.node,
-                     block_ms=block_ms)
+    sync = IndexSync(tail, semantic, store, block_ms=block_ms)
     try:
         await sync.start()
     except (RedisError, OSError) as exc:  # fail open: start empty, fill as traffic comes
@@ -169,68 +155,3 @@ async def _semantic(options: EngineOptions, cache: ExactCache, embedder: Embedde
                        max_index_bytes=options.index_max_bytes),
     )
     return semantic
-
-
-async def _embedded_redis(data_dir: str | None, stack: contextlib.AsyncExitStack) -> str:
-    """Start a private redis-server; it is stopped (and a temporary directory removed) when
-    ``stack`` unwinds."""
-    keep = data_dir is not None
-    if data_dir is None:
-        data_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="promptcache-"))
-    keeper = _RedisKeeper(EmbeddedRedis(data_dir, persistence=keep))
-    url = await keeper.start()
-    stack.push_async_callback(keeper.stop)
-    return url
-
-
-class _RedisKeeper:
-    """Owns an :class:`EmbeddedRedis` from a thread that lives exactly as long as it.
-
-    The server is tied to the thread that started it (``PR_SET_PDEATHSIG``), so it is
-    started neither on the event loop (start-up blocks) nor on a pooled executor thread
-    (which may exit first), but on a thread of its own that waits until ``stop``.
-    """
-
-    def __init__(self, redis: EmbeddedRedis) -> None:
-        self.redis = redis
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="promptcache-redis",
-                                        daemon=True)
-        self._ready: asyncio.Future[str] | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-
-    async def start(self) -> str:
-        self._loop = asyncio.get_running_loop()
-        self._ready = self._loop.create_future()
-        self._thread.start()
-        try:
-            return await self._ready
-        except BaseException:
-            self._done.set()  # cancelled or failed: a server that did start is stopped
-            raise
-
-    def _run(self) -> None:
-        assert self._loop is not None and self._ready is not None
-        ready, loop = self._ready, self._loop
-        try:
-            url = self.redis.start()
-        except BaseException as exc:  # hand the failure to the waiting coroutine
-            loop.call_soon_threadsafe(_settle, ready, None, exc)
-            return
-        loop.call_soon_threadsafe(_settle, ready, url, None)
-        self._done.wait()
-        self.redis.stop()
-
-    async def stop(self) -> None:
-        self._done.set()
-        await asyncio.to_thread(self._thread.join)
-
-
-def _settle(future: asyncio.Future[str], url: str | None, exc: BaseException | None) -> None:
-    if future.done():
-        return
-    if exc is not None:
-        future.set_exception(exc)
-    else:
-        assert url is not None
-        future.set_result(url)

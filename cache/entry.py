@@ -52,3 +52,12 @@ class Entry:
             return cls(int(status), bytes(body), str(ctype), float(created), str(api))
         except (ValueError, TypeError, zlib.error, msgpack.UnpackException) as exc:
             raise EntryFormatError(str(exc)) from exc
+
+
+@dataclass(slots=True)
+class Answer:
+    """A complete upstream answer in non-streaming form: what is stored and shared."""
+
+    status: int
+    body: bytes
+    content_type: str

@@ -9,8 +9,9 @@ depends on how a client serialised its body. String contents are kept byte for b
 
 Keys are scoped: the tenant (a hash of the caller's credential, unless sharing across
 credentials is switched on) and the namespace (``X-Cache-Namespace``) are hashed into the
-digest, so two scopes can never share an entry, and the namespace is also part of the Redis
-key so that a namespace can be invalidated with one prefix scan.
+digest, so two scopes can never share an entry; the namespace is also part of the entry's
+Redis key (:mod:`promptcache.cache.redis.layout` spells those), so that a namespace can be
+invalidated with one prefix scan.
 """
 
 from __future__ import annotations
@@ -51,33 +52,6 @@ class CacheKey:
     namespace: str
     endpoint: str
     digest: str  # 32 hex characters (128 bits); shown to callers as the key id
-
-    @property
-    def namespace_id(self) -> str:
-        return namespace_id(self.namespace)
-
-    def redis_key(self, prefix: str) -> str:
-        return entry_key(prefix, self.namespace, self.digest)
-
-
-def namespace_id(namespace: str) -> str:
-    """A short, glob-safe id of a namespace name (names are caller-chosen strings)."""
-    return hashlib.sha256(b"ns\0" + namespace.encode()).hexdigest()[:16]
-
-
-def entry_key(prefix: str, namespace: str, digest: str) -> str:
-    return f"{prefix}e:{namespace_id(namespace)}:{digest}"
-
-
-def vector_key(prefix: str, namespace: str, digest: str) -> str:
-    """Where the semantic record (scope, text, vector) of an entry lives."""
-    return f"{prefix}v:{namespace_id(namespace)}:{digest}"
-
-
-def namespace_patterns(prefix: str, namespace: str) -> tuple[str, str]:
-    """The Redis SCAN patterns that match every entry and vector record of a namespace."""
-    nsid = namespace_id(namespace)
-    return f"{prefix}e:{nsid}:*", f"{prefix}v:{nsid}:*"
 
 
 #: The request headers that identify a caller to the upstream (and so scope its entries).
@@ -162,72 +136,3 @@ def request_key(
         h.update(b"\0" + part)
     h.update(b"\0" + canonical_json(keyed_fields(body), normalised=normalised))
     return CacheKey(tenant, namespace, endpoint, h.hexdigest()[:32])
-
-
-#: Hash-tag shards of a Redis Cluster deployment: the byte budget and the LRU are split
-#: evenly over this many tags (``{0}`` .. ``{15}``), each one slot on one master. A single
-#: Redis uses one shard with no tag, so every entry competes in one global LRU.
-CLUSTER_SHARDS: Final = 16
-
-
-@dataclass(frozen=True, slots=True)
-class KeyLayout:
-    """Where everything the cache writes lives in Redis.
-
-    An entry is ``member = "{nsid}:{digest}"``; its keys and its shard's bookkeeping share
-    the shard's tag, so one script touches one slot::
-
-        {tag}e:{member}   the entry             {tag}lru    ZSET member -> last hit (ms)
-        {tag}v:{member}   its vector record     {tag}exp    ZSET member -> expires at (ms)
-        {tag}l:{member}   the single-flight     {tag}sizes  HASH member -> bytes counted
-                          lease                 {tag}meta   HASH bytes, entries, seq
-                                                {tag}log    STREAM of inserts and removals
-
-    ``tag`` is the prefix (``pc:``) with one shard, ``pc:{3}:`` with several.
-    """
-
-    prefix: str = "pc:"
-    shards: int = 1
-
-    def shard(self, digest: str) -> int:
-        return int(digest[:8], 16) % self.shards if self.shards > 1 else 0
-
-    def tag(self, shard: int) -> str:
-        return self.prefix if self.shards == 1 else f"{self.prefix}{{{shard}}}:"
-
-    def member(self, namespace: str, digest: str) -> str:
-        return f"{namespace_id(namespace)}:{digest}"
-
-    def entry(self, namespace: str, digest: str) -> str:
-        return f"{self.tag(self.shard(digest))}e:{namespace_id(namespace)}:{digest}"
-
-    def vector(self, namespace: str, digest: str) -> str:
-        return f"{self.tag(self.shard(digest))}v:{namespace_id(namespace)}:{digest}"
-
-    def lease(self, namespace: str, digest: str) -> str:
-        return f"{self.tag(self.shard(digest))}l:{namespace_id(namespace)}:{digest}"
-
-    def shard_keys(self, shard: int) -> list[str]:
-        """KEYS[1..5] of every bookkeeping script: lru, exp, sizes, meta, log."""
-        tag = self.tag(shard)
-        return [f"{tag}lru", f"{tag}exp", f"{tag}sizes", f"{tag}meta", f"{tag}log"]
-
-    def _any_tag(self) -> str:
-        return self.prefix if self.shards == 1 else f"{self.prefix}{{*}}:"
-
-    def patterns(self, namespace: str | None = None) -> tuple[str, str]:
-        """SCAN patterns of the entries and vector records (of one namespace, or all)."""
-        rest = "*" if namespace is None else f"{namespace_id(namespace)}:*"
-        return f"{self._any_tag()}e:{rest}", f"{self._any_tag()}v:{rest}"
-
-    def split(self, key: str) -> tuple[int, str]:
-        """(shard, member) of an entry or vector key found by SCAN."""
-        rest = key[len(self.prefix):]
-        shard = 0
-        if self.shards > 1:
-            tag, _, rest = rest.partition(":")
-            shard = int(tag.strip("{}"))
-        return shard, rest[2:]  # drop "e:" / "v:"
-
-    def digest_of(self, member: str) -> str:
-        return member.rpartition(":")[2]

@@ -27,7 +27,7 @@ from promptcache.cache.engine import Answer, Engine, open_engine
 from promptcache.cache.errors import CacheUnavailable, ConfigError, RequestError
 from promptcache.cache.keys import ENDPOINTS, check_namespace
 from promptcache.cache.options import EngineOptions
-from promptcache.cache.semantic.embedding import Embedder
+from promptcache.cache.protocols import Embedder
 from promptcache.clients.errors import CacheClosed
 from promptcache.clients.loop import CallerWork, LoopThread
 

@@ -14,8 +14,7 @@ from aiohttp import web
 
 from promptcache.cache.engine import open_engine
 from promptcache.cache.keys import ENDPOINTS
-from promptcache.cache.redis.embedded import EmbeddedRedis
-from promptcache.cache.semantic.embedding import Embedder
+from promptcache.cache.protocols import Embedder
 from promptcache.server import admin
 from promptcache.server.config import Settings
 from promptcache.server.handlers import cached_route
@@ -26,11 +25,10 @@ from promptcache.server.state import SIDECAR, Sidecar
 log = logging.getLogger("promptcache")
 
 
-async def _resources(settings: Settings, redis_url: str, embedder: Embedder | None,
+async def _resources(settings: Settings, embedder: Embedder | None,
                      app: web.Application) -> AsyncIterator[None]:
     async with contextlib.AsyncExitStack() as stack:
-        engine = await open_engine(replace(settings, redis_url=redis_url), stack,
-                                   embedder=embedder)
+        engine = await open_engine(settings, stack, embedder=embedder)
         session = await stack.enter_async_context(aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
             auto_decompress=True,
@@ -46,14 +44,14 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
     return await sc.upstream.passthrough(request)
 
 
-def create_app(settings: Settings, redis_url: str, *, embedder: Embedder | None = None
-               ) -> web.Application:
-    """The sidecar for ``settings`` using the Redis at ``redis_url``.
+def create_app(settings: Settings, *, embedder: Embedder | None = None) -> web.Application:
+    """The sidecar for ``settings``, on the Redis at ``settings.redis_url`` (or, without one,
+    a private Redis started in ``settings.data_dir`` when the app starts).
 
     ``embedder`` lets several in-process sidecars (tests, benchmarks) share one model.
     """
     app = web.Application(client_max_size=settings.max_body_bytes)
-    app.cleanup_ctx.append(partial(_resources, settings, redis_url, embedder))
+    app.cleanup_ctx.append(partial(_resources, settings, embedder))
     app.router.add_get("/healthz", admin.healthz)
     app.router.add_get("/readyz", admin.readyz)
     app.router.add_get("/metrics", admin.metrics)
@@ -66,28 +64,21 @@ def create_app(settings: Settings, redis_url: str, *, embedder: Embedder | None 
 
 
 def serve(settings: Settings, *, print_fn: Callable[..., None] = print) -> int:
-    """Run the sidecar until SIGINT/SIGTERM; own (and always stop) the embedded Redis."""
+    """Run the sidecar until SIGINT/SIGTERM; without ``redis_url`` it owns (and always stops)
+    an embedded Redis."""
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Searches here are one query at a time: FAISS's OpenMP threads only add contention
     # with the embedding model and the event loop.
     faiss.omp_set_num_threads(1)
-    embedded: EmbeddedRedis | None = None
-    redis_url = settings.redis_url
-    try:
-        if redis_url is None:
-            embedded = EmbeddedRedis(settings.resolved_data_dir)
-            redis_url = embedded.start()
-            log.info("embedded redis-server (pid %s) at %s", embedded.pid, redis_url)
-        log.info("caching %s on http://%s:%s", settings.upstream, settings.host, settings.port)
-        web.run_app(
-            create_app(settings, redis_url),
-            host=settings.host,
-            port=settings.port,
-            print=print_fn,
-            access_log=log if settings.log_level.lower() == "debug" else None,
-        )
-    finally:
-        if embedded is not None:
-            embedded.stop()
+    if settings.redis_url is None:  # the embedded Redis, in the resolved data directory
+        settings = replace(settings, data_dir=str(settings.resolved_data_dir))
+    log.info("caching %s on http://%s:%s", settings.upstream, settings.host, settings.port)
+    web.run_app(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        print=print_fn,
+        access_log=log if settings.log_level.lower() == "debug" else None,
+    )
     return 0

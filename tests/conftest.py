@@ -20,7 +20,8 @@ import pytest
 import redis
 from redis.asyncio.connection import AbstractConnection
 
-from promptcache.cache.semantic.embedding import Embedder, SentenceTransformerEmbedder
+from promptcache.cache.protocols import Embedder
+from promptcache.cache.semantic.embedding import SentenceTransformerEmbedder
 from promptcache.testing import FakeUpstream, running_fake_upstream
 from tests.harness import RunningSidecar, start_sidecar
 from tests.redis_helpers import RedisClusterServers, RedisServer

@@ -12,7 +12,7 @@ from typing import Any
 
 from aiohttp import web
 
-from promptcache.cache.semantic.embedding import Embedder
+from promptcache.cache.protocols import Embedder
 from promptcache.server.app import create_app
 from promptcache.server.config import Settings
 from promptcache.server.state import SIDECAR, Sidecar
@@ -41,8 +41,8 @@ async def start_sidecar(upstream: str, redis_url: str, *, embedder: Embedder | N
     # machine, where a loop stall of a quarter second (the production default) is routine and
     # would turn a MISS into a fail-open BYPASS. Tests of fail-open set their own short timeout.
     overrides.setdefault("redis_timeout", 2.0)
-    settings = replace(Settings(upstream=upstream), port=0, **overrides)
-    app = create_app(settings, redis_url, embedder=embedder)
+    settings = replace(Settings(upstream=upstream), port=0, redis_url=redis_url, **overrides)
+    app = create_app(settings, embedder=embedder)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)

@@ -12,9 +12,9 @@ import pytest
 import redis.asyncio as aioredis
 
 from promptcache.cache.exact import CachePolicy, ExactCache
-from promptcache.cache.keys import KeyLayout, request_key
-from promptcache.cache.redis.budget import ENTRY_OVERHEAD_BYTES, Budget
-from promptcache.cache.redis.client import RedisStore
+from promptcache.cache.keys import request_key
+from promptcache.cache.redis.budget import ENTRY_OVERHEAD_BYTES, BudgetStore
+from promptcache.cache.redis.layout import KeyLayout
 from promptcache.cache.redis.reconcile import reconcile
 from tests.harness import eventually
 
@@ -38,8 +38,13 @@ async def client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
 
 
 def make_cache(client: aioredis.Redis, max_bytes: int, *, node: str = "n1") -> ExactCache:
-    budget = Budget(client, LAYOUT, max_bytes=max_bytes, node=node, clock=Clock())
-    return ExactCache(RedisStore(client), CachePolicy(op_timeout=5.0), budget=budget)
+    store = BudgetStore(client, LAYOUT, max_bytes=max_bytes, node=node, clock=Clock())
+    return ExactCache(store, CachePolicy(op_timeout=5.0))
+
+
+def store_of(cache: ExactCache) -> BudgetStore:
+    assert isinstance(cache.store, BudgetStore)
+    return cache.store
 
 
 def key(i: int, namespace: str = ""):  # type: ignore[no-untyped-def]
@@ -59,8 +64,7 @@ async def stored(client: aioredis.Redis, *ids: int) -> bool:
 
 
 async def usage(cache: ExactCache) -> tuple[int, int]:
-    assert cache.budget is not None
-    u = await cache.budget.usage()
+    u = await cache.store.usage()
     return u.bytes, u.entries
 
 
@@ -121,7 +125,7 @@ async def test_ttl_expiry_leaves_the_accounting_exact(client: aioredis.Redis) ->
     events = await client.xrange("pc:log")
     removed = {m for _, f in events if f[b"op"] == b"-" for m in f[b"ids"].decode().split(",")}
     assert removed == {LAYOUT.member("", key(i).digest) for i in range(1, 6)}
-    assert (await reconcile(cache.budget, cache.store)).clean  # type: ignore[arg-type]
+    assert (await reconcile(store_of(cache))).clean
 
 
 async def _gone(client: aioredis.Redis, k: str) -> bool:
@@ -152,8 +156,7 @@ async def test_reconcile_reports_and_fixes_every_kind_of_drift(
     cache = make_cache(client, 0)
     for i in range(5):
         await put(cache, i)
-    assert cache.budget is not None
-    report = await reconcile(cache.budget, cache.store)
+    report = await reconcile(store_of(cache))
     assert report.clean and report.checked == 5
     # Drift made behind the cache's back: a key deleted, a size wrong, an entry
     # written without accounting, and a total that disagrees with the sizes.
@@ -161,7 +164,7 @@ async def test_reconcile_reports_and_fixes_every_kind_of_drift(
     await client.hset("pc:sizes", LAYOUT.member("", key(1).digest), 1)
     await client.set(LAYOUT.entry("", key(9).digest), b"y" * 700)
     await client.hincrby("pc:meta", "bytes", 12345)
-    report = await reconcile(cache.budget, cache.store)
+    report = await reconcile(store_of(cache))
     assert (report.stale, report.resized, report.untracked) == (1, 1, 1)
     assert not report.clean and report.entries_after == 5
     live = 0
@@ -170,7 +173,7 @@ async def test_reconcile_reports_and_fixes_every_kind_of_drift(
         live += int(await client.strlen(k)) + len(k) + ENTRY_OVERHEAD_BYTES
         assert await client.hget("pc:sizes", member) is not None
     assert report.bytes_after == live == (await usage(cache))[0]
-    assert (await reconcile(cache.budget, cache.store)).clean
+    assert (await reconcile(store_of(cache))).clean
 
 
 async def test_concurrent_writers_on_many_clients_never_exceed_the_budget(
@@ -263,8 +266,8 @@ def test_promptcache_reconcile_without_a_reachable_redis_is_a_clean_error(
 async def test_hits_refresh_recency_at_most_once_per_touch_interval(
         client: aioredis.Redis) -> None:
     now = [1000.0]
-    budget = Budget(client, LAYOUT, max_bytes=100_000, clock=lambda: now[0])
-    cache = ExactCache(RedisStore(client), CachePolicy(op_timeout=5.0), budget=budget)
+    store = BudgetStore(client, LAYOUT, max_bytes=100_000, clock=lambda: now[0])
+    cache = ExactCache(store, CachePolicy(op_timeout=5.0))
     await put(cache, 0)
     member = LAYOUT.member("", key(0).digest)
     assert await client.zscore("pc:lru", member) == 1_000_000

@@ -15,7 +15,7 @@ import pytest
 from openai import AsyncOpenAI, OpenAI
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
-from promptcache.cache.semantic.embedding import Embedder
+from promptcache.cache.protocols import Embedder
 from promptcache.clients import (
     AdminRefused,
     AsyncCache,

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from promptcache.cache.semantic.index import KINDS, PartitionedIndex, VectorIndex, make_index
+from promptcache.cache.protocols import VectorIndex
+from promptcache.cache.semantic.index import KINDS, PartitionedIndex, make_index
 
 DIM = 32
 KINDS_ = [k for k in KINDS if k != "auto"]

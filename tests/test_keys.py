@@ -17,12 +17,10 @@ from promptcache.cache.keys import (
     CacheKey,
     canonical_json,
     check_namespace,
-    entry_key,
-    namespace_id,
-    namespace_patterns,
     request_key,
     tenant_id,
 )
+from promptcache.cache.redis.layout import KeyLayout, namespace_id
 from promptcache.cache.validate import validate_body
 
 CHAT = "/v1/chat/completions"
@@ -294,14 +292,15 @@ def test_namespace_id_differs_between_namespaces() -> None:
 
 def test_redis_key_pattern_matches_own_namespace_only() -> None:
     key = request_key(CHAT, chat_body(), tenant=TENANT, namespace="a*")
-    redis_key = key.redis_key("pc:")
-    assert redis_key == entry_key("pc:", "a*", key.digest)
+    layout = KeyLayout("pc:")
+    redis_key = layout.entry(key.namespace, key.digest)
+    assert redis_key == layout.entry("a*", key.digest)
     assert redis_key.startswith("pc:e:")
     assert "*" not in redis_key  # the caller's glob characters never reach SCAN
-    pattern, vectors = namespace_patterns("pc:", "a*")
+    pattern, vectors = layout.patterns("a*")
     assert vectors.startswith("pc:v:") and "*" not in vectors.removesuffix("*")
     assert redis_key.startswith(pattern.removesuffix("*"))
-    assert not entry_key("pc:", "ab", key.digest).startswith(pattern.removesuffix("*"))
+    assert not layout.entry("ab", key.digest).startswith(pattern.removesuffix("*"))
 
 
 @pytest.mark.parametrize("value", ["", "team-a", "Team A/prod v2", "x" * MAX_NAMESPACE_LEN])

@@ -18,11 +18,11 @@ from typing import Any
 import aiohttp
 import pytest
 
-from promptcache.cache.keys import CLUSTER_SHARDS, KeyLayout
+from promptcache.cache.protocols import Embedder
 from promptcache.cache.redis.client import close_client, is_cluster_url, redis_client
+from promptcache.cache.redis.layout import CLUSTER_SHARDS, KeyLayout
 from promptcache.cache.redis.reconcile import reconcile_url
-from promptcache.cache.semantic.embedding import Embedder
-from promptcache.cache.semantic.tier import vector_id
+from promptcache.cache.semantic.record import vector_id
 from promptcache.testing import FakeUpstream
 from tests.harness import RunningSidecar, eventually, start_sidecar
 from tests.test_semantic import PARAPHRASE, Q, ask, chat

@@ -16,7 +16,7 @@ from promptcache.benchmarks import plan
 from promptcache.cache import flow
 from promptcache.cache.engine import Answer, open_engine
 from promptcache.cache.options import EngineOptions
-from promptcache.cache.semantic.embedding import Embedder
+from promptcache.cache.protocols import Embedder
 from tests.redis_helpers import RedisServer
 
 PROMPTS = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "chat_prompts.jsonl.gz"
@@ -68,8 +68,8 @@ async def test_the_plan_matches_a_filled_cache_within_20_percent(
                 req = flow.prepare(engine, "chat", "/v1/chat/completions", body,
                                    credential="sk-plan")
                 assert await flow.store(engine, req, Answer(200, answer, "application/json"))
-            assert engine.cache.budget is not None and engine.semantic is not None
-            usage = await engine.cache.budget.usage()
+            assert engine.semantic is not None
+            usage = await engine.cache.store.usage()
             index_bytes = engine.semantic.index.nbytes
             indexed = len(engine.semantic.index)
         used = int((await client.info("memory"))["used_memory"]) - before

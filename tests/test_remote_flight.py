@@ -8,9 +8,9 @@ import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
-from promptcache.cache.keys import KeyLayout
+from promptcache.cache.protocols import Embedder
+from promptcache.cache.redis.layout import KeyLayout
 from promptcache.cache.redis.remote_flight import RemoteFlight
-from promptcache.cache.semantic.embedding import Embedder
 from promptcache.testing import FakeUpstream
 from tests.harness import RunningSidecar, start_sidecar
 from tests.redis_helpers import free_port

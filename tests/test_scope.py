@@ -7,8 +7,8 @@ from typing import Any
 import numpy as np
 import pytest
 
+from promptcache.cache.semantic.record import VectorRecord, vector_id
 from promptcache.cache.semantic.scope import semantic_view, temperature
-from promptcache.cache.semantic.tier import VectorRecord, vector_id
 
 T, NS = "tenant", ""
 

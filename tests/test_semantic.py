@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import redis
 
-from promptcache.cache.semantic.embedding import BatchingEmbedder, Embedder
+from promptcache.cache.protocols import Embedder
+from promptcache.cache.semantic.embedding import BatchingEmbedder
 from promptcache.cache.semantic.index import PartitionedIndex
 from promptcache.testing import FakeUpstream
 from tests.harness import RunningSidecar, eventually, start_sidecar
@@ -162,7 +163,7 @@ async def test_vectors_of_another_embedder_are_re_embedded_at_restart(
     http: aiohttp.ClientSession,
 ) -> None:
     """A record made by another model (here: a nonsense vector) is never searched as is."""
-    from promptcache.cache.semantic.tier import VectorRecord
+    from promptcache.cache.semantic.record import VectorRecord
 
     first = await start_sidecar(fake.url, redis_url, embedder=embedder)
     await ask(http, first, chat(Q))

@@ -11,12 +11,12 @@ import pytest
 import redis.asyncio as aioredis
 
 from promptcache.cache.exact import CachePolicy, ExactCache
-from promptcache.cache.keys import KeyLayout
-from promptcache.cache.redis.budget import Budget
-from promptcache.cache.redis.client import RedisStore
+from promptcache.cache.redis.budget import BudgetStore
 from promptcache.cache.redis.index_sync import IndexSync
+from promptcache.cache.redis.layout import KeyLayout
 from promptcache.cache.semantic.index import PartitionedIndex
-from promptcache.cache.semantic.tier import SemanticCache, VectorRecord
+from promptcache.cache.semantic.record import VectorRecord
+from promptcache.cache.semantic.tier import SemanticCache
 from tests.harness import eventually
 
 LAYOUT = KeyLayout("pc:", 1)
@@ -40,15 +40,15 @@ def record(i: int) -> bytes:
 
 
 def reader(client: aioredis.Redis) -> tuple[SemanticCache, IndexSync]:
-    exact = ExactCache(RedisStore(client), CachePolicy(op_timeout=5.0),
-                       budget=Budget(client, LAYOUT, node="reader"))
+    store = BudgetStore(client, LAYOUT, node="reader")
+    exact = ExactCache(store, CachePolicy(op_timeout=5.0))
     semantic = SemanticCache(exact, None, PartitionedIndex(DIM, "flat"), None)  # type: ignore[arg-type]
-    return semantic, IndexSync(client, semantic, LAYOUT, node="reader", block_ms=100)
+    return semantic, IndexSync(client, semantic, store, block_ms=100)
 
 
 async def test_inserts_and_removals_of_another_node_reach_the_index(
         client: aioredis.Redis) -> None:
-    writer = Budget(client, LAYOUT, node="writer", max_bytes=20 * 1500)
+    writer = BudgetStore(client, LAYOUT, node="writer", max_bytes=20 * 1500)
     semantic, sync = reader(client)
     await sync.start()
     task = asyncio.create_task(sync.run())
@@ -69,7 +69,7 @@ async def test_inserts_and_removals_of_another_node_reach_the_index(
 
 async def test_a_node_behind_a_trimmed_stream_rebuilds_from_redis(
         client: aioredis.Redis) -> None:
-    writer = Budget(client, LAYOUT, node="writer", stream_maxlen=5)
+    writer = BudgetStore(client, LAYOUT, node="writer", stream_maxlen=5)
     semantic, sync = reader(client)
     await sync.start()  # the stream is empty: this node expects event 1 next
     for i in range(400):  # ... but the tail only starts once the stream was trimmed

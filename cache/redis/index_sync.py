@@ -1,6 +1,6 @@
 """Index sync: every sidecar's vector index follows the change streams of all shards.
 
-The budget's scripts (:mod:`.eviction`) append one event per write to their shard's
+The entry store's scripts (:mod:`.budget`) append one event per write to their shard's
 stream: ``+`` (an entry with a vector record was stored), ``=`` (stored without one) or
 ``-`` (entries removed: evicted, expired, deleted), each with a per-shard sequence number.
 :class:`IndexSync` tails each shard (``XREAD BLOCK``), fetches the vector records of inserts
@@ -23,8 +23,9 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from promptcache.cache.keys import KeyLayout
-from promptcache.cache.semantic.tier import SemanticCache, vector_id
+from promptcache.cache.redis.budget import BudgetStore
+from promptcache.cache.semantic.record import vector_id
+from promptcache.cache.semantic.tier import SemanticCache
 
 log = logging.getLogger(__name__)
 
@@ -42,13 +43,19 @@ def _raise_if_cancelled() -> None:
 
 
 class IndexSync:
-    def __init__(self, client: Any, semantic: SemanticCache, layout: KeyLayout, *,
-                 node: str = "", block_ms: int = 1000, batch: int = 500,
-                 retry_after: float = 1.0) -> None:
-        self.node = node.encode()  # this node's id in the stream's events
-        self.redis = client  # its read timeout must exceed block_ms
+    """Keeps ``semantic``'s index in step with the change streams of ``store``'s shards.
+
+    ``client`` reads the streams; its read timeout must exceed ``block_ms``. This node's own
+    events are told apart by ``store.node``.
+    """
+
+    def __init__(self, client: Any, semantic: SemanticCache, store: BudgetStore, *,
+                 block_ms: int = 1000, batch: int = 500, retry_after: float = 1.0) -> None:
+        self.node = store.node.encode()  # this node's id in the stream's events
+        self.redis = client
         self.semantic = semantic
-        self.layout = layout
+        self.store = store
+        self.layout = store.layout
         self.block_ms = block_ms
         self.batch = batch
         self.retry_after = retry_after
@@ -56,7 +63,7 @@ class IndexSync:
         self.counts: Counter[str] = Counter()
 
     def _log_key(self, shard: int) -> str:
-        return self.layout.shard_keys(shard)[4]
+        return self.layout.shard_keys(shard).log
 
     async def _mark(self, shard: int) -> None:
         last = await self.redis.xrevrange(self._log_key(shard), count=1)
@@ -64,7 +71,7 @@ class IndexSync:
             event_id, fields = last[0]
             self._last[shard] = (_s(event_id), int(fields[b"seq"]))
         else:  # an empty stream: the next event is the one after the shard's counter
-            seq = await self.redis.hget(self.layout.shard_keys(shard)[3], "seq")
+            seq = await self.redis.hget(self.layout.shard_keys(shard).meta, "seq")
             self._last[shard] = ("0-0", int(seq or 0))
 
     async def start(self) -> int:
@@ -87,7 +94,7 @@ class IndexSync:
             try:
                 if shard not in self._last:
                     await self._mark(shard)
-                    await self.semantic.rebuild(pattern=f"{self.layout.tag(shard)}v:*")
+                    await self.semantic.rebuild(shard)
                     self.counts["rebuilds"] += 1
                 last_id = self._last[shard][0]
                 reply = await self.redis.xread({self._log_key(shard): last_id},
@@ -107,10 +114,7 @@ class IndexSync:
             if fields.get(b"op") == b"+":
                 wanted += [m for m in _s(fields[b"ids"]).split(",")
                            if vector_id(self.layout.digest_of(m)) not in self.semantic.index]
-        tag = self.layout.tag(shard)
-        keys = [f"{tag}v:{m}" for m in wanted]
-        records = dict(zip(wanted, await self.semantic.exact.store.get_many(keys) if keys
-                           else [], strict=True))
+        records = dict(zip(wanted, await self.store.vectors_of(shard, wanted), strict=True))
         for event_id, fields in events:
             seq = int(fields[b"seq"])
             last_seq = self._last[shard][1]

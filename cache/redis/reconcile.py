@@ -1,6 +1,6 @@
 """Recompute the byte accounting from the live keys, and report any difference.
 
-The budget's scripts keep sizes, recency, deadlines and totals exact as entries are
+The entry store's scripts keep sizes, recency, deadlines and totals exact as entries are
 written, hit, expired, evicted and deleted. ``promptcache reconcile`` checks that claim
 against what Redis actually holds, shard by shard: every member the accounting knows of and
 every entry or vector key a SCAN finds (on every master of a cluster) is re-measured in a
@@ -14,12 +14,15 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from promptcache.cache.redis.budget import Budget
-from promptcache.cache.redis.client import EntryStore
+from promptcache.cache.redis.budget import BudgetStore
+from promptcache.cache.redis.client import close_client, redis_client
+from promptcache.cache.redis.layout import KeyLayout
 
 
 @dataclass(slots=True)
 class Report:
+    """What reconciling found: members checked, and what was wrong before the fix."""
+
     shards: int = 0
     checked: int = 0
     resized: int = 0  # accounted size differed from the live keys
@@ -43,26 +46,23 @@ class Report:
         return {**asdict(self), "drift_bytes": self.drift_bytes, "clean": self.clean}
 
 
-async def reconcile(budget: Budget, store: EntryStore, *, batch: int = 200) -> Report:
-    layout = budget.layout
-    report = Report(shards=layout.shards)
-    await budget.usage()  # reap what expired: that is accounting working, not drift
-    for shard in range(layout.shards):
-        tag = layout.tag(shard)
-        before, n_before = await budget.totals(shard)
-        members: set[str] = {m async for m in budget.members(shard)}
-        for kind in ("e", "v"):
-            async for key in store.scan(f"{tag}{kind}:*"):
-                members.add(layout.split(key.decode() if isinstance(key, bytes) else key)[1])
+async def reconcile(store: BudgetStore, *, batch: int = 200) -> Report:
+    """Re-measure every member of every shard of ``store`` and fix its accounting."""
+    report = Report(shards=store.layout.shards)
+    await store.usage()  # reap what expired: that is accounting working, not drift
+    for shard in range(store.layout.shards):
+        before, n_before = await store.totals(shard)
+        members: set[str] = {m async for m in store.members(shard)}
+        members |= {m async for m in store.members_found(shard)}
         ordered = sorted(members)
         for i in range(0, len(ordered), batch):
-            checked, resized, untracked, stale = await budget.reconcile_members(
+            checked, resized, untracked, stale = await store.reconcile_members(
                 shard, ordered[i:i + batch])
             report.checked += checked
             report.resized += resized
             report.untracked += untracked
             report.stale += stale
-        _, after, _, n_after = await budget.recount(shard)
+        _, after, _, n_after = await store.recount(shard)
         report.bytes_before += before
         report.bytes_after += after
         report.entries_before += n_before
@@ -73,17 +73,9 @@ async def reconcile(budget: Budget, store: EntryStore, *, batch: int = 200) -> R
 async def reconcile_url(url: str, *, key_prefix: str = "pc:", socket_timeout: float = 30.0
                         ) -> Report:
     """Reconcile the cache at ``url`` (``redis+cluster://`` for a cluster)."""
-    from promptcache.cache.keys import CLUSTER_SHARDS, KeyLayout
-    from promptcache.cache.redis.client import (
-        RedisStore,
-        close_client,
-        is_cluster_url,
-        redis_client,
-    )
-
     client = redis_client(url, timeout=socket_timeout)
     try:
-        layout = KeyLayout(key_prefix, CLUSTER_SHARDS if is_cluster_url(url) else 1)
-        return await reconcile(Budget(client, layout, node="reconcile"), RedisStore(client))
+        store = BudgetStore(client, KeyLayout.for_url(url, key_prefix), node="reconcile")
+        return await reconcile(store)
     finally:
         await close_client(client)

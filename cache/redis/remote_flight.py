@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 from redis.exceptions import RedisError
 
-from promptcache.cache.keys import KeyLayout
+from promptcache.cache.redis.layout import KeyLayout
 
 T = TypeVar("T")
 

@@ -18,20 +18,12 @@ import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
 from promptcache.cache.errors import ConfigError
-
-
-class Embedder(Protocol):
-    @property
-    def dim(self) -> int: ...
-
-    def encode(self, texts: Sequence[str]) -> np.ndarray:
-        """Blocking: an (n, dim) float32 array of unit vectors. Call from a thread."""
-        ...
+from promptcache.cache.protocols import Embedder
 
 
 def default_model_path() -> Path:

@@ -19,36 +19,17 @@ starts flat and becomes HNSW when it grows past ``hnsw_threshold`` vectors.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Literal, Protocol
+from typing import Literal
 
 import faiss
 import numpy as np
+
+from promptcache.cache.protocols import VectorIndex
 
 IndexKind = Literal["flat", "sq8", "hnsw"]
 KINDS: tuple[str, ...] = ("auto", "flat", "sq8", "hnsw")
 #: Component range covered by the 8-bit quantizer: a unit vector never leaves [-1, 1].
 SQ8_RANGE = 1.0
-
-
-class VectorIndex(Protocol):
-    kind: str
-
-    def __len__(self) -> int: ...
-
-    def add(self, ids: np.ndarray, vectors: np.ndarray) -> None: ...
-
-    def remove(self, ids: np.ndarray) -> int: ...
-
-    def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(scores, ids), each (n, k); missing results have id -1."""
-        ...
-
-    def vectors(self) -> tuple[np.ndarray, np.ndarray]:
-        """All (ids, vectors) held, for re-indexing."""
-        ...
-
-    @property
-    def nbytes(self) -> int: ...
 
 
 class _FaissIndex:

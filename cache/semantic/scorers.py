@@ -16,7 +16,7 @@ import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
@@ -29,14 +29,6 @@ _QUESTION_WORDS = frozenset(
 FEATURES = ("similarity", "word_jaccard", "content_jaccard", "unmatched_query",
             "unmatched_candidate", "length_ratio", "log_length", "first_word_equal",
             "question_words_equal", *(f"rule_{r}" for r in RULES))
-
-
-class Scorer(Protocol):
-    """A fitted model: the probability that one answer serves both prompts, per pair."""
-
-    threshold: float  # scores below it are rejected
-
-    def score_batch(self, items: Sequence[tuple[str, str, float]]) -> list[float]: ...
 
 
 def pair_features(query: str, candidate: str, similarity: float) -> list[float]:

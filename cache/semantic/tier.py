@@ -6,8 +6,8 @@ above the similarity threshold are fetched from Redis, dropped if their entry is
 (expired, evicted or deleted: the index never resurrects one), and passed to the
 verifier; the best one it accepts is served.
 
-Each entry stored with a semantic view gets a vector record beside it in Redis
-(``{prefix}v:{nsid}:{digest}``: scope, text, float16 vector), written in the same
+Each entry stored with a semantic view gets a vector record beside it in the entry store
+(scope, text, float16 vector: :class:`VectorRecord`), written in the same
 transaction and with the same TTL, so a sidecar rebuilds its index from Redis at start.
 """
 
@@ -19,41 +19,27 @@ import logging
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Final, Protocol
+from typing import Any
 
-import msgpack
 import numpy as np
 
 from promptcache.cache.entry import Entry, EntryFormatError
 from promptcache.cache.exact import ExactCache
 from promptcache.cache.keys import CacheKey
+from promptcache.cache.protocols import CandidateVerifier
 from promptcache.cache.semantic.embedding import BatchingEmbedder
 from promptcache.cache.semantic.index import PartitionedIndex
+from promptcache.cache.semantic.record import VectorRecord, vector_id
 from promptcache.cache.semantic.scope import SemanticView
+from promptcache.cache.semantic.verifier import Verdict
 
 log = logging.getLogger(__name__)
-_FORMAT: Final = 2  # 2 added the model name; 1 (without it) is still read
-
-
-class Verdict(Protocol):
-    @property
-    def ok(self) -> bool: ...
-
-    @property
-    def reason(self) -> str | None: ...
-
-    @property
-    def score(self) -> float: ...
-
-
-class Verifier(Protocol):
-    def verify_batch(self, items: Sequence[tuple[str, str, float]]) -> Sequence[Verdict]:
-        """Blocking: one verdict per (query, candidate, similarity)."""
-        ...
 
 
 @dataclass(frozen=True, slots=True)
 class SemanticPolicy:
+    """The tier's thresholds: similarity, temperature, candidates searched, index bound."""
+
     threshold: float = 0.975
     max_temperature: float = 1.0
     candidates: int = 4
@@ -64,47 +50,19 @@ class SemanticPolicy:
 
 @dataclass(frozen=True, slots=True)
 class SemanticHit:
+    """A verified near-duplicate: the entry that answers, and how similar its prompt was."""
+
     entry: Entry
     similarity: float
     namespace: str
     digest: str
 
 
-@dataclass(frozen=True, slots=True)
-class VectorRecord:
-    scope: str
-    text: str
-    vector: np.ndarray  # float32 (dim,)
-    namespace: str
-    digest: str
-    model: str = ""  # the embedder that made the vector ("" = unknown)
-
-    def encode(self) -> bytes:
-        half = np.asarray(self.vector, dtype=np.float16).tobytes()
-        return msgpack.packb([_FORMAT, self.scope, self.text, half, self.namespace,
-                              self.digest, self.model], use_bin_type=True)
-
-    @classmethod
-    def decode(cls, data: bytes) -> VectorRecord:
-        try:
-            fmt, scope, text, half, namespace, digest, *rest = msgpack.unpackb(data, raw=False)
-            if fmt not in (1, _FORMAT) or len(rest) != fmt - 1:
-                raise EntryFormatError(f"unknown vector record format {fmt!r}")
-            vector = np.frombuffer(half, dtype=np.float16).astype(np.float32)
-            return cls(str(scope), str(text), vector, str(namespace), str(digest),
-                       str(rest[0]) if rest else "")
-        except (ValueError, TypeError, msgpack.UnpackException) as exc:
-            raise EntryFormatError(str(exc)) from exc
-
-
-def vector_id(digest: str) -> int:
-    """The FAISS id of an entry: 60 bits of its digest."""
-    return int(digest[:15], 16)
-
-
 class SemanticCache:
+    """Near-duplicate lookups over the exact cache's entries: embed, search, fetch, verify."""
+
     def __init__(self, exact: ExactCache, embedder: BatchingEmbedder, index: PartitionedIndex,
-                 verifier: Verifier | None, policy: SemanticPolicy | None = None) -> None:
+                 verifier: CandidateVerifier | None, policy: SemanticPolicy | None = None) -> None:
         self.exact = exact
         self.embedder = embedder
         self.index = index
@@ -112,10 +70,6 @@ class SemanticCache:
         self.policy = policy or SemanticPolicy()
         self._refs: dict[int, tuple[str, str]] = {}  # id -> (namespace, digest)
         self.counts: Counter[str] = Counter()
-
-    @property
-    def prefix(self) -> str:
-        return self.exact.policy.key_prefix
 
     @property
     def model(self) -> str:
@@ -136,12 +90,10 @@ class SemanticCache:
             self.counts["below_threshold"] += 1
             return None
         refs = [self._refs[i] for i, _ in found]
-        layout = self.exact.layout
-        keys = [k for ns, d in refs for k in (layout.entry(ns, d), layout.vector(ns, d))]
-        raw = await self.exact.get_many(keys)
+        raw = await self.exact.get_with_vectors(refs)
         candidates: list[tuple[float, Entry, VectorRecord]] = []
         for n, (id_, similarity) in enumerate(found):
-            entry, record = self._decode(raw[2 * n], raw[2 * n + 1])
+            entry, record = self._decode(*raw[n])
             if entry is None or record is None or record.scope != view.scope:
                 self.forget(id_)  # gone from Redis: never served again
                 self.counts["stale"] += 1
@@ -160,7 +112,7 @@ class SemanticCache:
 
     async def _verify(self, items: list[tuple[str, str, float]]) -> Sequence[Verdict]:
         if self.verifier is None:
-            return [_Accept() for _ in items]
+            return [Verdict(ok=True, reason=None, score=1.0) for _ in items]
         return await asyncio.to_thread(self.verifier.verify_batch, items)
 
     @staticmethod
@@ -229,23 +181,11 @@ class SemanticCache:
         self.index.remove(np.array([id_], dtype=np.int64))
         self._refs.pop(id_, None)
 
-    async def rebuild(self, batch: int = 500, pattern: str | None = None) -> int:
-        """Load every vector record in Redis (matching ``pattern``) into the index."""
-        store = self.exact.store
-        keys: list[str] = []
+    async def rebuild(self, shard: int | None = None, batch: int = 500) -> int:
+        """Load every vector record in the store (of one shard, or all) into the index."""
         loaded = 0
-
-        async def flush() -> int:
-            n = await self.add_records(await store.get_many(keys))
-            keys.clear()
-            return n
-
-        async for key in store.scan(pattern or self.exact.layout.patterns()[1]):
-            keys.append(key.decode() if isinstance(key, bytes) else key)
-            if len(keys) >= batch:
-                loaded += await flush()
-        if keys:
-            loaded += await flush()
+        async for records in self.exact.store.vector_batches(shard, batch):
+            loaded += await self.add_records(records)
         log.info("semantic index rebuilt from Redis: %d vectors", loaded)
         return loaded
 
@@ -253,10 +193,3 @@ class SemanticCache:
         return {**self.index.stats(), **dict(self.counts),
                 "embed_batches": self.embedder.batches, "embedded": self.embedder.embedded,
                 "embed_memo_hits": self.embedder.memo_hits}
-
-
-@dataclass(frozen=True, slots=True)
-class _Accept:
-    ok: bool = True
-    reason: str | None = None
-    score: float = 1.0

@@ -23,8 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from promptcache.cache.protocols import Scorer
 from promptcache.cache.semantic.rules import CHECKS, RULES
-from promptcache.cache.semantic.scorers import Scorer, load_model
+from promptcache.cache.semantic.scorers import load_model
 
 if TYPE_CHECKING:
     from promptcache.cache.semantic.embedding import SentenceTransformerEmbedder
