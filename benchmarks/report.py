@@ -20,6 +20,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from promptcache.benchmarks.registry import BENCHMARKS
+
 #: Section order on the page; the module whose ``report()`` renders each kind. Other
 #: benchmarks of ``promptcache bench`` follow, rendered by their own ``report()``.
 KINDS = {
@@ -45,8 +47,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def modules() -> dict[str, str]:
     """Benchmark kind -> module: :data:`KINDS`, then the rest of the CLI's benchmarks."""
-    from promptcache.cli import BENCHMARKS
-
     return KINDS | {k: m for k, (m, _) in BENCHMARKS.items() if k not in KINDS | {"report": ""}}
 
 

@@ -1,6 +1,13 @@
 """The ``promptcache`` command: ``serve`` runs the sidecar, ``fit`` fits the verifier,
 ``plan`` estimates memory, ``reconcile`` checks the byte accounting, ``bench`` runs a
-benchmark."""
+benchmark.
+
+Commands load lazily. :data:`COMMANDS` holds each one's help line and the functions that
+define and run it, which import what the command needs; :func:`main` loads only the command
+its arguments name (for ``bench``, only the benchmark named), and lists the others by their
+help line. So ``promptcache --help`` and ``promptcache serve`` import no plotting, progress
+bars or training code.
+"""
 
 from __future__ import annotations
 
@@ -8,103 +15,109 @@ import argparse
 import importlib
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 from promptcache import __version__
+from promptcache.benchmarks.registry import BENCHMARKS
 from promptcache.cache.errors import PromptCacheError
-from promptcache.server.config import add_arguments, build_settings
-
-#: ``promptcache bench NAME``: the module (with add_arguments and main) and its help line.
-BENCHMARKS = {
-    "exact": ("promptcache.benchmarks.exact",
-              "exact hits through the sidecar beside a one-GET aiohttp floor"),
-    "semantic": ("promptcache.benchmarks.semantic_speed",
-                 "semantic lookup throughput and latency against the model; index search"),
-    "budget": ("promptcache.benchmarks.budget",
-               "byte budget under a write flood (overshoot, evictions/s); bytes per entry"),
-    "hitrate": ("promptcache.benchmarks.hitrate",
-                "hit rate against false hits on labelled pairs: the semantic tier's tuner"),
-    "load": ("promptcache.benchmarks.load",
-             "replay real prompts against a sidecar, closed or open loop; latency by X-Cache"),
-    "memory": ("promptcache.benchmarks.memory",
-               "bytes per entry by tier and per vector by index kind, against the raw size"),
-    "report": ("promptcache.benchmarks.report",
-               "gather the latest results into docs/benchmarks.md with tables and plots"),
-}
 
 
-def parser() -> argparse.ArgumentParser:
+class Command(NamedTuple):
+    """A subcommand: its help line, ``define(parser, rest)`` that adds its options (``rest``:
+    the arguments after its name, to load only what they name; None: load everything), and
+    ``run(args)`` that runs it and returns the exit status."""
+
+    help: str
+    define: Callable[[argparse.ArgumentParser, Sequence[str] | None], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+def parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The ``promptcache`` parser for the command line ``argv``: the command it names is
+    loaded, the others have their name and help line only (enough for ``--help`` and for
+    argparse's errors). Without ``argv``, every command and every benchmark is loaded, for
+    whoever walks all the options."""
     p = argparse.ArgumentParser(
         prog="promptcache",
         description="A prompt/response cache for LLM traffic.",
     )
     p.add_argument("--version", action="version", version=f"promptcache {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    serve = sub.add_parser(
-        "serve",
-        help="run the caching sidecar in front of a model API",
-        description="Run the caching sidecar: an OpenAI/Anthropic-compatible proxy that "
-        "answers repeated requests from Redis. Without --redis-url it starts and owns a "
-        "private redis-server with its data in --data-dir. Every option can also be set "
-        "as the environment variable shown, or in the --config TOML file; flags win over "
-        "the environment, which wins over the file.",
-    )
-    add_arguments(serve)
-    from promptcache.benchmarks import fit
-
-    fit.add_arguments(sub.add_parser(
-        "fit", help="fit the verifier's model on labelled pairs (your own traffic too)",
-        description=fit.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
-    from promptcache.benchmarks import plan
-
-    plan.add_arguments(sub.add_parser(
-        "plan", help="estimate the memory each tier needs (Redis, index, model, per node)",
-        description=plan.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
-    rec = sub.add_parser(
-        "reconcile", help="recompute the byte accounting from the live keys; report drift",
-        description="Recompute the cache's byte accounting (sizes, totals, LRU and expiry "
-        "bookkeeping) from the keys Redis holds, fix any difference, and print a JSON report. "
-        "Exit status 0 if the accounting was exact, 1 if it had drifted (and is now fixed).")
-    rec.add_argument("--redis-url", metavar="URL", help="the cache's Redis (redis+cluster:// "
-                     "for a cluster); default: the embedded Redis of --data-dir")
-    rec.add_argument("--data-dir", metavar="DIR", help="the embedded Redis's data directory")
-    rec.add_argument("--key-prefix", metavar="PREFIX", default="pc:",
-                     help="prefix of the cache's keys; default: pc:")
-    bench = sub.add_parser("bench", help="benchmarks (see benchmarks/)",
-                           description="Run a benchmark; each writes JSON to --out.")
-    kinds = bench.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
-    for name, (module, help_text) in BENCHMARKS.items():
-        mod = importlib.import_module(module)
-        mod.add_arguments(kinds.add_parser(
-            name, help=help_text, description=mod.__doc__,
-            formatter_class=argparse.RawDescriptionHelpFormatter))
+    named, rest = _named(argv)
+    for name, command in COMMANDS.items():
+        command_parser = sub.add_parser(name, help=command.help)
+        if argv is None or name == named:
+            command.define(command_parser, None if argv is None else rest)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser(argv).parse_args(argv)
+    if args.command == "bench":
+        args.argv = argv  # the command line, which a benchmark writes beside its results
     try:
-        if args.command == "serve":
-            from promptcache.server.app import serve
-
-            return serve(build_settings(vars(args) | {"command": None}, os.environ))
-        if args.command == "fit":
-            from promptcache.benchmarks import fit
-
-            return fit.main(args)
-        if args.command == "reconcile":
-            return _reconcile(args)
-        if args.command == "plan":
-            from promptcache.benchmarks import plan
-
-            return plan.main(args)
-        if args.command == "bench":
-            args.argv = list(sys.argv[1:] if argv is None else argv)
-            return int(importlib.import_module(BENCHMARKS[args.bench][0]).main(args))
+        return COMMANDS[args.command].run(args)
     except PromptCacheError as exc:
         print(f"promptcache: error: {exc}", file=sys.stderr)
         return 2
-    return 2
+
+
+def _named(argv: Sequence[str] | None) -> tuple[str | None, list[str]]:
+    """The first positional argument of ``argv`` (the options before a command's or a
+    benchmark's name take no value) and the arguments after it."""
+    args = list(argv or ())
+    for i, arg in enumerate(args):
+        if not arg.startswith("-"):
+            return arg, args[i + 1:]
+    return None, []
+
+
+def _load(p: argparse.ArgumentParser, module: str) -> None:
+    """Define ``p`` from a module with ``add_arguments(parser)``; its docstring describes it."""
+    mod = importlib.import_module(module)
+    p.description = mod.__doc__
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    mod.add_arguments(p)
+
+
+def _module_command(module: str, help_line: str) -> Command:
+    """A command defined and run by a module of the harness (``add_arguments``, ``main``)."""
+    return Command(help_line, lambda p, _rest: _load(p, module),
+                   lambda args: int(importlib.import_module(module).main(args)))
+
+
+def _serve_arguments(p: argparse.ArgumentParser, _rest: Sequence[str] | None) -> None:
+    from promptcache.server.config import add_arguments
+
+    p.description = (
+        "Run the caching sidecar: an OpenAI/Anthropic-compatible proxy that "
+        "answers repeated requests from Redis. Without --redis-url it starts and owns a "
+        "private redis-server with its data in --data-dir. Every option can also be set "
+        "as the environment variable shown, or in the --config TOML file; flags win over "
+        "the environment, which wins over the file."
+    )
+    add_arguments(p)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from promptcache.server.app import serve
+    from promptcache.server.config import build_settings
+
+    return serve(build_settings(vars(args) | {"command": None}, os.environ))
+
+
+def _reconcile_arguments(p: argparse.ArgumentParser, _rest: Sequence[str] | None) -> None:
+    p.description = (
+        "Recompute the cache's byte accounting (sizes, totals, LRU and expiry "
+        "bookkeeping) from the keys Redis holds, fix any difference, and print a JSON report. "
+        "Exit status 0 if the accounting was exact, 1 if it had drifted (and is now fixed).")
+    p.add_argument("--redis-url", metavar="URL", help="the cache's Redis (redis+cluster:// "
+                   "for a cluster); default: the embedded Redis of --data-dir")
+    p.add_argument("--data-dir", metavar="DIR", help="the embedded Redis's data directory")
+    p.add_argument("--key-prefix", metavar="PREFIX", default="pc:",
+                   help="prefix of the cache's keys; default: pc:")
 
 
 def _reconcile(args: argparse.Namespace) -> int:
@@ -130,3 +143,31 @@ def _reconcile(args: argparse.Namespace) -> int:
         return 2
     print(json.dumps(report.as_dict(), indent=2))
     return 0 if report.clean else 1
+
+
+def _bench_arguments(p: argparse.ArgumentParser, rest: Sequence[str] | None) -> None:
+    p.description = "Run a benchmark; each writes JSON to --out."
+    kinds = p.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
+    named, _ = _named(rest)
+    for name, (module, help_line) in BENCHMARKS.items():
+        benchmark_parser = kinds.add_parser(name, help=help_line)
+        if rest is None or name == named:
+            _load(benchmark_parser, module)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    return int(importlib.import_module(BENCHMARKS[args.bench][0]).main(args))
+
+
+#: ``promptcache NAME``: what ``promptcache --help`` lists, in this order.
+COMMANDS: dict[str, Command] = {
+    "serve": Command("run the caching sidecar in front of a model API",
+                     _serve_arguments, _serve),
+    "fit": _module_command("promptcache.benchmarks.fit",
+                           "fit the verifier's model on labelled pairs (your own traffic too)"),
+    "plan": _module_command("promptcache.benchmarks.plan",
+                            "estimate the memory each tier needs (Redis, index, model, per node)"),
+    "reconcile": Command("recompute the byte accounting from the live keys; report drift",
+                         _reconcile_arguments, _reconcile),
+    "bench": Command("benchmarks (see benchmarks/)", _bench_arguments, _bench),
+}
