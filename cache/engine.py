@@ -41,6 +41,7 @@ from promptcache.cache.semantic.embedding import (
 )
 from promptcache.cache.semantic.index import PartitionedIndex
 from promptcache.cache.semantic.tier import SemanticCache, SemanticPolicy
+from promptcache.cache.semantic.verifier import Verifier, VerifierConfig
 from promptcache.cache.singleflight import SingleFlight
 
 log = logging.getLogger(__name__)
@@ -134,8 +135,6 @@ async def _start_sync(stack: contextlib.AsyncExitStack, redis_url: str, options:
 async def _semantic(options: EngineOptions, cache: ExactCache, embedder: Embedder | None
                     ) -> SemanticCache:
     """Load the model (on a thread: it takes seconds); the index is filled by the sync."""
-    from promptcache.cache.semantic.verifier import Verifier, VerifierConfig
-
     model: Embedder = embedder if embedder is not None else await asyncio.to_thread(
         partial(SentenceTransformerEmbedder, options.embedding_model,
                 tuning=resolve_tuning(options.embedding_tuning)))

@@ -1,19 +1,23 @@
-"""One request through the cache, independent of how it arrived (sidecar or in-process).
+"""One request through the cache, the same whichever front end it arrived by.
 
 ::
 
-    prepare(engine, endpoint, body, credential, namespace, Cache-Control, mode, threshold)
+    prepare / prepare_http (promptcache.cache.request)
         -> Prepared (key, semantic view, directives; RequestError on bad input)
     handle(engine, prepared, exchange) -> what the exchange returns:
         bypass (no-cache + no-store) -> forward, store nothing
         lookup: exact tier, then semantic (BYPASS if the cache fails) -> HIT: serve the entry
-        MISS: join the single flight for the key; the leader forwards upstream and stores a
-        complete 2xx answer (``store``), followers are served the leader's answer
-    StreamCollector -> the non-streaming Answer of a streamed upstream answer, assembled as
-                       its chunks pass through
+        MISS: join the single flight for the key; the leader forwards upstream, and the
+        exchange hands every complete answer to the flow's store (``store``, if the request
+        may be stored); followers are served the leader's answer if it may be shared
+        (:func:`shareable`), else they forward too
 
-The :class:`Exchange` is the caller's side: the sidecar answers an aiohttp request, the
-in-process cache an httpx request or a function call.
+Both front ends (the sidecar's aiohttp handler and the in-process cache, through an httpx
+transport or a function call) are an :class:`Exchange`: they adapt I/O only. What they
+share is here: the response headers (:func:`cache_headers`: X-Cache, Age, X-Cache-Key,
+X-Cache-Similarity, X-Cache-Coalesced), a cached answer as the caller gets it
+(:func:`served`: the body, or SSE frames replayed for a streaming request), and the rules
+for what is stored (:func:`cacheable`) and shared (:func:`shareable`).
 
 Timings and outcomes go to a :class:`FlowMetrics` (the sidecar's Prometheus metrics; a
 no-op for the in-process cache unless it is given one).
@@ -24,28 +28,25 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from functools import partial
+from typing import Protocol, TypeVar
 
-from promptcache.cache.cache_control import CacheControl
-from promptcache.cache.engine import Answer, Engine
-from promptcache.cache.entry import Entry
-from promptcache.cache.errors import CacheUnavailable, RequestError
-from promptcache.cache.keys import Api, CacheKey, check_namespace, loads_normalised, request_key
+from promptcache.cache.engine import Engine
+from promptcache.cache.entry import Answer, Entry
+from promptcache.cache.errors import CacheUnavailable
 from promptcache.cache.redis.remote_flight import RemoteFlight
-from promptcache.cache.semantic.scope import SemanticView, semantic_view, temperature
+from promptcache.cache.request import Prepared
 from promptcache.cache.semantic.tier import SemanticHit
-from promptcache.cache.sse import SSEParser, assembler_for
-from promptcache.cache.validate import validate_body
+from promptcache.cache.sse import replay
 
 log = logging.getLogger(__name__)
 R = TypeVar("R")
 R_co = TypeVar("R_co", covariant=True)
 
-STREAMABLE: frozenset[Api] = frozenset({"chat", "completions", "messages"})
-#: Raw SSE is several times larger than the answer it carries; past this we stop assembling.
-SSE_OVERHEAD = 8
+#: Stores a complete answer for the request being handled; False if it was not stored.
+Store = Callable[[Answer], Awaitable[bool]]
 
 
 class FlowMetrics(Protocol):
@@ -70,6 +71,8 @@ class FlowMetrics(Protocol):
 
 
 class NoMetrics:
+    """A :class:`FlowMetrics` that records nothing."""
+
     def on_outcome(self, endpoint: str, status: str) -> None:
         pass
 
@@ -90,72 +93,6 @@ class NoMetrics:
 
     def on_not_stored(self, reason: str) -> None:
         pass
-
-
-@dataclass(slots=True)
-class Prepared:
-    """Everything the cache knows about one request to a cached endpoint."""
-
-    api: Api
-    endpoint: str
-    body: dict[str, Any]
-    key: CacheKey
-    control: CacheControl
-    streaming: bool
-    view: SemanticView | None = None  # set when the request may be stored for semantic hits
-    semantic_lookup: bool = False  # the cache mode is not "exact"
-    threshold: float | None = None  # the request's threshold, raised to the configured one
-
-    @property
-    def include_usage(self) -> bool:
-        opts = self.body.get("stream_options")
-        return isinstance(opts, dict) and opts.get("include_usage") is True
-
-
-def prepare(engine: Engine, api: Api, endpoint: str, body_bytes: bytes, *,
-            credential: str | None, namespace: str = "", cache_control: Iterable[str] = (),
-            mode: str | None = None, threshold: str | None = None) -> Prepared:
-    """Parse, validate and key a request body; RequestError (a 4xx) on bad input.
-
-    ``namespace``, ``cache_control``, ``mode`` and ``threshold`` are the values of the
-    ``X-Cache-Namespace``, ``Cache-Control``, ``X-Cache-Mode`` and ``X-Cache-Threshold``
-    headers (see the README's Per-request control).
-    """
-    try:
-        body = loads_normalised(body_bytes)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise RequestError(f"the request body is not valid JSON: {exc}", param="body") from exc
-    validate_body(api, body)
-    namespace = check_namespace(namespace)
-    control = CacheControl.parse(cache_control)
-    tenant = engine.tenant(credential)
-    key = request_key(endpoint, body, tenant=tenant, namespace=namespace, normalised=True)
-    streaming = api in STREAMABLE and body.get("stream") is True
-    prepared = Prepared(api, endpoint, body, key, control, streaming)
-    if engine.semantic is not None:
-        policy = engine.semantic.policy
-        mode = ("semantic" if mode is None else mode).strip().lower()
-        if mode not in ("exact", "semantic"):
-            raise RequestError("X-Cache-Mode must be 'exact' or 'semantic'", param="X-Cache-Mode")
-        prepared.semantic_lookup = mode == "semantic"
-        prepared.threshold = max(policy.threshold, _threshold(threshold))
-        if temperature(body) <= policy.max_temperature:
-            prepared.view = semantic_view(api, endpoint, body, tenant=tenant,
-                                          namespace=namespace, normalised=True)
-    return prepared
-
-
-def _threshold(raw: str | None) -> float:
-    if raw is None:
-        return 0.0
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not 0.0 <= value <= 1.0:
-        raise RequestError("X-Cache-Threshold must be a cosine similarity from 0 to 1",
-                           param="X-Cache-Threshold")
-    return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,12 +163,14 @@ class Exchange(Protocol[R_co]):
     """The caller's side of one request: answering it, and calling the upstream."""
 
     async def serve(self, answer: Answer, outcome: Outcome) -> R_co:
-        """Answer with a cached or shared answer (replayed as a stream if it streams)."""
+        """Answer with a cached or shared answer (:func:`served` says how, over HTTP)."""
         ...
 
-    async def forward(self, outcome: Outcome, store: bool) -> tuple[R_co, Answer | None]:
-        """Call the upstream and answer with its response; if ``store``, store a complete
-        answer with :func:`store`. Return the answer that followers may share, or None."""
+    async def forward(self, outcome: Outcome, store: Store | None
+                      ) -> tuple[R_co, Answer | None]:
+        """Call the upstream and answer with its response. Hand a complete answer to
+        ``store`` (if given) before the caller has all of it; return the complete answer
+        (None if there is none: the call failed, or its stream broke)."""
         ...
 
 
@@ -242,7 +181,7 @@ async def handle(engine: Engine, req: Prepared, exchange: Exchange[R],
     cc = req.control
     if cc.bypass:
         metrics.on_outcome(req.endpoint, "BYPASS")
-        return (await exchange.forward(Outcome("BYPASS"), False))[0]
+        return (await _forward(engine, req, exchange, Outcome("BYPASS"), False, metrics))[0]
     found, cache_ok = (None, True) if cc.no_cache else await lookup(engine, req, metrics)
     if found is not None:
         metrics.on_outcome(req.endpoint, found.status)
@@ -254,24 +193,33 @@ async def handle(engine: Engine, req: Prepared, exchange: Exchange[R],
     metrics.on_outcome(req.endpoint, status)
     store_it = cache_ok and not cc.no_store
     if cc.no_cache:  # a refresh wants its own upstream answer, not a shared one
-        return (await exchange.forward(Outcome(status), store_it))[0]
+        return (await _forward(engine, req, exchange, Outcome(status), store_it, metrics))[0]
     flight, leader = engine.flights.join(req.key.digest)
     if not leader:
         shared = await flight.wait()
         if shared is not None:
             metrics.on_coalesced()
             return await exchange.serve(shared, Outcome(status, coalesced=True))
-        return (await exchange.forward(Outcome(status), store_it))[0]
+        return (await _forward(engine, req, exchange, Outcome(status), store_it, metrics))[0]
     answer: Answer | None = None
     try:
         if engine.remote is not None and store_it:
             result, answer = await _lead_across_nodes(engine, req, exchange, engine.remote,
                                                       status, metrics)
             return result
-        result, answer = await exchange.forward(Outcome(status), store_it)
+        result, answer = await _forward(engine, req, exchange, Outcome(status), store_it,
+                                        metrics)
         return result
     finally:
         engine.flights.land(req.key.digest, flight, answer)
+
+
+async def _forward(engine: Engine, req: Prepared, exchange: Exchange[R], outcome: Outcome,
+                   store_it: bool, metrics: FlowMetrics) -> tuple[R, Answer | None]:
+    """Forward upstream, storing the answer if ``store_it``; the answer others may share."""
+    sink = partial(store, engine, req, metrics=metrics) if store_it else None
+    result, answer = await exchange.forward(outcome, sink)
+    return result, answer if answer is not None and shareable(engine, answer) else None
 
 
 async def _lead_across_nodes(engine: Engine, req: Prepared, exchange: Exchange[R],
@@ -289,7 +237,7 @@ async def _lead_across_nodes(engine: Engine, req: Prepared, exchange: Exchange[R
             answer = Answer(entry.status, entry.body, entry.content_type)
             return await exchange.serve(answer, Outcome(status, coalesced=True)), answer
     try:
-        return await exchange.forward(Outcome(status), True)
+        return await _forward(engine, req, exchange, Outcome(status), True, metrics)
     finally:
         if lease is not None:
             await lease.release()
@@ -308,6 +256,12 @@ def cacheable(status: int, body: bytes, max_bytes: int) -> str | None:
     if not isinstance(doc, dict) or "error" in doc or doc.get("type") == "error":
         return "error_body"
     return None
+
+
+def shareable(engine: Engine, answer: Answer) -> bool:
+    """May waiting followers be served ``answer``? Not if it is larger than an entry may be
+    (the cache holds no copy of such an answer; the followers call upstream themselves)."""
+    return len(answer.body) <= engine.options.max_entry_bytes
 
 
 async def store(engine: Engine, req: Prepared, answer: Answer,
@@ -344,32 +298,36 @@ async def _put(engine: Engine, req: Prepared, entry: Entry) -> int:
     return await engine.cache.put(req.key, entry, ttl=ttl)
 
 
-class StreamCollector:
-    """Assembles a streamed (SSE) answer into its non-streaming form as chunks pass by.
+def cache_headers(req: Prepared, outcome: Outcome) -> dict[str, str]:
+    """The response headers that say where an answer came from (the README's table)."""
+    h = {"X-Cache": outcome.status, "X-Cache-Key": outcome.key or req.key.digest}
+    if outcome.age is not None:
+        h["Age"] = str(outcome.age)
+    if outcome.similarity is not None:
+        h["X-Cache-Similarity"] = f"{outcome.similarity:.4f}"
+    if outcome.coalesced:
+        h["X-Cache-Coalesced"] = "1"
+    return h
 
-    ``feed`` returns the :class:`Answer` once, when the chunk that completes the stream
-    arrives (so the caller can store it before passing that chunk on), else None. Past
-    ``SSE_OVERHEAD`` times the entry size limit it stops assembling.
-    """
 
-    def __init__(self, api: Api, status: int, max_entry_bytes: int) -> None:
-        self._parser, self._assembler = SSEParser(), assembler_for(api)  # type: ignore[arg-type]
-        self._status = status
-        self._budget, self._seen = max_entry_bytes * SSE_OVERHEAD, 0
-        self.answer: Answer | None = None
+@dataclass(frozen=True, slots=True)
+class Served:
+    """A cached or shared answer as an HTTP caller gets it: a body, or for a streaming
+    request SSE ``frames`` replayed from the stored body."""
 
-    def feed(self, chunk: bytes) -> Answer | None:
-        if self.answer is not None or self._seen > self._budget:
-            return None
-        self._seen += len(chunk)
-        if self._seen > self._budget:
-            return None
-        for event in self._parser.feed(chunk):
-            self._assembler.add(event)
-        if self._assembler.complete and not self._assembler.failed:
-            doc = self._assembler.result()
-            self.answer = Answer(self._status, json.dumps(doc, separators=(",", ":"),
-                                                          ensure_ascii=False).encode(),
-                                 "application/json")
-            return self.answer
-        return None
+    status: int
+    headers: dict[str, str]
+    body: bytes = b""
+    frames: Iterator[bytes] | None = None
+
+
+def served(req: Prepared, answer: Answer, outcome: Outcome) -> Served:
+    """How to answer ``req`` with ``answer`` over HTTP: headers included."""
+    headers = cache_headers(req, outcome)
+    if not (req.streaming and 200 <= answer.status < 300):
+        headers["Content-Type"] = answer.content_type
+        return Served(answer.status, headers, answer.body)
+    headers["Content-Type"] = "text/event-stream; charset=utf-8"
+    headers["Cache-Control"] = "no-cache"
+    frames = replay(req.api, json.loads(answer.body), include_usage=req.include_usage)
+    return Served(answer.status, headers, frames=frames)

@@ -19,21 +19,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Final, Literal
+from typing import Any, Final
 
 from promptcache.cache.errors import RequestError
-
-Api = Literal["chat", "completions", "embeddings", "messages"]
-
-#: The cached routes and the API shape each one speaks.
-ENDPOINTS: Final[dict[str, Api]] = {
-    "/v1/chat/completions": "chat",
-    "/v1/completions": "completions",
-    "/v1/embeddings": "embeddings",
-    "/v1/messages": "messages",
-}
 
 #: Fields that change how an answer is delivered, not what it is.
 TRANSPORT_FIELDS: Final = frozenset({"stream", "stream_options"})
@@ -52,17 +41,6 @@ class CacheKey:
     namespace: str
     endpoint: str
     digest: str  # 32 hex characters (128 bits); shown to callers as the key id
-
-
-#: The request headers that identify a caller to the upstream (and so scope its entries).
-CREDENTIAL_HEADERS: Final = ("authorization", "x-api-key")
-
-
-def credential(headers: Mapping[str, str]) -> str | None:
-    """What identifies the caller (both headers, if both are sent); ``headers`` must look
-    names up case-insensitively (aiohttp's and httpx's header mappings do)."""
-    parts = [f"{h}={headers[h]}" for h in CREDENTIAL_HEADERS if h in headers]
-    return "\n".join(parts) or None
 
 
 def tenant_id(credential: str | None, *, shared: bool = False) -> str:

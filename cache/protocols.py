@@ -10,20 +10,17 @@
   (:class:`~promptcache.cache.semantic.verifier.Verifier`, whose fitted model is a Scorer).
 
 The request flow's own seams (the caller's side of a request, and where it reports metrics)
-live with it in :mod:`promptcache.cache.flow`. The value types an :class:`EntryStore` returns
-are here too.
+live with it in :mod:`promptcache.cache.flow`. The value types the seams return
+(:class:`PutResult`, :class:`Usage`, :class:`Verdict`) are here too.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import numpy as np
-
-if TYPE_CHECKING:
-    from promptcache.cache.semantic.verifier import Verdict
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +41,16 @@ class Usage:
     max_bytes: int
     shards: int
     reaped: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """One candidate's verdict: served or not, the check that said no, the model's score."""
+
+    ok: bool
+    reason: str | None  # the first check that rejected: "numbers", "negation", ...
+    score: float  # the model's probability that one answer serves both (1 without a model,
+    # 0 if a rule rejected the pair)
 
 
 class EntryStore(Protocol):

@@ -20,7 +20,10 @@ APIs return. Normalisations a stream forces on an assembled body:
 - Anthropic: ``stop_reason``/``stop_sequence`` always present; ``usage`` is the
   ``message_start`` usage updated by the (cumulative) ``message_delta`` usage.
 
-No I/O and no shared state: each parser and assembler belongs to one stream.
+:class:`StreamCollector` feeds a relayed stream's chunks through both as they pass and hands
+over the complete :class:`~promptcache.cache.entry.Answer` the moment the terminal event
+arrives. No I/O and no shared state: each parser, assembler and collector belongs to one
+stream.
 """
 
 from __future__ import annotations
@@ -30,9 +33,10 @@ import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
-API = Literal["chat", "completions", "messages"]
+from promptcache.cache.api import Api
+from promptcache.cache.entry import Answer
 
 _LINE_END = re.compile(r"\r\n|\r|\n")
 _TOKENS = re.compile(r"\S+\s*|\s+")
@@ -130,7 +134,7 @@ class StreamAssembler(Protocol):
         """The equivalent non-streaming body; ValueError unless ``complete``."""
 
 
-def assembler_for(api: API) -> StreamAssembler:
+def assembler_for(api: Api) -> StreamAssembler:
     """A fresh assembler for one stream of ``api``."""
     if api == "chat":
         return _OpenAIAssembler("chat.completion")
@@ -344,7 +348,7 @@ class _AnthropicAssembler(_Assembler):
 
 
 def replay(
-    api: API, response: dict[str, Any], *, include_usage: bool = False, chunk_chars: int = 16
+    api: Api, response: dict[str, Any], *, include_usage: bool = False, chunk_chars: int = 16
 ) -> Iterator[bytes]:
     """SSE frames, one event each, re-creating ``response`` the way the API streams it.
 
@@ -388,7 +392,7 @@ def _frame(obj: dict[str, Any] | str, event: str | None = None) -> bytes:
 
 
 def _replay_openai(
-    api: API, response: dict[str, Any], include_usage: bool, size: int
+    api: Api, response: dict[str, Any], include_usage: bool, size: int
 ) -> Iterator[bytes]:
     base = {k: v for k, v in response.items() if k not in ("choices", "usage")}
     base["object"] = "chat.completion.chunk" if api == "chat" else "text_completion"
@@ -488,3 +492,38 @@ def _block_parts(block: dict[str, Any], size: int) -> tuple[dict[str, Any], list
     else:  # redacted_thinking, *_tool_result...: sent whole in content_block_start
         skeleton = block
     return skeleton, deltas
+
+
+#: Raw SSE is several times larger than the answer it carries; past this we stop assembling.
+SSE_OVERHEAD = 8
+
+
+class StreamCollector:
+    """Assembles a streamed (SSE) answer into its non-streaming form as chunks pass by.
+
+    ``feed`` returns the :class:`Answer` once, when the chunk that completes the stream
+    arrives (so the caller can store it before passing that chunk on), else None. Past
+    ``SSE_OVERHEAD`` times the entry size limit it stops assembling.
+    """
+
+    def __init__(self, api: Api, status: int, max_entry_bytes: int) -> None:
+        self._parser, self._assembler = SSEParser(), assembler_for(api)
+        self._status = status
+        self._budget, self._seen = max_entry_bytes * SSE_OVERHEAD, 0
+        self.answer: Answer | None = None
+
+    def feed(self, chunk: bytes) -> Answer | None:
+        if self.answer is not None or self._seen > self._budget:
+            return None
+        self._seen += len(chunk)
+        if self._seen > self._budget:
+            return None
+        for event in self._parser.feed(chunk):
+            self._assembler.add(event)
+        if self._assembler.complete and not self._assembler.failed:
+            doc = self._assembler.result()
+            self.answer = Answer(self._status, json.dumps(doc, separators=(",", ":"),
+                                                          ensure_ascii=False).encode(),
+                                 "application/json")
+            return self.answer
+        return None

@@ -9,8 +9,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from promptcache.cache.api import Api
 from promptcache.cache.errors import RequestError
-from promptcache.cache.keys import Api
 
 _NUMBER_FIELDS = ("temperature", "top_p", "presence_penalty", "frequency_penalty", "top_k")
 _INT_FIELDS = ("max_tokens", "max_completion_tokens", "n", "seed", "top_logprobs")

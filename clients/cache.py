@@ -23,11 +23,15 @@ from dataclasses import dataclass, fields
 from typing import Any, TypeVar
 
 from promptcache.cache import flow
-from promptcache.cache.engine import Answer, Engine, open_engine
+from promptcache.cache.api import ENDPOINTS
+from promptcache.cache.engine import Engine, open_engine
+from promptcache.cache.entry import Answer
 from promptcache.cache.errors import CacheUnavailable, ConfigError, RequestError
-from promptcache.cache.keys import ENDPOINTS, check_namespace
+from promptcache.cache.keys import check_namespace
 from promptcache.cache.options import EngineOptions
 from promptcache.cache.protocols import Embedder
+from promptcache.cache.request import Prepared
+from promptcache.cache.request import prepare as prepare_request
 from promptcache.clients.errors import CacheClosed
 from promptcache.clients.loop import CallerWork, LoopThread
 
@@ -107,7 +111,7 @@ class AsyncCache:
     def prepare(self, body: Mapping[str, Any] | bytes, *, endpoint: str = CHAT,
                 credential: str | None = None, namespace: str = "",
                 cache_control: Iterable[str] = (), mode: str | None = None,
-                threshold: float | str | None = None) -> flow.Prepared:
+                threshold: float | str | None = None) -> Prepared:
         """Key a request body as the sidecar would; RequestError on bad input.
 
         ``endpoint`` is the API path (``/v1/chat/completions``, ``/v1/completions``,
@@ -120,11 +124,12 @@ class AsyncCache:
             raise RequestError(f"not a cached endpoint: {endpoint!r}", param="endpoint")
         raw = body if isinstance(body, bytes) else json.dumps(body).encode()
         cred = None if credential is None else f"authorization=Bearer {credential}"
-        return flow.prepare(self.engine, ENDPOINTS[endpoint], endpoint, raw, credential=cred,
-                            namespace=namespace, cache_control=cache_control, mode=mode,
-                            threshold=None if threshold is None else str(threshold))
+        return prepare_request(self.engine, ENDPOINTS[endpoint], endpoint, raw,
+                               credential=cred, namespace=namespace,
+                               cache_control=cache_control, mode=mode,
+                               threshold=None if threshold is None else str(threshold))
 
-    async def handle(self, req: flow.Prepared, exchange: flow.Exchange[T]) -> T:
+    async def handle(self, req: Prepared, exchange: flow.Exchange[T]) -> T:
         """Run a prepared request through the cache flow (see promptcache.cache.flow)."""
         return await flow.handle(self.engine, req, exchange)
 
@@ -158,7 +163,7 @@ class AsyncCache:
         except (RequestError, CacheClosed) as exc:
             log.warning("calling through uncached: %s", exc)
             return Result(await call(dict(body)), "BYPASS")
-        return await self.handle(req, _CallExchange(self.engine, req, call))
+        return await self.handle(req, _CallExchange(req, call))
 
     def cached(self, *, namespace: str = "", name: str | None = None,
                ) -> Callable[[Callable[[Any], Awaitable[Any]]], Callable[[Any], Awaitable[Any]]]:
@@ -223,14 +228,14 @@ class AsyncCache:
 class _CallExchange:
     """The flow's exchange for :meth:`AsyncCache.fetch`: the upstream is a coroutine."""
 
-    def __init__(self, engine: Engine, req: flow.Prepared,
-                 call: Callable[[dict[str, Any]], Awaitable[Any]]) -> None:
-        self.engine, self.req, self.call = engine, req, call
+    def __init__(self, req: Prepared, call: Callable[[dict[str, Any]], Awaitable[Any]]
+                 ) -> None:
+        self.req, self.call = req, call
 
     async def serve(self, answer: Answer, outcome: flow.Outcome) -> Result:
         return _result(json.loads(answer.body), outcome, self.req)
 
-    async def forward(self, outcome: flow.Outcome, store: bool
+    async def forward(self, outcome: flow.Outcome, store: flow.Store | None
                       ) -> tuple[Result, Answer | None]:
         response = await self.call(dict(self.req.body))
         try:
@@ -239,12 +244,12 @@ class _CallExchange:
             log.warning("answer of %s is not JSON: not cached", self.req.key.digest)
             return _result(response, outcome, self.req), None
         answer = Answer(200, data, "application/json")
-        if store:
-            await flow.store(self.engine, self.req, answer)
+        if store is not None:
+            await store(answer)
         return _result(response, outcome, self.req), answer
 
 
-def _result(response: Any, outcome: flow.Outcome, req: flow.Prepared) -> Result:
+def _result(response: Any, outcome: flow.Outcome, req: Prepared) -> Result:
     return Result(response, outcome.status, outcome.age, outcome.key or req.key.digest,
                   outcome.similarity)
 
@@ -299,7 +304,7 @@ class Cache:
         """Run ``coro`` on the cache's loop and wait for its result (not from that loop)."""
         return self.submit(coro).result()
 
-    def prepare(self, body: Mapping[str, Any] | bytes, **scope: Any) -> flow.Prepared:
+    def prepare(self, body: Mapping[str, Any] | bytes, **scope: Any) -> Prepared:
         return self.aio.prepare(body, **scope)
 
     def lookup(self, body: Mapping[str, Any], **scope: Any) -> Result | None:

@@ -16,26 +16,23 @@ async one). A failing cache degrades to calling the upstream.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 
 import httpx2
 
-from promptcache.cache import flow
-from promptcache.cache.engine import Answer, Engine
+from promptcache.cache.api import ENDPOINTS
+from promptcache.cache.entry import Answer
 from promptcache.cache.errors import PromptCacheError
-from promptcache.cache.keys import ENDPOINTS, credential
-from promptcache.cache.sse import replay
+from promptcache.cache.flow import Outcome, Store, cache_headers, handle, served
+from promptcache.cache.request import CONTROL_HEADERS, Prepared, prepare_http
+from promptcache.cache.sse import StreamCollector
 from promptcache.clients.cache import Cache
 from promptcache.clients.loop import CallerWork
 
 log = logging.getLogger(__name__)
 
-#: Our per-request controls, as headers (``extra_headers=`` in the OpenAI client); the
-#: upstream never sees them.
-CONTROL_HEADERS = ("x-cache-namespace", "x-cache-mode", "x-cache-threshold")
 #: The body is handed on decoded, so these no longer describe it.
 _RE_FRAMED = frozenset({"content-encoding", "content-length", "transfer-encoding"})
 _TAILS = {path.removeprefix("/v1"): path for path in ENDPOINTS}
@@ -54,29 +51,42 @@ def cached_endpoint(request: httpx2.Request) -> str | None:
     return None
 
 
-def prepare(cache: Cache, request: httpx2.Request) -> flow.Prepared | None:
+class _Headers:
+    """An httpx request's headers as the cache flow reads them
+    (:class:`~promptcache.cache.request.RequestHeaders`)."""
+
+    def __init__(self, headers: httpx2.Headers) -> None:
+        self.get, self._headers = headers.get, headers
+
+    def getall(self, key: str, default: list[str], /) -> list[str]:
+        return self._headers.get_list(key) or default
+
+    def __contains__(self, key: object, /) -> bool:
+        return key in self._headers
+
+    def __getitem__(self, key: str, /) -> str:
+        return self._headers[key]
+
+
+def prepare(cache: Cache, request: httpx2.Request) -> Prepared | None:
     """The request keyed for the cache, or None to send it on uncached (not a cached
     route, bad input, or the cache is closed). Strips our control headers."""
     endpoint = cached_endpoint(request)
-    h = request.headers
-    controls = {name: h.get(name) for name in CONTROL_HEADERS}
-    for name in CONTROL_HEADERS:
-        if name in h:
-            del h[name]
-    if endpoint is None:
-        return None
     try:
-        return flow.prepare(
-            cache.aio.engine, ENDPOINTS[endpoint], endpoint, request.read(),
-            credential=credential(h), namespace=controls["x-cache-namespace"] or "",
-            cache_control=h.get_list("cache-control"), mode=controls["x-cache-mode"],
-            threshold=controls["x-cache-threshold"])
+        if endpoint is None:
+            return None
+        return prepare_http(cache.aio.engine, endpoint, request.read(),
+                            _Headers(request.headers))
     except PromptCacheError as exc:  # bad input: the upstream says what is wrong
         log.debug("not cached: %s", exc)
         return None
+    finally:
+        for name in CONTROL_HEADERS:
+            if name in request.headers:
+                del request.headers[name]
 
 
-def upstream_is_stream(req: flow.Prepared, response: httpx2.Response) -> bool:
+def upstream_is_stream(req: Prepared, response: httpx2.Response) -> bool:
     return (req.streaming and response.status_code < 300
             and response.headers.get("content-type", "").startswith("text/event-stream"))
 
@@ -85,58 +95,43 @@ def upstream_is_stream(req: flow.Prepared, response: httpx2.Response) -> bool:
 class Reply:
     """What the flow decided: a cached answer, or the upstream's response."""
 
-    outcome: flow.Outcome
+    outcome: Outcome
     answer: Answer | None = None
     upstream: httpx2.Response | None = None
-    store: bool = False  # a streamed upstream answer is to be stored once complete
+    store: Store | None = None  # where a streamed upstream answer goes once complete
 
 
 class HttpExchange:
     """The flow's exchange for one HTTP request; ``send`` calls the upstream (in the
     caller's context) and has read the body unless the answer streams."""
 
-    def __init__(self, engine: Engine, req: flow.Prepared, send: Send) -> None:
-        self.engine, self.req, self.send = engine, req, send
+    def __init__(self, req: Prepared, send: Send) -> None:
+        self.req, self.send = req, send
 
-    async def serve(self, answer: Answer, outcome: flow.Outcome) -> Reply:
+    async def serve(self, answer: Answer, outcome: Outcome) -> Reply:
         return Reply(outcome, answer=answer)
 
-    async def forward(self, outcome: flow.Outcome, store: bool) -> tuple[Reply, Answer | None]:
+    async def forward(self, outcome: Outcome, store: Store | None
+                      ) -> tuple[Reply, Answer | None]:
         response = await self.send()
         if upstream_is_stream(self.req, response):
             return Reply(outcome, upstream=response, store=store), None
         answer = Answer(response.status_code, response.content,
                         response.headers.get("content-type", "application/json"))
-        if store:
-            await flow.store(self.engine, self.req, answer)
-        small = len(answer.body) <= self.engine.options.max_entry_bytes
-        return Reply(outcome, upstream=response), answer if small else None
+        if store is not None:
+            await store(answer)
+        return Reply(outcome, upstream=response), answer
 
 
-def cache_headers(req: flow.Prepared, outcome: flow.Outcome) -> dict[str, str]:
-    h = {"x-cache": outcome.status, "x-cache-key": outcome.key or req.key.digest}
-    if outcome.age is not None:
-        h["age"] = str(outcome.age)
-    if outcome.similarity is not None:
-        h["x-cache-similarity"] = f"{outcome.similarity:.4f}"
-    return h
-
-
-def cached_response(req: flow.Prepared, reply: Reply) -> httpx2.Response:
+def cached_response(req: Prepared, reply: Reply) -> httpx2.Response:
     """The response for an answer from the cache: replayed as SSE if the request streams."""
-    answer = reply.answer
-    assert answer is not None
-    headers = cache_headers(req, reply.outcome)
-    if req.streaming and 200 <= answer.status < 300:
-        frames = replay(req.api, json.loads(answer.body),  # type: ignore[arg-type]
-                        include_usage=req.include_usage)
-        headers["content-type"] = "text/event-stream; charset=utf-8"
-        return httpx2.Response(answer.status, headers=headers, content=b"".join(frames))
-    headers["content-type"] = answer.content_type
-    return httpx2.Response(answer.status, headers=headers, content=answer.body)
+    assert reply.answer is not None
+    out = served(req, reply.answer, reply.outcome)
+    body = out.body if out.frames is None else b"".join(out.frames)
+    return httpx2.Response(out.status, headers=out.headers, content=body)
 
 
-def response_for(cache: Cache, req: flow.Prepared, reply: Reply,
+def response_for(cache: Cache, req: Prepared, reply: Reply,
                  relay: type[_SyncRelayStream | _AsyncRelayStream]) -> httpx2.Response:
     """The caller's response: a cached answer, a read upstream answer, or an upstream stream
     passed on through a ``relay`` stream (which assembles and stores it)."""
@@ -156,27 +151,26 @@ class _Relay:
     """Assembles a streamed upstream answer as the caller reads it; stores it on the
     cache's loop when complete."""
 
-    def __init__(self, cache: Cache, req: flow.Prepared, reply: Reply) -> None:
+    def __init__(self, cache: Cache, req: Prepared, reply: Reply) -> None:
         assert reply.upstream is not None
-        self.cache, self.req, self.store = cache, req, reply.store
-        self.collector = flow.StreamCollector(req.api, reply.upstream.status_code,
-                                              cache.options.max_entry_bytes)
+        self.cache, self.store = cache, reply.store
+        self.collector = StreamCollector(req.api, reply.upstream.status_code,
+                                         cache.options.max_entry_bytes)
 
     def completed(self, chunk: bytes) -> Answer | None:
         answer = self.collector.feed(chunk)
-        return answer if answer is not None and self.store else None
+        return answer if answer is not None and self.store is not None else None
 
     def store_soon(self, answer: Answer) -> Awaitable[bool]:
-        return asyncio.wrap_future(self.cache.submit(self._store(answer)))
+        assert self.store is not None
+        return asyncio.wrap_future(self.cache.submit(self.store(answer)))
 
     def store_now(self, answer: Answer) -> None:
+        assert self.store is not None
         try:
-            self.cache.run(self._store(answer))
+            self.cache.run(self.store(answer))
         except PromptCacheError as exc:
             log.warning("streamed answer not stored: %s", exc)
-
-    async def _store(self, answer: Answer) -> bool:
-        return await flow.store(self.cache.aio.engine, self.req, answer)
 
 
 class _SyncRelayStream(httpx2.SyncByteStream):
@@ -234,8 +228,8 @@ class CachingTransport(httpx2.BaseTransport):
         work = CallerWork()  # the upstream call runs on this thread
         try:
             engine = self.cache.aio.engine
-            exchange = HttpExchange(engine, req, lambda: work.call(send))
-            reply = work.serve_until(self.cache.submit(flow.handle(engine, req, exchange)))
+            exchange = HttpExchange(req, lambda: work.call(send))
+            reply = work.serve_until(self.cache.submit(handle(engine, req, exchange)))
         except PromptCacheError as exc:  # the cache closed under us: call through
             log.warning("calling through uncached: %s", exc)
             return self.upstream.send(request, stream=True)
@@ -277,7 +271,7 @@ class AsyncCachingTransport(httpx2.AsyncBaseTransport):
         try:
             engine = self.cache.aio.engine
             reply = await asyncio.wrap_future(self.cache.submit(
-                flow.handle(engine, req, HttpExchange(engine, req, send_on_caller))))
+                handle(engine, req, HttpExchange(req, send_on_caller))))
         except PromptCacheError as exc:
             log.warning("calling through uncached: %s", exc)
             return await self.upstream.send(request, stream=True)

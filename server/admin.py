@@ -1,4 +1,6 @@
-"""Operations routes: health, readiness, metrics, stats, and cache invalidation."""
+"""Operations routes: health, readiness, metrics, stats, and cache invalidation.
+
+Their errors take OpenAI's error shape (:func:`promptcache.cache.api.error_body`)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from promptcache.cache.api import error_body
 from promptcache.cache.errors import CacheUnavailable, RequestError
 from promptcache.cache.keys import check_namespace
 from promptcache.cache.resident import memory_split
@@ -107,12 +110,12 @@ def _authorised(request: web.Request, sc: Sidecar) -> web.Response | None:
     token = sc.settings.admin_token
     if not token:
         return web.json_response(
-            {"error": {"message": "admin routes are disabled: set PROMPTCACHE_ADMIN_TOKEN",
-                       "type": "forbidden"}}, status=403)
+            error_body("chat", "admin routes are disabled: set PROMPTCACHE_ADMIN_TOKEN",
+                       kind="forbidden"), status=403)
     given = request.headers.get("Authorization", "")
     if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
         return web.json_response(
-            {"error": {"message": "admin token missing or wrong", "type": "unauthorized"}},
+            error_body("chat", "admin token missing or wrong", kind="unauthorized"),
             status=401, headers={"WWW-Authenticate": "Bearer"})
     return None
 
@@ -146,8 +149,9 @@ async def delete_cache(request: web.Request) -> web.Response:
         if key is None and "namespace" not in target and not everything:
             raise RequestError("name a 'namespace', a 'key' (with its namespace) or 'all': true")
     except RequestError as exc:
-        return web.json_response({"error": {"message": exc.message,
-                                             "type": "invalid_request_error"}}, status=400)
+        return web.json_response(
+            error_body("chat", exc.message, kind="invalid_request_error", param=exc.param),
+            status=400)
     try:
         if key is not None:
             deleted = await sc.cache.invalidate_key(namespace, key)
@@ -156,6 +160,6 @@ async def delete_cache(request: web.Request) -> web.Response:
         else:
             deleted = await sc.cache.invalidate_namespace(namespace)
     except CacheUnavailable as exc:
-        return web.json_response({"error": {"message": str(exc), "type": "cache_unavailable"}},
+        return web.json_response(error_body("chat", str(exc), kind="cache_unavailable"),
                                  status=503)
     return web.json_response({"deleted": deleted})

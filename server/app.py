@@ -12,8 +12,8 @@ import aiohttp
 import faiss
 from aiohttp import web
 
+from promptcache.cache.api import ENDPOINTS
 from promptcache.cache.engine import open_engine
-from promptcache.cache.keys import ENDPOINTS
 from promptcache.cache.protocols import Embedder
 from promptcache.server import admin
 from promptcache.server.config import Settings

@@ -8,26 +8,26 @@ Flow of one request to a cached route::
     -> MISS: join the single flight for the key; the leader calls upstream (streaming
        the answer through as it arrives), stores a complete 2xx answer, and shares it.
 
-The decisions live in :func:`promptcache.cache.flow.handle`; this module is the sidecar's
-:class:`~promptcache.cache.flow.Exchange`: reading the aiohttp request, serving answers and
+The decisions, the cache headers and the replay of a streaming hit live in
+:mod:`promptcache.cache.flow`; this module is the sidecar's
+:class:`~promptcache.cache.flow.Exchange`: reading the aiohttp request, writing answers and
 forwarding to the upstream with aiohttp.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
-from typing import Any
 
 import aiohttp
 from aiohttp import web
 
-from promptcache.cache.engine import Answer
+from promptcache.cache.api import ENDPOINTS, Api, error_body
+from promptcache.cache.entry import Answer
 from promptcache.cache.errors import BodyTooLarge, RequestError
-from promptcache.cache.flow import Outcome, Prepared, StreamCollector, handle, prepare, store
-from promptcache.cache.keys import ENDPOINTS, Api, credential
-from promptcache.cache.sse import replay
+from promptcache.cache.flow import Outcome, Store, cache_headers, handle, served
+from promptcache.cache.request import Prepared, prepare_http
+from promptcache.cache.sse import StreamCollector
 from promptcache.server.proxy import abort, upstream_unavailable
 from promptcache.server.state import SIDECAR, Sidecar
 
@@ -37,11 +37,8 @@ log = logging.getLogger(__name__)
 def error_response(api: Api, status: int, message: str, *, kind: str,
                    param: str | None = None) -> web.Response:
     """An error in the shape of the API the caller speaks."""
-    if api == "messages":
-        body: dict[str, Any] = {"type": "error", "error": {"type": kind, "message": message}}
-    else:
-        body = {"error": {"message": message, "type": kind, "param": param, "code": None}}
-    return web.json_response(body, status=status, headers={"X-Cache": "BYPASS"})
+    return web.json_response(error_body(api, message, kind=kind, param=param), status=status,
+                             headers={"X-Cache": "BYPASS"})
 
 
 async def read_body(request: web.Request, limit: int) -> bytes:
@@ -55,38 +52,19 @@ async def read_body(request: web.Request, limit: int) -> bytes:
                            param="body") from exc
 
 
-def parse_call(request: web.Request, body_bytes: bytes, sc: Sidecar) -> Prepared:
-    h = request.headers
-    return prepare(sc.engine, ENDPOINTS[request.path], request.path, body_bytes,
-                   credential=credential(h), namespace=h.get("X-Cache-Namespace", ""),
-                   cache_control=h.getall("Cache-Control", []), mode=h.get("X-Cache-Mode"),
-                   threshold=h.get("X-Cache-Threshold"))
-
-
 async def cached_route(request: web.Request) -> web.StreamResponse:
     sc = request.app[SIDECAR]
     route = request.path
-    api = ENDPOINTS[route]
     try:
         body = await read_body(request, sc.settings.max_body_bytes)
-        req = parse_call(request, body, sc)
+        req = prepare_http(sc.engine, route, body, request.headers)
     except RequestError as exc:
         sc.metrics.requests.labels(route, "ERROR").inc()
         kind = ("request_too_large" if exc.status == 413 else "invalid_request_error")
-        return error_response(api, exc.status, exc.message, kind=kind, param=exc.param)
+        return error_response(ENDPOINTS[route], exc.status, exc.message, kind=kind,
+                              param=exc.param)
     return await handle(sc.engine, req, SidecarExchange(sc, request, req, body),
                         sc.metrics)
-
-
-def _headers(req: Prepared, outcome: Outcome) -> dict[str, str]:
-    h = {"X-Cache": outcome.status, "X-Cache-Key": outcome.key or req.key.digest}
-    if outcome.age is not None:
-        h["Age"] = str(outcome.age)
-    if outcome.similarity is not None:
-        h["X-Cache-Similarity"] = f"{outcome.similarity:.4f}"
-    if outcome.coalesced:
-        h["X-Cache-Coalesced"] = "1"
-    return h
 
 
 class SidecarExchange:
@@ -97,24 +75,19 @@ class SidecarExchange:
 
     async def serve(self, answer: Answer, outcome: Outcome) -> web.StreamResponse:
         """Answer from a stored or shared answer; replayed as SSE if the request streams."""
-        req = self.req
-        headers = _headers(req, outcome)
-        if not (req.streaming and 200 <= answer.status < 300):
-            headers["Content-Type"] = answer.content_type
-            return web.Response(body=answer.body, status=answer.status, headers=headers)
-        headers.update({"Content-Type": "text/event-stream; charset=utf-8",
-                        "Cache-Control": "no-cache"})
-        resp = web.StreamResponse(status=answer.status, headers=headers)
+        out = served(self.req, answer, outcome)
+        if out.frames is None:
+            return web.Response(body=out.body, status=out.status, headers=out.headers)
+        resp = web.StreamResponse(status=out.status, headers=out.headers)
         await resp.prepare(self.request)
-        for frame in replay(req.api, json.loads(answer.body),  # type: ignore[arg-type]
-                            include_usage=req.include_usage):
+        for frame in out.frames:
             await resp.write(frame)
         await resp.write_eof()
         return resp
 
-    async def forward(self, outcome: Outcome, store_it: bool
+    async def forward(self, outcome: Outcome, store: Store | None
                       ) -> tuple[web.StreamResponse, Answer | None]:
-        """Call upstream; return the response sent and the answer it can share (or None)."""
+        """Call upstream; return the response sent and the complete answer (or None)."""
         sc, req, request = self.sc, self.req, self.request
         started = time.perf_counter()
         try:
@@ -127,25 +100,24 @@ class SidecarExchange:
             ) as up:
                 ctype = up.headers.get("Content-Type", "application/json")
                 if req.streaming and up.status < 300 and ctype.startswith("text/event-stream"):
-                    return await self.relay_stream(up, outcome, store_it)
+                    return await self.relay_stream(up, outcome, store)
                 body = await up.read()
                 headers = sc.upstream.response_headers(up, decoded=True)
         except (aiohttp.ClientError, TimeoutError) as exc:
-            resp = upstream_unavailable(exc, anthropic=req.api == "messages")
-            resp.headers.update(_headers(req, outcome))
+            resp = upstream_unavailable(exc, req.api)
+            resp.headers.update(cache_headers(req, outcome))
             return resp, None
         finally:
             sc.metrics.upstream_seconds.labels(request.path).observe(
                 time.perf_counter() - started)
         answer = Answer(up.status, body, ctype)
-        if store_it:
-            await store(sc.engine, req, answer, sc.metrics)
-        headers.update(_headers(req, outcome))
-        resp = web.Response(body=body, status=up.status, headers=headers)
-        return resp, answer if len(body) <= sc.settings.max_entry_bytes else None
+        if store is not None:
+            await store(answer)
+        headers.update(cache_headers(req, outcome))
+        return web.Response(body=body, status=up.status, headers=headers), answer
 
-    async def relay_stream(self, up: aiohttp.ClientResponse, outcome: Outcome, store_it: bool
-                           ) -> tuple[web.StreamResponse, Answer | None]:
+    async def relay_stream(self, up: aiohttp.ClientResponse, outcome: Outcome,
+                           store: Store | None) -> tuple[web.StreamResponse, Answer | None]:
         """Pass an SSE answer through as it arrives while assembling it for the cache.
 
         The answer is stored as soon as its terminal event is parsed, before that last chunk
@@ -153,15 +125,15 @@ class SidecarExchange:
         """
         sc, req = self.sc, self.req
         headers = sc.upstream.response_headers(up, decoded=True)
-        headers.update(_headers(req, outcome))
+        headers.update(cache_headers(req, outcome))
         resp = web.StreamResponse(status=up.status, reason=up.reason, headers=headers)
         await resp.prepare(self.request)
         collector = StreamCollector(req.api, up.status, sc.settings.max_entry_bytes)
         try:
             async for chunk in up.content.iter_any():
                 answer = collector.feed(chunk)
-                if answer is not None and store_it:
-                    await store(sc.engine, req, answer, sc.metrics)
+                if answer is not None and store is not None:
+                    await store(answer)
                 await resp.write(chunk)
         except (aiohttp.ClientError, TimeoutError) as exc:
             log.info("upstream stream for %s broke: %r", req.key.digest, exc)

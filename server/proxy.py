@@ -14,7 +14,8 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from promptcache.cache.keys import CREDENTIAL_HEADERS
+from promptcache.cache.api import Api, error_body
+from promptcache.cache.request import CONTROL_HEADERS, CREDENTIAL_HEADERS
 from promptcache.server.config import Settings
 
 #: RFC 9110 section 7.6.1, plus the legacy Proxy-Connection.
@@ -30,10 +31,6 @@ HOP_BY_HOP = frozenset(
         "transfer-encoding",
         "upgrade",
     }
-)
-#: Our own per-request controls; the upstream never sees them.
-CACHE_CONTROL_HEADERS = frozenset(
-    {"x-cache-namespace", "x-cache-threshold", "x-cache-mode"}
 )
 
 
@@ -63,7 +60,7 @@ class Upstream:
         return self._base + path_qs
 
     def request_headers(self, request: web.Request) -> CIMultiDict[str]:
-        drop = hop_by_hop(request.headers) | CACHE_CONTROL_HEADERS | {"host", "content-length"}
+        drop = hop_by_hop(request.headers) | set(CONTROL_HEADERS) | {"host", "content-length"}
         if not self.settings.pass_credentials:
             drop |= set(CREDENTIAL_HEADERS)
         out: CIMultiDict[str] = CIMultiDict(
@@ -125,14 +122,8 @@ def abort(request: web.Request) -> None:
         request.transport.abort()
 
 
-def upstream_unavailable(exc: BaseException, *, anthropic: bool = False) -> web.Response:
+def upstream_unavailable(exc: BaseException, api: Api = "chat") -> web.Response:
+    """A 502 in the error shape of ``api``: the upstream could not be reached."""
     message = f"upstream unavailable: {type(exc).__name__}: {exc}"
-    if anthropic:
-        body: dict[str, object] = {
-            "type": "error", "error": {"type": "api_error", "message": message}
-        }
-    else:
-        body = {
-            "error": {"message": message, "type": "upstream_error", "param": None, "code": None}
-        }
-    return web.json_response(body, status=502)
+    kind = "api_error" if api == "messages" else "upstream_error"
+    return web.json_response(error_body(api, message, kind=kind), status=502)

@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from promptcache.cache.engine import Answer, Engine
+from promptcache.cache.engine import Engine
+from promptcache.cache.entry import Answer
 from promptcache.cache.exact import ExactCache
 from promptcache.cache.redis.index_sync import IndexSync
 from promptcache.cache.redis.remote_flight import RemoteFlight

@@ -13,8 +13,9 @@ import pytest
 import redis.asyncio as aioredis
 
 from promptcache.benchmarks import plan
-from promptcache.cache import flow
-from promptcache.cache.engine import Answer, open_engine
+from promptcache.cache import flow, request
+from promptcache.cache.engine import open_engine
+from promptcache.cache.entry import Answer
 from promptcache.cache.options import EngineOptions
 from promptcache.cache.protocols import Embedder
 from tests.redis_helpers import RedisServer
@@ -65,7 +66,7 @@ async def test_the_plan_matches_a_filled_cache_within_20_percent(
             for prompt, answer in zip(requests, answers, strict=True):
                 body = json.dumps({"model": "gpt-test", "temperature": 0,
                                    "messages": [{"role": "user", "content": prompt}]}).encode()
-                req = flow.prepare(engine, "chat", "/v1/chat/completions", body,
+                req = request.prepare(engine, "chat", "/v1/chat/completions", body,
                                    credential="sk-plan")
                 assert await flow.store(engine, req, Answer(200, answer, "application/json"))
             assert engine.semantic is not None

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
+from promptcache.cache.api import Api
 from promptcache.cache.sse import (
-    API,
     SSEEvent,
     SSEParser,
     assembler_for,
@@ -29,7 +29,7 @@ def parse(chunks: list[bytes]) -> list[SSEEvent]:
     return events + parser.close()
 
 
-def assemble(api: API, chunks: list[bytes]) -> dict[str, Any]:
+def assemble(api: Api, chunks: list[bytes]) -> dict[str, Any]:
     assembler = assembler_for(api)
     for event in parse(chunks):
         assembler.add(event)
@@ -250,7 +250,7 @@ ANTHROPIC_BODY: dict[str, Any] = {
     "usage": {**_MSG_START["usage"], "output_tokens": 89},
 }  # fmt: skip
 
-UPSTREAMS: list[tuple[API, bytes, dict[str, Any]]] = [
+UPSTREAMS: list[tuple[Api, bytes, dict[str, Any]]] = [
     ("chat", OPENAI_TEXT_STREAM, OPENAI_TEXT_BODY),
     ("chat", OPENAI_TOOL_STREAM, OPENAI_TOOL_BODY),
     ("chat", VLLM_STREAM, VLLM_BODY),
@@ -262,7 +262,7 @@ UPSTREAM_IDS = ["openai-text", "openai-tools", "vllm-n2-reasoning", "completions
 
 @pytest.mark.parametrize(("api", "stream", "body"), UPSTREAMS, ids=UPSTREAM_IDS)
 def test_upstream_stream_assembles_to_the_non_streaming_body(
-    api: API, stream: bytes, body: dict[str, Any]
+    api: Api, stream: bytes, body: dict[str, Any]
 ) -> None:
     assert assemble(api, [stream]) == body
 
@@ -392,7 +392,7 @@ def test_parser_discards_an_event_unterminated_at_eof() -> None:
 
 @pytest.mark.parametrize(("api", "stream", "body"), UPSTREAMS, ids=UPSTREAM_IDS)
 def test_stream_without_its_terminator_is_not_complete(
-    api: API, stream: bytes, body: dict[str, Any]
+    api: Api, stream: bytes, body: dict[str, Any]
 ) -> None:
     assembler = assembler_for(api)
     for event in parse([stream])[:-1]:
@@ -419,7 +419,7 @@ def test_stream_without_its_terminator_is_not_complete(
                                                     "partial_json": "{oops"}}))),
     ],
 )  # fmt: skip
-def test_error_or_malformed_event_marks_the_stream_failed(api: API, bad: SSEEvent) -> None:
+def test_error_or_malformed_event_marks_the_stream_failed(api: Api, bad: SSEEvent) -> None:
     stream = dict((a, s) for a, s, _ in reversed(UPSTREAMS))[api]
     events = parse([stream])
     assembler = assembler_for(api)
@@ -509,7 +509,7 @@ MESSAGES_RICH: dict[str, Any] = {
     "stop_sequence": None,
 }  # fmt: skip
 
-ROUND_TRIPS: list[tuple[API, dict[str, Any]]] = [
+ROUND_TRIPS: list[tuple[Api, dict[str, Any]]] = [
     ("chat", OPENAI_TEXT_BODY),
     ("chat", OPENAI_TOOL_BODY | {"usage": OPENAI_TEXT_BODY["usage"]}),
     ("chat", VLLM_BODY),
@@ -528,21 +528,21 @@ ROUND_TRIP_IDS = ["text", "tools", "reasoning-n2", "refusal", "n2-long", "logpro
 
 @pytest.mark.parametrize("chunk_chars", [1, 5, 16, 10_000])
 @pytest.mark.parametrize(("api", "body"), ROUND_TRIPS, ids=ROUND_TRIP_IDS)
-def test_replay_then_assemble_round_trips(api: API, body: dict[str, Any], chunk_chars: int) -> None:
+def test_replay_then_assemble_round_trips(api: Api, body: dict[str, Any], chunk_chars: int) -> None:
     frames = list(replay(api, body, include_usage=True, chunk_chars=chunk_chars))
     assert assemble(api, frames) == body
     assert assemble(api, [b"".join(frames)]) == body
 
 
 @pytest.mark.parametrize(("api", "body"), ROUND_TRIPS[:-2], ids=ROUND_TRIP_IDS[:-2])
-def test_replay_without_include_usage_drops_only_usage(api: API, body: dict[str, Any]) -> None:
+def test_replay_without_include_usage_drops_only_usage(api: Api, body: dict[str, Any]) -> None:
     frames = list(replay(api, body))
     assert assemble(api, frames) == {k: v for k, v in body.items() if k != "usage"}
     assert all(b'"usage"' not in frame for frame in frames)
 
 
 @pytest.mark.parametrize(("api", "body"), ROUND_TRIPS, ids=ROUND_TRIP_IDS)
-def test_replay_sends_several_frames_each_one_event(api: API, body: dict[str, Any]) -> None:
+def test_replay_sends_several_frames_each_one_event(api: Api, body: dict[str, Any]) -> None:
     frames = list(replay(api, body))
     assert len(frames) >= 3
     for frame in frames:
@@ -612,7 +612,7 @@ def test_replay_checks_its_arguments_eagerly() -> None:
 # =============================================================================================
 
 _TOOL = {"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}
-FAKE_REQUESTS: list[tuple[API, str, dict[str, Any]]] = [
+FAKE_REQUESTS: list[tuple[Api, str, dict[str, Any]]] = [
     ("chat", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi there"}]}),
     ("chat", "/v1/chat/completions",
      {"messages": [{"role": "user", "content": "weather?"}], "n": 2, "tools": [_TOOL]}),
@@ -627,7 +627,7 @@ FAKE_REQUESTS: list[tuple[API, str, dict[str, Any]]] = [
 
 @pytest.mark.parametrize(("api", "path", "payload"), FAKE_REQUESTS)
 async def test_fake_upstream_stream_assembles_to_its_plain_answer(
-    api: API, path: str, payload: dict[str, Any]
+    api: Api, path: str, payload: dict[str, Any]
 ) -> None:
     import aiohttp
 

@@ -14,7 +14,8 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any, Final
 
-from promptcache.cache.keys import Api, canonical_json, keyed_fields
+from promptcache.cache.api import Api
+from promptcache.cache.keys import canonical_json, keyed_fields
 
 _SCOPE_VERSION: Final = b"promptcache/scope/v1"
 #: The APIs' default sampling temperature, for requests that do not set one.

@@ -26,12 +26,11 @@ import numpy as np
 from promptcache.cache.entry import Entry, EntryFormatError
 from promptcache.cache.exact import ExactCache
 from promptcache.cache.keys import CacheKey
-from promptcache.cache.protocols import CandidateVerifier
+from promptcache.cache.protocols import CandidateVerifier, Verdict
 from promptcache.cache.semantic.embedding import BatchingEmbedder
 from promptcache.cache.semantic.index import PartitionedIndex
 from promptcache.cache.semantic.record import VectorRecord, vector_id
 from promptcache.cache.semantic.scope import SemanticView
-from promptcache.cache.semantic.verifier import Verdict
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from promptcache.cache.protocols import Scorer
+from promptcache.cache.protocols import Scorer, Verdict
 from promptcache.cache.semantic.rules import CHECKS, RULES
 from promptcache.cache.semantic.scorers import load_model
 
@@ -41,16 +41,6 @@ class VerifierConfig:
     negation: bool = True
     entities: bool = True
     model: str | None = "default"
-
-
-@dataclass(frozen=True)
-class Verdict:
-    """One candidate's verdict: served or not, the check that said no, the model's score."""
-
-    ok: bool
-    reason: str | None  # the first check that rejected: "numbers", "negation", ...
-    score: float  # the model's probability that one answer serves both (1 without a model,
-    # 0 if a rule rejected the pair)
 
 
 class Verifier:
