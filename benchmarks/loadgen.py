@@ -19,6 +19,8 @@ import aiohttp
 
 @dataclass
 class LoadResult:
+    """What one load run measured: latencies, statuses, errors and its duration."""
+
     concurrency: int
     requests: int
     seconds: float

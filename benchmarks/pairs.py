@@ -27,6 +27,8 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Pair:
+    """Two prompts and whether one answer serves both (label 1)."""
+
     a: str
     b: str
     label: int

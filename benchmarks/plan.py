@@ -56,6 +56,8 @@ REDIS_HEADROOM: Final = 1.25
 
 @dataclass(frozen=True)
 class Workload:
+    """What a deployment will hold: entries, their sizes, index kind, nodes."""
+
     entries: int
     avg_request_chars: int  # the final user message: what the vector record keeps
     avg_response_bytes: int  # the upstream's JSON answer
@@ -68,6 +70,8 @@ class Workload:
 
 @dataclass(frozen=True)
 class Plan:
+    """The memory each tier needs for a workload, per entry and in total."""
+
     workload: Workload
     entry_bytes: int  # the encoded entry
     vector_record_bytes: int

@@ -39,6 +39,8 @@ _SWAPS = (("how do i", "how can I"), ("how can i", "how do I"), ("can you", "cou
 
 @dataclass(frozen=True, slots=True)
 class Request:
+    """One request of a replayed workload, and what kind of repeat it is."""
+
     kind: str  # one of KINDS
     text: str
     stream: bool
@@ -51,6 +53,8 @@ class Request:
 
 @dataclass(frozen=True, slots=True)
 class Mix:
+    """The shares of repeats, paraphrases and streamed requests in a workload."""
+
     exact: float = 0.3
     paraphrase: float = 0.2
     stream: float = 0.2

@@ -16,6 +16,8 @@ State = Literal["closed", "open", "half_open"]
 
 
 class CircuitBreaker:
+    """Closed, open or half-open: whether a call may go to the backend now."""
+
     def __init__(
         self,
         *,

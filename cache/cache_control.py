@@ -20,6 +20,8 @@ MAX_AGE_CAP = 2**31
 
 @dataclass(frozen=True, slots=True)
 class CacheControl:
+    """The cache directives of one request's Cache-Control header."""
+
     no_cache: bool = False
     no_store: bool = False
     max_age: int | None = None

@@ -13,17 +13,17 @@ from typing import Final
 
 import msgpack
 
+from promptcache.cache.errors import EntryFormatError
+
 _FORMAT: Final = 1
 #: Bodies at least this large are stored deflated when that makes them smaller.
 COMPRESS_MIN_BYTES: Final = 1024
 
 
-class EntryFormatError(ValueError):
-    """Stored bytes that are not an entry of a known format (treated as a miss)."""
-
-
 @dataclass(frozen=True, slots=True)
 class Entry:
+    """One cached answer: status, body, content type, when it was stored, for which API."""
+
     status: int
     body: bytes
     content_type: str

@@ -1,17 +1,28 @@
-"""The one exception tree of promptcache.
+"""The one exception tree of promptcache: the engine's, the sidecar's and the clients'.
 
 ::
 
     PromptCacheError
-     +-- ConfigError            bad configuration (flags, environment, TOML file)
-     +-- EmbeddedRedisError     the private redis-server could not be started or stopped
-     +-- RequestError           a request the cache cannot key (bad JSON, wrong field types)
-     |    +-- BodyTooLarge      a body above the configured limit
-     +-- CacheUnavailable       the cache backend is down, slow, or its circuit is open
-                                (callers degrade to pass-through; never shown to a client)
+     +-- ConfigError                bad configuration (flags, environment, TOML file)
+     +-- EmbeddedRedisError         the private redis-server could not be started or stopped
+     +-- RequestError               a request the cache cannot key (bad JSON, wrong types)
+     |    +-- BodyTooLarge          a body above the configured limit
+     +-- CacheUnavailable           the cache backend is down, slow, or its circuit is open
+     |                              (callers degrade to pass-through; never shown to a client)
+     +-- EntryFormatError           stored bytes that are not an entry or vector record of a
+     |                              known format (also a ValueError; read as a miss)
+     +-- ClientError                raised by promptcache.clients
+          +-- CacheClosed           the in-process cache is not open (or closed already)
+          +-- SidecarError          talking to a sidecar failed
+               +-- SidecarUnreachable    no connection, or no answer within the timeout
+               +-- SidecarResponseError  the sidecar answered with an error (status, type)
+                    +-- AdminRefused     401/403: admin token missing, wrong or not set
 
 Backend exceptions (redis-py's ``RedisError``, ``OSError``...) are translated at the
-boundary with ``raise X(...) from exc``; nothing here shadows a builtin name.
+boundary with ``raise X(...) from exc``; nothing here shadows a builtin name. The in-process
+cache and ``wrap`` never raise for a cache failure (a failing cache degrades to calling the
+upstream); the client errors are for the calls that ask the cache itself something
+(``stats``, ``invalidate``...).
 """
 
 from __future__ import annotations
@@ -48,3 +59,37 @@ class BodyTooLarge(RequestError):
 
 class CacheUnavailable(PromptCacheError):
     """The backend failed, timed out, or the circuit breaker is open."""
+
+
+class EntryFormatError(PromptCacheError, ValueError):
+    """Stored bytes that are not an entry (or vector record) of a known format."""
+
+
+class ClientError(PromptCacheError):
+    """Base class of the client library's errors."""
+
+
+class CacheClosed(ClientError):
+    """The in-process cache is not open."""
+
+
+class SidecarError(ClientError):
+    """A call to a sidecar failed."""
+
+
+class SidecarUnreachable(SidecarError):
+    """The sidecar could not be reached, or did not answer in time."""
+
+
+class SidecarResponseError(SidecarError):
+    """The sidecar answered with an error status."""
+
+    def __init__(self, status: int, message: str, kind: str | None = None) -> None:
+        super().__init__(f"{status} {kind or 'error'}: {message}")
+        self.status = status
+        self.message = message
+        self.kind = kind
+
+
+class AdminRefused(SidecarResponseError):
+    """An admin route refused: no admin token configured (403) or a wrong one (401)."""

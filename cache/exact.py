@@ -24,8 +24,8 @@ from typing import Any, TypeVar
 from redis.exceptions import RedisError
 
 from promptcache.cache.breaker import CircuitBreaker
-from promptcache.cache.entry import Entry, EntryFormatError
-from promptcache.cache.errors import CacheUnavailable
+from promptcache.cache.entry import Entry
+from promptcache.cache.errors import CacheUnavailable, EntryFormatError
 from promptcache.cache.keys import CacheKey
 from promptcache.cache.protocols import EntryStore
 

@@ -17,6 +17,8 @@ V = TypeVar("V")
 
 
 class Flight(Generic[V]):
+    """One call in the air: its followers wait for the leader's result."""
+
     def __init__(self) -> None:
         self._future: asyncio.Future[V | None] = asyncio.get_running_loop().create_future()
         self.followers = 0
@@ -27,6 +29,8 @@ class Flight(Generic[V]):
 
 
 class SingleFlight(Generic[K, V]):
+    """The flights in the air in this process, by key."""
+
     def __init__(self) -> None:
         self._flights: dict[K, Flight[V]] = {}
 

@@ -7,9 +7,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from promptcache.cache.options import EngineOptions
-from promptcache.clients.cache import AsyncCache, Cache, Result
-from promptcache.clients.errors import (
+from promptcache.cache.errors import (
     AdminRefused,
     CacheClosed,
     ClientError,
@@ -17,6 +15,8 @@ from promptcache.clients.errors import (
     SidecarResponseError,
     SidecarUnreachable,
 )
+from promptcache.cache.options import EngineOptions
+from promptcache.clients.cache import AsyncCache, Cache, Result
 from promptcache.clients.sidecar import AsyncSidecarClient, Health, Readiness, SidecarClient, Stats
 
 if TYPE_CHECKING:

@@ -26,13 +26,12 @@ from promptcache.cache import flow
 from promptcache.cache.api import ENDPOINTS
 from promptcache.cache.engine import Engine, open_engine
 from promptcache.cache.entry import Answer
-from promptcache.cache.errors import CacheUnavailable, ConfigError, RequestError
+from promptcache.cache.errors import CacheClosed, CacheUnavailable, ConfigError, RequestError
 from promptcache.cache.keys import check_namespace
 from promptcache.cache.options import EngineOptions
 from promptcache.cache.protocols import Embedder
 from promptcache.cache.request import Prepared
 from promptcache.cache.request import prepare as prepare_request
-from promptcache.clients.errors import CacheClosed
 from promptcache.clients.loop import CallerWork, LoopThread
 
 log = logging.getLogger(__name__)

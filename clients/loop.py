@@ -9,7 +9,7 @@ import threading
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
-from promptcache.clients.errors import ClientError
+from promptcache.cache.errors import ClientError
 
 T = TypeVar("T")
 

@@ -20,17 +20,21 @@ from typing import Any
 
 import aiohttp
 
-from promptcache.clients.errors import AdminRefused, SidecarResponseError, SidecarUnreachable
+from promptcache.cache.errors import AdminRefused, SidecarResponseError, SidecarUnreachable
 from promptcache.clients.loop import LoopThread
 
 
 @dataclass(frozen=True, slots=True)
 class Health:
+    """GET /healthz."""
+
     ok: bool  # the process answers (GET /healthz)
 
 
 @dataclass(frozen=True, slots=True)
 class Readiness:
+    """GET /readyz."""
+
     ready: bool  # GET /readyz: False (503) while its Redis is unreachable
     cache: str  # "ok" or "unreachable"
     detail: str | None = None
@@ -38,6 +42,8 @@ class Readiness:
 
 @dataclass(frozen=True, slots=True)
 class CacheStats:
+    """The cache part of GET /stats."""
+
     reachable: bool
     circuit: str  # closed, open or half-open
     circuit_trips: int

@@ -35,23 +35,22 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def _refresh_gauges(sc: Sidecar) -> dict[str, Any] | None:
-    sc.metrics.breaker_open.set(1 if sc.cache.breaker.state != "closed" else 0)
+    m = sc.metrics
+    m.set_gauges(breaker_open=1 if sc.cache.breaker.state != "closed" else 0,
+                 evicted=sc.cache.counts["evicted"])
     if sc.semantic is not None:
-        sc.metrics.index_vectors.set(len(sc.semantic.index))
-        sc.metrics.index_bytes.set(sc.semantic.index.nbytes)
+        m.set_gauges(index_vectors=len(sc.semantic.index), index_bytes=sc.semantic.index.nbytes)
     memory = _memory(sc)
-    sc.metrics.rss.set(memory["rss_bytes"])
+    m.set_gauges(rss=memory["rss_bytes"])
     for part in ("model", "index", "other"):
-        sc.metrics.memory.labels(part).set(memory[f"{part}_bytes"])
-    sc.metrics.evicted.set(sc.cache.counts["evicted"])
+        m.memory.labels(part).set(memory[f"{part}_bytes"])
     try:
         info = await sc.cache.info()
     except CacheUnavailable:
         return None
-    sc.metrics.entries.set(info.get("entries", info["keys"]))
-    sc.metrics.bytes_stored.set(info["used_memory_bytes"])
-    sc.metrics.budget_bytes.set(info.get("bytes", 0))
-    sc.metrics.max_bytes.set(info.get("max_bytes", 0))
+    m.set_gauges(entries=info.get("entries", info["keys"]),
+                 bytes_stored=info["used_memory_bytes"], budget_bytes=info.get("bytes", 0),
+                 max_bytes=info.get("max_bytes", 0))
     return info
 
 

@@ -107,6 +107,8 @@ def _optional_str(value: Any) -> str | None:
 
 @dataclass(frozen=True, slots=True)
 class Option:
+    """One option: its parser, help text, flag and environment variable."""
+
     name: str  # attribute name; the flag is --name-with-dashes, the env var PROMPTCACHE_NAME
     parse: Callable[[Any], Any]
     help: str

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Final
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 _LATENCY_BUCKETS = (
@@ -9,7 +11,33 @@ _LATENCY_BUCKETS = (
 )
 
 
+#: The gauges read at scrape time: key -> (metric name, help).
+GAUGES: Final = {
+    "entries": ("promptcache_entries",
+                "Entries in the cache, all nodes (read at scrape time)"),
+    "budget_bytes": ("promptcache_budget_used_bytes",
+                     "Bytes counted against --max-bytes, all nodes (payload, vector record, "
+                     "keys, bookkeeping; read at scrape time)"),
+    "max_bytes": ("promptcache_budget_max_bytes",
+                  "The byte budget (--max-bytes; 0 = unbounded)"),
+    "evicted": ("promptcache_evicted_entries",
+                "Entries this node evicted to make room"),
+    "rss": ("promptcache_resident_bytes",
+            "Resident memory (RSS) of this sidecar process"),
+    "bytes_stored": ("promptcache_redis_used_memory_bytes",
+                     "Redis used_memory (read at scrape time)"),
+    "index_vectors": ("promptcache_index_vectors",
+                      "Vectors in this node's semantic index"),
+    "index_bytes": ("promptcache_index_bytes",
+                    "Estimated bytes of this node's semantic index"),
+    "breaker_open": ("promptcache_cache_circuit_open",
+                     "1 while the cache circuit breaker is open"),
+}
+
+
 class Metrics:
+    """The sidecar's Prometheus metrics, and the cache flow's reports into them."""
+
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
@@ -46,44 +74,16 @@ class Metrics:
             "promptcache_coalesced", "Misses answered by another request's upstream call "
             "(single flight)", registry=r,
         )
-        self.entries = Gauge(
-            "promptcache_entries", "Entries in the cache, all nodes (read at scrape time)",
-            registry=r,
-        )
-        self.budget_bytes = Gauge(
-            "promptcache_budget_used_bytes", "Bytes counted against --max-bytes, all nodes "
-            "(payload, vector record, keys, bookkeeping; read at scrape time)", registry=r,
-        )
-        self.max_bytes = Gauge(
-            "promptcache_budget_max_bytes", "The byte budget (--max-bytes; 0 = unbounded)",
-            registry=r,
-        )
-        self.evicted = Gauge(
-            "promptcache_evicted_entries", "Entries this node evicted to make room", registry=r,
-        )
-        self.rss = Gauge(
-            "promptcache_resident_bytes", "Resident memory (RSS) of this sidecar process",
-            registry=r,
-        )
+        self.gauges = {key: Gauge(name, doc, registry=r) for key, (name, doc) in GAUGES.items()}
         self.memory = Gauge(
             "promptcache_memory_bytes", "This sidecar's memory by part: model (weights), "
             "index (vector index estimate), other (RSS minus both)", ["part"], registry=r,
         )
-        self.bytes_stored = Gauge(
-            "promptcache_redis_used_memory_bytes", "Redis used_memory (read at scrape time)",
-            registry=r,
-        )
-        self.index_vectors = Gauge(
-            "promptcache_index_vectors", "Vectors in this node's semantic index", registry=r,
-        )
-        self.index_bytes = Gauge(
-            "promptcache_index_bytes", "Estimated bytes of this node's semantic index",
-            registry=r,
-        )
-        self.breaker_open = Gauge(
-            "promptcache_cache_circuit_open", "1 while the cache circuit breaker is open",
-            registry=r,
-        )
+
+    def set_gauges(self, **values: float) -> None:
+        """Set gauges of :data:`GAUGES` by key (read at scrape time)."""
+        for key, value in values.items():
+            self.gauges[key].set(value)
 
     # -- the cache flow's reports (promptcache.cache.flow.FlowMetrics) ----------------------
 

@@ -46,6 +46,8 @@ def hop_by_hop(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> frozenset[s
 
 
 class Upstream:
+    """The model API behind the sidecar: URLs, headers, timeouts and pass-through."""
+
     def __init__(self, settings: Settings, session: aiohttp.ClientSession) -> None:
         self.settings = settings
         self.session = session

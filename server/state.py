@@ -21,6 +21,8 @@ from promptcache.server.proxy import Upstream
 
 @dataclass(slots=True)
 class Sidecar:
+    """What one running sidecar owns: settings, engine, upstream and metrics."""
+
     settings: Settings
     engine: Engine
     upstream: Upstream

@@ -1,6 +1,6 @@
 """Throw-away redis-servers for tests: a free loopback port, no persistence, poll until ready.
 
-``RedisServer`` wraps ``EmbeddedRedis`` (so a crashed test run never leaves one behind) and
+``RedisServer`` is an ``EmbeddedRedis`` (so a crashed test run never leaves one behind) and
 adds what fault-injection tests need: ``kill()`` (SIGKILL, as a crash), ``restart()`` on the
 same port (clients reconnect to the same URL), ``pause()``/``resume()`` (SIGSTOP/SIGCONT, a
 server that hangs without closing connections).
@@ -14,7 +14,6 @@ import socket
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
 
 from promptcache.cache.redis.embedded import EmbeddedRedis
 
@@ -29,8 +28,8 @@ def free_port() -> int:
         return port
 
 
-class RedisServer:
-    """A redis-server on 127.0.0.1 for one test or one session.
+class RedisServer(EmbeddedRedis):
+    """An :class:`EmbeddedRedis` on 127.0.0.1 for one test or one session, without persistence.
 
     ``port=None`` picks a free port on the first start() and keeps it for every restart.
     ``data_dir=None`` uses a temporary directory that close() (or the with-block) removes.
@@ -47,62 +46,35 @@ class RedisServer:
         if data_dir is None:
             self._own_dir = tempfile.TemporaryDirectory(prefix="pc-redis-")
             data_dir = self._own_dir.name
-        self.data_dir = Path(data_dir)
-        self.extra_args = tuple(extra_args)
-        self._port = port
-        self._redis: EmbeddedRedis | None = None
+        super().__init__(data_dir, port=port or 0, persistence=False, startup_timeout=10.0,
+                         extra_args=extra_args)
 
     @property
     def port(self) -> int:
-        if self._port is None:
+        port = self._port or self._requested_port
+        if not port:
             raise RuntimeError("RedisServer has not been started")
-        return self._port
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}"
-
-    @property
-    def pid(self) -> int | None:
-        return self._redis.pid if self._redis is not None else None
-
-    @property
-    def running(self) -> bool:
-        return self._redis is not None and self._redis.running
-
-    @property
-    def log_path(self) -> Path:
-        return self.data_dir / "redis.log"
+        return port
 
     def start(self) -> str:
         """Start (or start again, on the same port) and wait for PING; return the URL."""
         if self.running:
             raise RuntimeError(f"redis-server already running on port {self._port}")
-        self._redis = EmbeddedRedis(
-            self.data_dir,
-            port=0 if self._port is None else self._port,
-            persistence=False,
-            startup_timeout=10.0,
-            extra_args=self.extra_args,
-        )
-        self._redis.start()
-        self._port = self._redis.port
-        return self.url
+        url = super().start()
+        self._requested_port = self._port  # a restart keeps the port clients know
+        return url
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 5.0) -> None:
         """Graceful stop; a second call, or one after kill(), does nothing."""
-        if self._redis is not None:
-            if self.pid is not None:
-                self.resume()  # a stopped process cannot act on SIGTERM
-            self._redis.stop(timeout=5.0)
+        self.resume()  # a stopped process cannot act on SIGTERM
+        super().stop(timeout)
 
     def kill(self) -> None:
         """SIGKILL the server, as a crash: clients see their connections drop."""
         pid = self.pid
         if pid is not None and self.running:
             os.kill(pid, signal.SIGKILL)
-        if self._redis is not None:
-            self._redis.stop()  # reaps the dead process and releases the data dir
+        super().stop()  # reaps the dead process and releases the data dir
 
     def restart(self) -> str:
         """Stop (gracefully) and start again on the same port."""
@@ -125,16 +97,7 @@ class RedisServer:
             self._own_dir.cleanup()
             self._own_dir = None
 
-    def __enter__(self) -> RedisServer:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.close()
 
     def __repr__(self) -> str:

@@ -12,8 +12,8 @@ import pytest
 
 from promptcache.cache.breaker import CircuitBreaker
 from promptcache.cache.cache_control import CacheControl
-from promptcache.cache.entry import COMPRESS_MIN_BYTES, Entry, EntryFormatError
-from promptcache.cache.errors import RequestError
+from promptcache.cache.entry import COMPRESS_MIN_BYTES, Entry
+from promptcache.cache.errors import EntryFormatError, RequestError
 from promptcache.cache.singleflight import SingleFlight
 
 

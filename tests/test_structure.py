@@ -238,3 +238,15 @@ def test_help_lists_the_commands_and_loads_no_heavy_library_or_benchmark_code(
     assert not heavy, f"{command} imported {heavy}"
     missing = [entry for entry in listed if entry not in help_text]
     assert not missing, f"{command} does not list {missing}"
+
+
+def test_every_public_class_has_a_docstring() -> None:
+    """A one-line docstring says what each public class of the packages is for."""
+    missing = []
+    for directory in ("cache", "server", "clients", "benchmarks", "promptcache"):
+        for path in sorted((ROOT / directory).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                if (isinstance(node, ast.ClassDef) and not node.name.startswith("_")
+                        and not ast.get_docstring(node)):
+                    missing.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}")
+    assert not missing, "public classes without a docstring:\n" + "\n".join(missing)

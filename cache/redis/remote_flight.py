@@ -40,6 +40,8 @@ class Lease:
 
 
 class RemoteFlight:
+    """Leases in Redis that make identical misses on other nodes wait for one call."""
+
     def __init__(self, client: Any, layout: KeyLayout, *, lease: float = 30.0,
                  timeout: float = 0.25, poll: float = 0.02, max_poll: float = 0.2,
                  clock: Callable[[], float] = time.monotonic) -> None:

@@ -75,10 +75,14 @@ class _FaissIndex:
 
 
 class FlatIndex(_FaissIndex):
+    """Exact inner-product search over float vectors (4 bytes a dimension)."""
+
     kind = "flat"
 
 
 class SQ8Index(_FaissIndex):
+    """Exact search over 8-bit scalar-quantized codes (1 byte a dimension)."""
+
     kind = "sq8"
     bytes_per_dim = 1
 

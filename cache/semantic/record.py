@@ -13,7 +13,7 @@ from typing import Final
 import msgpack
 import numpy as np
 
-from promptcache.cache.entry import EntryFormatError
+from promptcache.cache.errors import EntryFormatError
 
 _FORMAT: Final = 2  # 2 added the model name; 1 (without it) is still read
 

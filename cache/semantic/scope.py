@@ -24,6 +24,8 @@ DEFAULT_TEMPERATURE: Final = 1.0
 
 @dataclass(frozen=True, slots=True)
 class SemanticView:
+    """What a request may be matched on: its scope digest and its final user text."""
+
     scope: str  # 32 hex digits
     text: str
 

@@ -19,11 +19,12 @@ import logging
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
-from promptcache.cache.entry import Entry, EntryFormatError
+from promptcache.cache.entry import Entry
+from promptcache.cache.errors import EntryFormatError
 from promptcache.cache.exact import ExactCache
 from promptcache.cache.keys import CacheKey
 from promptcache.cache.protocols import CandidateVerifier, Verdict
@@ -47,13 +48,12 @@ class SemanticPolicy:
     max_index_bytes: int = 0
 
 
-@dataclass(frozen=True, slots=True)
-class SemanticHit:
-    """A verified near-duplicate: the entry that answers, and how similar its prompt was."""
+class SemanticHit(NamedTuple):
+    """A verified near-duplicate: the entry that answers, how similar its prompt was, and
+    the entry's digest (its X-Cache-Key)."""
 
     entry: Entry
     similarity: float
-    namespace: str
     digest: str
 
 
@@ -105,7 +105,7 @@ class SemanticCache:
             if verdict.ok:
                 self.counts["hits"] += 1
                 await self.exact.touch(record.namespace, record.digest)
-                return SemanticHit(entry, similarity, record.namespace, record.digest)
+                return SemanticHit(entry, similarity, record.digest)
             self.counts[f"rejected_{verdict.reason or 'model'}"] += 1
         return None
 
