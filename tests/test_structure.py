@@ -250,3 +250,20 @@ def test_every_public_class_has_a_docstring() -> None:
                         and not ast.get_docstring(node)):
                     missing.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}")
     assert not missing, "public classes without a docstring:\n" + "\n".join(missing)
+
+
+def test_what_serve_runs_loads_no_heavy_library_or_benchmark_code() -> None:
+    """The sidecar's app and the engine it opens (``promptcache serve``) import no plotting,
+    progress bars, fitting or torch: torch and sentence-transformers come in only when the
+    semantic tier loads its model."""
+    code = ("import json, sys\nimport promptcache.cli, promptcache.server.app\n"
+            "print(json.dumps(sorted(sys.modules)))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    loaded = json.loads(proc.stdout)
+    assert "promptcache.cache.engine" in loaded  # the check looks at what serve runs
+    heavy = [h for h in HEAVY if any(within(m, h) for m in loaded)] + [
+        m for m in loaded
+        if within(m, "promptcache.benchmarks") and m not in LIGHT_BENCHMARK_MODULES]
+    assert not heavy, f"serve imports {heavy}"
