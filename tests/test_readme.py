@@ -76,3 +76,18 @@ async def test_quickstart_commands_work_as_written(sidecar: RunningSidecar,
     assert outputs[2].rstrip().endswith("data: [DONE]") and outputs[2].count("data: ") >= 4
     assert fake.calls["/v1/chat/completions"] == 1
     assert fake.requests[0].headers["Authorization"] == "Bearer sk-readme"
+
+
+def test_the_layout_map_names_every_module_of_the_engine_sidecar_and_clients() -> None:
+    """README's map of the layout has a line for each module, and names no module that is
+    not there."""
+    match = re.search(r"\*\*The layout\.\*\*.*?```\n(.*?)```", README, re.S)
+    assert match, "README has no map of the layout"
+    named = set(re.findall(r"([a-z_]+\.py)", match.group(1)))
+    for package in ("cache", "server", "clients"):
+        modules = {p.name for p in (ROOT / package).rglob("*.py") if p.name != "__init__.py"}
+        missing = modules - named
+        assert not missing, f"README's layout map does not name {sorted(missing)}"
+    every = {p.name for d in ("cache", "server", "clients", "benchmarks", "promptcache")
+             for p in (ROOT / d).rglob("*.py")}
+    assert named <= every, f"README's layout map names {sorted(named - every)}, not found"
