@@ -12,17 +12,15 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final, Protocol
+from typing import Any, Final, Protocol
 
 from promptcache.cache.api import ENDPOINTS, STREAMABLE, Api
 from promptcache.cache.cache_control import CacheControl
+from promptcache.cache.engine import Engine
 from promptcache.cache.errors import RequestError
 from promptcache.cache.keys import CacheKey, check_namespace, loads_normalised, request_key
 from promptcache.cache.semantic.scope import SemanticView, semantic_view, temperature
 from promptcache.cache.validate import validate_body
-
-if TYPE_CHECKING:
-    from promptcache.cache.engine import Engine
 
 #: The cache's per-request controls (the README's Per-request control); the upstream never
 #: sees them. Cache-Control is the standard header and is passed on.
