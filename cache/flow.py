@@ -259,8 +259,10 @@ def cacheable(status: int, body: bytes, max_bytes: int) -> str | None:
 
 
 def shareable(engine: Engine, answer: Answer) -> bool:
-    """May waiting followers be served ``answer``? Not if it is larger than an entry may be
-    (the cache holds no copy of such an answer; the followers call upstream themselves)."""
+    """May waiting followers be served ``answer``? Not if its body is larger than
+    ``max_entry_bytes``: the followers call upstream themselves rather than hold it. An
+    error answer is shared (as it always was): identical requests get the same answer,
+    and the upstream one call, though the answer is never stored."""
     return len(answer.body) <= engine.options.max_entry_bytes
 
 
