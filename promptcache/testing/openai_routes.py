@@ -43,11 +43,7 @@ async def chat(request: web.Request, answer_words: int) -> Reply:
     n = int(payload.get("n") or 1)
     answers = [answer(digest, prompt, i, answer_words) for i in range(n)]
     prompt_tokens = words(*(text_of(m.get("content")) for m in messages if isinstance(m, dict)))
-    usage = {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": words(*answers),
-        "total_tokens": prompt_tokens + words(*answers),
-    }
+    usage = _usage(prompt_tokens, answers)
     base = {
         "id": f"chatcmpl-{digest[:24]}",
         "created": CREATED,
@@ -117,11 +113,7 @@ async def completions(request: web.Request, answer_words: int) -> Reply:
         for p, prompt in enumerate(prompts) for i in range(n)
     ]
     prompt_tokens = words(*prompts)
-    usage = {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": words(*answers),
-        "total_tokens": prompt_tokens + words(*answers),
-    }
+    usage = _usage(prompt_tokens, answers)
     base = {
         "id": f"cmpl-{digest[:24]}",
         "object": "text_completion",
@@ -178,3 +170,10 @@ async def models(request: web.Request, answer_words: int) -> Reply:
     """``GET /v1/models``: the fixed :data:`MODELS` list."""
     data = [{"id": m, "object": "model", "created": CREATED, "owned_by": "system"} for m in MODELS]
     return web.json_response({"object": "list", "data": data})
+
+
+def _usage(prompt_tokens: int, answers: list[str]) -> dict[str, int]:
+    """OpenAI's ``usage`` of a prompt of ``prompt_tokens`` words answered by ``answers``."""
+    completion = words(*answers)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+            "total_tokens": prompt_tokens + completion}

@@ -6,14 +6,13 @@ import argparse
 import asyncio
 import os
 import re
-from pathlib import Path
 
 from promptcache.cli import parser
 from promptcache.server.config import OPTIONS
 from promptcache.testing import FakeUpstream
-from tests.harness import RunningSidecar
+from tests.support.paths import ROOT
+from tests.support.sidecars import RunningSidecar
 
-ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
 
 

@@ -17,7 +17,7 @@ from promptcache.cache.redis.layout import KeyLayout
 from promptcache.cache.semantic.index import PartitionedIndex
 from promptcache.cache.semantic.record import VectorRecord
 from promptcache.cache.semantic.tier import SemanticCache
-from tests.harness import eventually
+from tests.support.sidecars import eventually
 
 LAYOUT = KeyLayout("pc:", 1)
 DIM = 8

@@ -9,9 +9,9 @@ import aiohttp
 import pytest
 
 from promptcache.testing import FakeUpstream
-from tests.harness import RunningSidecar, eventually, start_sidecar
-from tests.redis_helpers import RedisServer
-from tests.test_sidecar_exact import CHAT, chat, post
+from tests.sidecar.test_sidecar_exact import CHAT, chat, post
+from tests.support.redis_servers import RedisServer
+from tests.support.sidecars import RunningSidecar, eventually, start_sidecar
 
 pytestmark = pytest.mark.slow
 
@@ -90,7 +90,7 @@ async def test_streaming_request_bypasses_cleanly_when_redis_is_down(
 async def test_sidecar_starts_and_serves_when_redis_is_down_from_the_start(
     fake: FakeUpstream, sidecars: list[RunningSidecar], http: aiohttp.ClientSession,
 ) -> None:
-    from tests.redis_helpers import free_port
+    from tests.support.redis_servers import free_port
 
     sc = await start_sidecar(fake.url, f"redis://127.0.0.1:{free_port()}")
     sidecars.append(sc)

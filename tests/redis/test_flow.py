@@ -20,11 +20,11 @@ from promptcache.cache.flow import Outcome, Store, cache_headers, handle
 from promptcache.cache.options import EngineOptions
 from promptcache.cache.protocols import Embedder
 from promptcache.cache.request import Prepared, prepare
-from tests.harness import eventually
-from tests.redis_helpers import RedisServer, free_port
+from tests.support.redis_servers import RedisServer, free_port
+from tests.support.sidecars import eventually
 
 CHAT = "/v1/chat/completions"
-# A pair the default semantic settings serve (tests/test_semantic.py: Q and PARAPHRASE).
+# A pair the default semantic settings serve (tests/sidecar/test_semantic.py: Q and PARAPHRASE).
 Q = "How do I reset my password?"
 PARAPHRASE = "How can I reset my password?"
 

@@ -7,7 +7,6 @@ import gzip
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
@@ -18,9 +17,10 @@ from promptcache.cache.engine import open_engine
 from promptcache.cache.entry import Answer
 from promptcache.cache.options import EngineOptions
 from promptcache.cache.protocols import Embedder
-from tests.redis_helpers import RedisServer
+from tests.support.paths import DATASETS
+from tests.support.redis_servers import RedisServer
 
-PROMPTS = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "chat_prompts.jsonl.gz"
+PROMPTS = DATASETS / "chat_prompts.jsonl.gz"
 needs_prompts = pytest.mark.skipif(not PROMPTS.exists(), reason=f"{PROMPTS} is not there")
 
 

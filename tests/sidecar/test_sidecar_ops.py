@@ -9,9 +9,9 @@ import aiohttp
 import pytest
 
 from promptcache.testing import FakeUpstream
-from tests.harness import RunningSidecar, start_sidecar
-from tests.redis_helpers import RedisServer
-from tests.test_sidecar_exact import CHAT, chat, post
+from tests.sidecar.test_sidecar_exact import CHAT, chat, post
+from tests.support.redis_servers import RedisServer
+from tests.support.sidecars import RunningSidecar, start_sidecar
 
 TOKEN = "admin-secret"
 

@@ -18,19 +18,7 @@ from promptcache.cache.keys import request_key, tenant_id
 from promptcache.cache.protocols import PutResult, Usage
 from promptcache.cache.redis.budget import ENTRY_OVERHEAD_BYTES, BudgetStore
 from promptcache.cache.redis.layout import KeyLayout
-
-
-class FakeClock:
-    """A clock that only moves when a test says so."""
-
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
+from tests.support.clock import FakeClock
 
 
 class FaultyStore:

@@ -16,7 +16,8 @@ from promptcache.cache.keys import request_key
 from promptcache.cache.redis.budget import ENTRY_OVERHEAD_BYTES, BudgetStore
 from promptcache.cache.redis.layout import KeyLayout
 from promptcache.cache.redis.reconcile import reconcile
-from tests.harness import eventually
+from tests.support.paths import DATASETS
+from tests.support.sidecars import eventually
 
 LAYOUT = KeyLayout("pc:", 1)
 
@@ -228,7 +229,7 @@ def test_promptcache_reconcile_prints_the_report_and_exits_1_on_drift(
     assert main(["reconcile", "--redis-url", redis_url]) == 0
 
 
-PROMPTS = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "chat_prompts.jsonl.gz"
+PROMPTS = DATASETS / "chat_prompts.jsonl.gz"
 
 
 @pytest.mark.slow

@@ -18,7 +18,7 @@ import redis
 
 from promptcache.cache.errors import EmbeddedRedisError
 from promptcache.cache.redis.embedded import MAX_UNIX_SOCKET_PATH, EmbeddedRedis
-from tests.redis_helpers import RedisServer
+from tests.support.redis_servers import RedisServer
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import redis
 
 from promptcache.cache.sse import SSEEvent, SSEParser, assembler_for
 from promptcache.testing import FakeUpstream
-from tests.harness import RunningSidecar, eventually, start_sidecar
+from tests.support.sidecars import RunningSidecar, eventually, start_sidecar
 
 CHAT = "/v1/chat/completions"
 MESSAGES = "/v1/messages"
@@ -448,7 +448,7 @@ async def test_bad_cache_control_and_namespace_are_400(
 async def test_unreachable_upstream_is_a_502_in_api_shape(
     redis_url: str, sidecars: list[RunningSidecar], http: aiohttp.ClientSession
 ) -> None:
-    from tests.redis_helpers import free_port
+    from tests.support.redis_servers import free_port
 
     sc = await start_sidecar(f"http://127.0.0.1:{free_port()}", redis_url)
     sidecars.append(sc)

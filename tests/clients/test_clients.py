@@ -27,7 +27,7 @@ from promptcache.clients import (
     wrap,
 )
 from promptcache.testing import FakeUpstream
-from tests.harness import RunningSidecar, eventually, start_sidecar
+from tests.support.sidecars import RunningSidecar, eventually, start_sidecar
 
 CHAT = "/v1/chat/completions"
 MODEL = "gpt-4o-mini"

@@ -20,9 +20,10 @@ from promptcache.benchmarks.workload import Mix, build, paraphrase
 from promptcache.cache.semantic.embedding import SentenceTransformerEmbedder
 from promptcache.cache.semantic.rules import rule_flags
 from promptcache.testing import FakeUpstream, running_fake_upstream
-from tests.harness import RunningSidecar
+from tests.support.paths import DATASETS
+from tests.support.sidecars import RunningSidecar
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+DATA = DATASETS
 PROMPTS = DATA / "chat_prompts.jsonl.gz"
 STSB = DATA / "stsb_pairs.jsonl.gz"
 needs_data = pytest.mark.skipif(not (PROMPTS.exists() and STSB.exists()),

@@ -1,5 +1,5 @@
 """Engine parts without Redis: circuit breaker, entry wire form, single flight and
-Cache-Control parsing. (ExactCache runs on a real Redis: tests/test_exact.py.)"""
+Cache-Control parsing. (ExactCache runs on a real Redis: tests/redis/test_exact.py.)"""
 
 from __future__ import annotations
 
@@ -15,20 +15,7 @@ from promptcache.cache.cache_control import CacheControl
 from promptcache.cache.entry import COMPRESS_MIN_BYTES, Entry
 from promptcache.cache.errors import EntryFormatError, RequestError
 from promptcache.cache.singleflight import SingleFlight
-
-
-class FakeClock:
-    """A monotonic clock that only moves when a test says so."""
-
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
+from tests.support.clock import FakeClock
 
 # =============================================================================================
 # CircuitBreaker

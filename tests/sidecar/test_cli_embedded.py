@@ -16,8 +16,8 @@ import aiohttp
 import pytest
 
 from promptcache.testing import FakeUpstream
-from tests.redis_helpers import free_port
-from tests.test_embedded import process_alive, wait_until_gone
+from tests.redis.test_embedded import process_alive, wait_until_gone
+from tests.support.redis_servers import free_port
 
 pytestmark = pytest.mark.slow
 CHAT = "/v1/chat/completions"

@@ -12,9 +12,9 @@ from promptcache.cache.protocols import Embedder
 from promptcache.cache.redis.layout import KeyLayout
 from promptcache.cache.redis.remote_flight import RemoteFlight
 from promptcache.testing import FakeUpstream
-from tests.harness import RunningSidecar, start_sidecar
-from tests.redis_helpers import free_port
-from tests.test_semantic import ask, chat
+from tests.sidecar.test_semantic import ask, chat
+from tests.support.redis_servers import free_port
+from tests.support.sidecars import RunningSidecar, start_sidecar
 
 LAYOUT = KeyLayout("pc:", 1)
 DIGEST = "ab" * 16

@@ -15,8 +15,8 @@ from promptcache.cache.protocols import Embedder
 from promptcache.cache.semantic.embedding import BatchingEmbedder
 from promptcache.cache.semantic.index import PartitionedIndex
 from promptcache.testing import FakeUpstream
-from tests.harness import RunningSidecar, eventually, start_sidecar
-from tests.test_sidecar_exact import CHAT, MESSAGES, assembled, post, stream
+from tests.sidecar.test_sidecar_exact import CHAT, MESSAGES, assembled, post, stream
+from tests.support.sidecars import RunningSidecar, eventually, start_sidecar
 
 Q = "How do I reset my password?"
 PARAPHRASE = "How can I reset my password?"

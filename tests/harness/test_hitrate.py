@@ -13,8 +13,9 @@ import pytest
 from promptcache.benchmarks import fit, hitrate, pairs
 from promptcache.cache.semantic.embedding import resolve_tuning
 from promptcache.cache.semantic.verifier import Verifier, VerifierConfig
+from tests.support.paths import DATASETS
 
-QQP = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "qqp_pairs.jsonl.gz"
+QQP = DATASETS / "qqp_pairs.jsonl.gz"
 needs_qqp = pytest.mark.skipif(not QQP.exists(), reason=f"{QQP} is not there (shared datasets)")
 
 

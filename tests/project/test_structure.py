@@ -22,8 +22,7 @@ import pytest
 
 from promptcache.benchmarks.registry import BENCHMARKS
 from promptcache.cli import COMMANDS
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.support.paths import ROOT
 
 #: What may not import what (a package stands for itself and everything in it). The CLI is
 #: the top: only ``python -m promptcache`` imports it.
@@ -63,7 +62,9 @@ def project_modules() -> dict[str, Path]:
 
 
 def modules_of_tests() -> dict[str, Path]:
-    return {f"tests.{p.stem}": p for p in sorted((ROOT / "tests").glob("*.py"))}
+    tests = ROOT / "tests"
+    return {"tests." + ".".join(p.relative_to(tests).with_suffix("").parts): p
+            for p in sorted(tests.rglob("*.py"))}
 
 
 def imports(module: str, path: Path, *, type_checking: bool = True) -> Iterator[list[str]]:

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 
 from promptcache.testing import FakeUpstream
-from tests.harness import RunningSidecar, start_sidecar
-from tests.test_readme import section
+from tests.project.test_readme import section
+from tests.support.sidecars import RunningSidecar, start_sidecar
 
 CHAT = "/v1/chat/completions"
 

@@ -12,7 +12,6 @@ import asyncio
 import gzip
 import json
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -24,13 +23,14 @@ from promptcache.cache.redis.layout import CLUSTER_SHARDS, KeyLayout
 from promptcache.cache.redis.reconcile import reconcile_url
 from promptcache.cache.semantic.record import vector_id
 from promptcache.testing import FakeUpstream
-from tests.harness import RunningSidecar, eventually, start_sidecar
-from tests.test_semantic import PARAPHRASE, Q, ask, chat
-from tests.test_sidecar_exact import CHAT, post
+from tests.sidecar.test_semantic import PARAPHRASE, Q, ask, chat
+from tests.sidecar.test_sidecar_exact import CHAT, post
+from tests.support.paths import DATASETS
+from tests.support.sidecars import RunningSidecar, eventually, start_sidecar
 
 pytestmark = pytest.mark.slow
 
-PROMPTS = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "chat_prompts.jsonl.gz"
+PROMPTS = DATASETS / "chat_prompts.jsonl.gz"
 needs_prompts = pytest.mark.skipif(not PROMPTS.exists(),
                                    reason=f"{PROMPTS} is not there (shared datasets)")
 

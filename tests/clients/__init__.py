@@ -1,0 +1,1 @@
+"""The client library: the in-process cache, wrap(), the sidecar client."""

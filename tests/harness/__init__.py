@@ -1,0 +1,1 @@
+"""The benchmark harness, fitting and the capacity planner."""

@@ -1,0 +1,1 @@
+"""The project as a whole: linters, layout and import graph, the README."""

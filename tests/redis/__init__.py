@@ -1,0 +1,1 @@
+"""The engine against a real Redis (and the model where the semantic tier is on)."""

@@ -1,0 +1,1 @@
+"""The sidecar over HTTP: in-process apps, and `promptcache serve` as a process."""

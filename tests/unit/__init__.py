@@ -1,0 +1,1 @@
+"""Unit tests: pure logic, no server and no model; they run in seconds."""
