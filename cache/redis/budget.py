@@ -38,6 +38,7 @@ from redis.exceptions import RedisError
 
 from promptcache.cache.protocols import PutResult, Usage
 from promptcache.cache.redis import scripts
+from promptcache.cache.redis.client import as_text
 from promptcache.cache.redis.layout import KeyLayout
 
 #: Bookkeeping bytes counted per entry on top of payload, vector record and key names:
@@ -53,10 +54,6 @@ STREAM_MAXLEN: Final = 10_000
 TOUCH_MEMO: Final = 8192
 #: Expired entries reaped per script call (the rest on the next call).
 REAP_BATCH: Final = 64
-
-
-def _str(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _bytes(value: Any) -> bytes | None:
@@ -137,7 +134,7 @@ class BudgetStore:
             args=[*self.layout.script_prefixes(shard), self.layout.member(namespace, digest),
                   entry, vector or b"", ttl_ms or 0, self.shard_budget, self.overhead,
                   self._score(), self.node, self.stream_maxlen, REAP_BATCH])
-        return PutResult(bool(int(out[0])), int(out[1]), [_str(m) for m in out[2:]])
+        return PutResult(bool(int(out[0])), int(out[1]), [as_text(m) for m in out[2:]])
 
     async def get_many(self, keys: list[str]) -> list[bytes | None]:
         """Values of raw keys (split by slot on a cluster)."""
@@ -164,7 +161,7 @@ class BudgetStore:
                    else self.layout.shard_patterns(shard)[1])
         keys: list[str] = []
         async for key in self.redis.scan_iter(match=pattern, count=1000):
-            keys.append(_str(key))
+            keys.append(as_text(key))
             if len(keys) >= batch:
                 yield await self.get_many(keys)
                 keys = []
@@ -194,7 +191,7 @@ class BudgetStore:
         """Delete what SCAN finds of ``namespace`` (every master of a cluster); every entry
         or vector key found goes through the delete script, so the accounting stays exact
         even for keys written without it."""
-        found = {self.layout.split(_str(k)) for pattern in self.layout.patterns(namespace)
+        found = {self.layout.split(as_text(k)) for pattern in self.layout.patterns(namespace)
                  async for k in self.redis.scan_iter(match=pattern, count=1000)}
         return await self.delete_members(sorted(found))
 
@@ -202,21 +199,13 @@ class BudgetStore:
         """The members the accounting knows of in ``shard``."""
         async for m, _ in self.redis.hscan_iter(self.layout.shard_keys(shard).sizes,
                                                 count=1000):
-            yield _str(m)
+            yield as_text(m)
 
     async def members_found(self, shard: int) -> AsyncIterator[str]:
         """The members whose entry or vector key SCAN finds in ``shard`` (every master)."""
         for pattern in self.layout.shard_patterns(shard):
             async for key in self.redis.scan_iter(match=pattern, count=1000):
-                yield self.layout.split(_str(key))[1]
-
-    async def clear(self) -> int:
-        """Delete every accounted entry."""
-        deleted = 0
-        for shard in range(self.layout.shards):
-            batch = [(shard, m) async for m in self.members(shard)]
-            deleted += await self.delete_members(batch)
-        return deleted
+                yield self.layout.split(as_text(key))[1]
 
     # -- accounting ----------------------------------------------------------------------
 

@@ -20,6 +20,11 @@ from redis.backoff import NoBackoff
 CLUSTER_SCHEMES: Final = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 
 
+def as_text(value: Any) -> str:
+    """A Redis reply (bytes, or str with ``decode_responses``) as text."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def is_cluster_url(url: str) -> bool:
     return urlsplit(url).scheme in CLUSTER_SCHEMES
 

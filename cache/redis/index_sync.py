@@ -24,14 +24,11 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from promptcache.cache.redis.budget import BudgetStore
+from promptcache.cache.redis.client import as_text
 from promptcache.cache.semantic.record import vector_id
 from promptcache.cache.semantic.tier import SemanticCache
 
 log = logging.getLogger(__name__)
-
-
-def _s(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _raise_if_cancelled() -> None:
@@ -69,7 +66,7 @@ class IndexSync:
         last = await self.redis.xrevrange(self._log_key(shard), count=1)
         if last:
             event_id, fields = last[0]
-            self._last[shard] = (_s(event_id), int(fields[b"seq"]))
+            self._last[shard] = (as_text(event_id), int(fields[b"seq"]))
         else:  # an empty stream: the next event is the one after the shard's counter
             seq = await self.redis.hget(self.layout.shard_keys(shard).meta, "seq")
             self._last[shard] = ("0-0", int(seq or 0))
@@ -112,7 +109,7 @@ class IndexSync:
         wanted: list[str] = []
         for _id, fields in events:
             if fields.get(b"op") == b"+":
-                wanted += [m for m in _s(fields[b"ids"]).split(",")
+                wanted += [m for m in as_text(fields[b"ids"]).split(",")
                            if vector_id(self.layout.digest_of(m)) not in self.semantic.index]
         records = dict(zip(wanted, await self.store.vectors_of(shard, wanted), strict=True))
         for event_id, fields in events:
@@ -124,8 +121,8 @@ class IndexSync:
                             "rebuilding it", shard, last_seq + 1, seq - 1)
                 del self._last[shard]
                 return
-            self._last[shard] = (_s(event_id), seq)
-            members = _s(fields[b"ids"]).split(",")
+            self._last[shard] = (as_text(event_id), seq)
+            members = as_text(fields[b"ids"]).split(",")
             if fields.get(b"op") == b"+":
                 # This node's own inserts are indexed already; one is missing only if a
                 # removal logged before it was applied after it (or the index is full).
