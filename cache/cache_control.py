@@ -45,7 +45,11 @@ class CacheControl:
                             "Cache-Control max-age must be a non-negative integer of seconds",
                             param="Cache-Control",
                         )
-                    max_age = min(int(arg), MAX_AGE_CAP)
+                    # Past the cap's own length the digits need not be read (int() refuses
+                    # strings of more than 4,300 digits, which would be a 500).
+                    digits = arg.lstrip("0") or "0"
+                    long = len(digits) > len(str(MAX_AGE_CAP))
+                    max_age = MAX_AGE_CAP if long else min(int(digits), MAX_AGE_CAP)
         if max_age == 0:
             no_cache = no_store = True
         return cls(no_cache, no_store, max_age)

@@ -163,6 +163,29 @@ async def test_wrapped_client_keeps_namespaces_and_credentials_apart(
         await asyncio.to_thread(cache.close)
 
 
+@pytest.mark.parametrize("headers", [
+    {"X-Cache-Threshold": "2"}, {"X-Cache-Threshold": "nan"}, {"X-Cache-Mode": "fuzzy"},
+    {"X-Cache-Namespace": "n" * 300}, {"Cache-Control": "max-age=soon"},
+    {"Cache-Control": "max-age=" + "9" * 5000},
+], ids=["threshold-2", "threshold-nan", "mode", "namespace", "max-age-word", "max-age-huge"])
+async def test_wrapped_client_with_hostile_controls_gets_its_answer_never_an_error(
+        fake: FakeUpstream, redis_url: str, headers: dict[str, str]) -> None:
+    """Bad control headers never raise out of the wrapped client: the request goes upstream
+    (uncached when the controls cannot be read), and the controls never reach it."""
+    client = wrap(async_client(fake.url), redis_url=redis_url, semantic=False)
+    try:
+        raw = await client.chat.completions.with_raw_response.create(
+            model=MODEL, messages=messages(), extra_headers=headers)
+        assert isinstance(raw.parse(), ChatCompletion)
+        assert raw.headers.get("x-cache") in (None, "MISS")  # None: sent on uncached
+        assert fake.calls[CHAT] == 1
+        sent = fake.requests[-1].headers
+        assert not any(h in sent for h in ("x-cache-threshold", "x-cache-mode",
+                                           "x-cache-namespace"))
+    finally:
+        await client.close()
+
+
 async def test_wrapped_client_with_redis_down_calls_upstream(fake: FakeUpstream,
                                                              fresh_redis: Any) -> None:
     client = wrap(async_client(fake.url), redis_url=fresh_redis.url, semantic=False,

@@ -443,6 +443,9 @@ async def test_bad_cache_control_and_namespace_are_400(
     s1, _, _ = await post(http, sidecar, chat(), headers={"Cache-Control": "max-age=soon"})
     s2, _, _ = await post(http, sidecar, chat(), headers={"X-Cache-Namespace": "n" * 300})
     assert (s1, s2) == (400, 400)
+    huge = {"Cache-Control": "max-age=" + "9" * 5000}
+    s3, h3, _ = await post(http, sidecar, chat(), headers=huge)
+    assert (s3, h3["X-Cache"]) == (200, "MISS")  # capped like any huge max-age, not a 500
 
 
 async def test_unreachable_upstream_is_a_502_in_api_shape(

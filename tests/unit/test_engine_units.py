@@ -389,6 +389,15 @@ def test_huge_max_age_is_capped_at_2_to_the_31() -> None:
     assert CacheControl.parse(["max-age=99999999999999999999"]).max_age == 2**31
 
 
+@pytest.mark.parametrize(("digits", "seconds"), [
+    ("9" * 5000, 2**31), ("1" * 100_000, 2**31), ("0" * 5000 + "5", 5), ("0" * 5000, 0)])
+def test_a_max_age_of_thousands_of_digits_is_read_not_an_error(digits: str,
+                                                               seconds: int) -> None:
+    """int() refuses strings of more than 4,300 digits; such a header is capped like any
+    other huge value, and leading zeros do not count."""
+    assert CacheControl.parse([f"max-age={digits}"]).max_age == seconds
+
+
 def test_accepts_age_up_to_max_age() -> None:
     cc = CacheControl.parse(["max-age=10"])
     assert cc.accepts_age(0)
