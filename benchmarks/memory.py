@@ -99,6 +99,7 @@ async def _fill(settings: Settings, redis_url: str, embedder: Embedder | None,
                                                          "content": prompts[i]}]}).encode()
                         async with http.post(url + CHAT, data=body, headers={
                                 "Content-Type": "application/json",
+                                "Authorization": "Bearer sk-bench",
                                 "X-Cache-Mode": "exact"}) as r:
                             answer = await r.read()
                             if r.status != 200:

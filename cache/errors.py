@@ -7,6 +7,7 @@
      +-- EmbeddedRedisError         the private redis-server could not be started or stopped
      +-- RequestError               a request the cache cannot key (bad JSON, wrong types)
      |    +-- BodyTooLarge          a body above the configured limit
+ |    +-- BodyTimeout           a body not received within the configured time
      +-- CacheUnavailable           the cache backend is down, slow, or its circuit is open
      |                              (callers degrade to pass-through; never shown to a client)
      +-- EntryFormatError           stored bytes that are not an entry or vector record of a
@@ -55,6 +56,12 @@ class BodyTooLarge(RequestError):
     """The request body is larger than ``max_body_bytes``."""
 
     status = 413
+
+
+class BodyTimeout(RequestError):
+    """The client did not send the whole request body within ``body_timeout``."""
+
+    status = 408
 
 
 class CacheUnavailable(PromptCacheError):

@@ -8,10 +8,13 @@ integral floats as integers (``1.0`` and ``1`` are the same temperature), so the
 depends on how a client serialised its body. String contents are kept byte for byte.
 
 Keys are scoped: the tenant (a hash of the caller's credential, unless sharing across
-credentials is switched on) and the namespace (``X-Cache-Namespace``) are hashed into the
-digest, so two scopes can never share an entry; the namespace is also part of the entry's
-Redis key (:mod:`promptcache.cache.redis.layout` spells those), so that a namespace can be
-invalidated with one prefix scan.
+credentials is switched on), the namespace (``X-Cache-Namespace``) and the *variant* (the
+request's query string and the headers that change answers, such as ``anthropic-version``)
+are hashed into the digest, so two scopes can never share an entry. The namespace is also
+part of the entry's Redis key (:mod:`promptcache.cache.redis.layout` spells those), so that
+a namespace can be invalidated with one prefix scan; and the digest's last 8 hex digits are
+the tenant's tag (:func:`tenant_tag`), so that one tenant's entries can be purged by a scan
+too.
 """
 
 from __future__ import annotations
@@ -28,9 +31,13 @@ from promptcache.cache.errors import RequestError
 TRANSPORT_FIELDS: Final = frozenset({"stream", "stream_options"})
 
 SHARED_TENANT: Final = "shared"
+#: The tenant of requests that carry no credential, where the operator allows caching them.
+ANONYMOUS_TENANT: Final = "anonymous"
 DEFAULT_NAMESPACE: Final = ""
 MAX_NAMESPACE_LEN: Final = 128
-_KEY_VERSION: Final = b"promptcache/exact/v1"
+#: Hex digits of the digest that tag its tenant (the rest is the request's hash).
+TENANT_TAG_LEN: Final = 8
+_KEY_VERSION: Final = b"promptcache/exact/v2"
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +55,11 @@ def tenant_id(credential: str | None, *, shared: bool = False) -> str:
     if shared:
         return SHARED_TENANT
     return hashlib.sha256(b"tenant\0" + (credential or "").encode()).hexdigest()[:24]
+
+
+def tenant_tag(tenant: str) -> str:
+    """The last :data:`TENANT_TAG_LEN` hex digits of every digest of ``tenant``'s entries."""
+    return hashlib.sha256(b"tag\0" + tenant.encode()).hexdigest()[:TENANT_TAG_LEN]
 
 
 def check_namespace(value: str) -> str:
@@ -107,10 +119,14 @@ def request_key(
     *,
     tenant: str,
     namespace: str = DEFAULT_NAMESPACE,
+    variant: str = "",
     normalised: bool = False,
 ) -> CacheKey:
+    """The key of ``body`` sent to ``endpoint`` in a scope; ``variant`` is what else changes
+    the answer (:func:`promptcache.cache.request.variant_of`: query string, version headers)."""
     h = hashlib.sha256(_KEY_VERSION)
-    for part in (tenant.encode(), namespace.encode(), endpoint.encode()):
+    for part in (tenant.encode(), namespace.encode(), endpoint.encode(), variant.encode()):
         h.update(b"\0" + part)
     h.update(b"\0" + canonical_json(keyed_fields(body), normalised=normalised))
-    return CacheKey(tenant, namespace, endpoint, h.hexdigest()[:32])
+    digest = h.hexdigest()[:32 - TENANT_TAG_LEN] + tenant_tag(tenant)
+    return CacheKey(tenant, namespace, endpoint, digest)

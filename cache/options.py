@@ -31,8 +31,15 @@ class EngineOptions:
     max_bytes: int = 0
     index_max_bytes: int = 0
     flight_lease: float = 30.0
+    flight_timeout: float = 60.0
     shared_cache: bool = False
+    anonymous_tenant: bool = False
+    credential_headers: tuple[str, ...] = ("authorization", "x-api-key", "api-key",
+                                           "x-goog-api-key")
+    credential_params: tuple[str, ...] = ("key",)
+    max_ttl: float = 0.0
     redis_timeout: float = 0.25
+    redis_max_connections: int = 256
     breaker_threshold: int = 3
     breaker_reset: float = 1.0
     semantic: bool = True

@@ -87,8 +87,10 @@ class EntryStore(Protocol):
         """Delete one entry and its vector record; 1 if the entry existed, else 0."""
         ...
 
-    async def delete_matching(self, namespace: str | None) -> int:
-        """Delete every entry of ``namespace`` (None: of every namespace); how many."""
+    async def delete_matching(self, namespace: str | None, tenant_tag: str | None = None
+                              ) -> int:
+        """Delete every entry of ``namespace`` (None: of every namespace) and of the tenant
+        whose digests end with ``tenant_tag`` (None: of every tenant); how many."""
         ...
 
     async def usage(self) -> Usage: ...

@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Final, Protocol
 
 from promptcache.cache.api import ENDPOINTS, STREAMABLE, Api
 from promptcache.cache.cache_control import CacheControl
 from promptcache.cache.engine import Engine
 from promptcache.cache.errors import RequestError
-from promptcache.cache.keys import CacheKey, check_namespace, loads_normalised, request_key
+from promptcache.cache.keys import ANONYMOUS_TENANT, CacheKey, check_namespace, request_key
+from promptcache.cache.options import EngineOptions
 from promptcache.cache.semantic.scope import SemanticView, semantic_view, temperature
+from promptcache.cache.strict_json import parse_body
 from promptcache.cache.validate import validate_body
 
 #: The cache's per-request controls (the README's Per-request control); the upstream never
@@ -41,14 +43,49 @@ class RequestHeaders(Protocol):
     def __getitem__(self, key: str, /) -> str: ...
 
 
-#: The request headers that identify a caller to the upstream (and so scope its entries).
-CREDENTIAL_HEADERS: Final = ("authorization", "x-api-key")
+#: The request headers that identify a caller by default (``--credential-headers``); the
+#: ``key`` query parameter does too (``--credential-params``).
+CREDENTIAL_HEADERS: Final = EngineOptions().credential_headers
+
+#: Request headers that change what the upstream answers, so they are part of the key.
+VARY_HEADERS: Final = ("anthropic-version", "anthropic-beta", "openai-organization",
+                       "openai-project")
 
 
-def credential(headers: RequestHeaders) -> str | None:
-    """What identifies the caller (both headers, if both are sent)."""
-    parts = [f"{h}={headers[h]}" for h in CREDENTIAL_HEADERS if h in headers]
-    return "\n".join(parts) or None
+def credential(headers: RequestHeaders, query: Iterable[tuple[str, str]] = (), *,
+               names: Iterable[str] = CREDENTIAL_HEADERS, params: Iterable[str] = ()
+               ) -> str | None:
+    """What identifies the caller: every credential header and query parameter it sent
+    (``name=value`` lines; ``?name=value`` for a parameter), or None if it sent none.
+
+    RequestError (400) if a credential is not UTF-8: it could not be keyed, or forwarded
+    faithfully."""
+    parts = [f"{h}={v}" for h in names for v in headers.getall(h, [])]
+    wanted = set(params)
+    parts += sorted(f"?{k.lower()}={v}" for k, v in query if k.lower() in wanted)
+    text = "\n".join(parts)
+    try:
+        text.encode()
+    except UnicodeEncodeError as exc:
+        raise RequestError("credentials must be UTF-8 text", param="Authorization") from exc
+    return text or None
+
+
+def variant_of(headers: RequestHeaders, query: Iterable[tuple[str, str]] = (), *,
+               params: Iterable[str] = ()) -> str:
+    """What else changes the answer besides the body: the query string (less credential
+    parameters), and the :data:`VARY_HEADERS`. Empty for a plain request."""
+    skip = set(params)
+    pairs = sorted((k, v) for k, v in query if k.lower() not in skip)
+    vary = {h: headers.getall(h, []) for h in VARY_HEADERS if h in headers}
+    if not pairs and not vary:
+        return ""
+    try:
+        return json.dumps({"query": pairs, "headers": vary}, sort_keys=True,
+                          separators=(",", ":"), ensure_ascii=False).encode().decode()
+    except UnicodeEncodeError as exc:
+        raise RequestError("query parameters and version headers must be UTF-8 text",
+                           param="query") from exc
 
 
 @dataclass(slots=True)
@@ -73,25 +110,35 @@ class Prepared:
 
 def prepare(engine: Engine, api: Api, endpoint: str, body_bytes: bytes, *,
             credential: str | None, namespace: str = "", cache_control: Iterable[str] = (),
-            mode: str | None = None, threshold: str | None = None) -> Prepared:
+            mode: str | None = None, threshold: str | None = None, variant: str = ""
+            ) -> Prepared:
     """Parse, validate and key a request body; RequestError (a 4xx) on bad input.
 
     ``namespace``, ``cache_control``, ``mode`` and ``threshold`` are the values of the
     ``X-Cache-Namespace``, ``Cache-Control``, ``X-Cache-Mode`` and ``X-Cache-Threshold``
-    headers (see the README's Per-request control).
+    headers (see the README's Per-request control); ``variant`` is :func:`variant_of`.
+
+    A request without a credential is not cached (it passes through as BYPASS) unless the
+    options allow an anonymous tenant. ``max-age`` may only shorten the configured TTL
+    (:func:`retention`).
     """
-    try:
-        body = loads_normalised(body_bytes)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise RequestError(f"the request body is not valid JSON: {exc}", param="body") from exc
+    body = parse_body(body_bytes)
     validate_body(api, body)
     namespace = check_namespace(namespace)
+    options = engine.options
     control = CacheControl.parse(cache_control)
-    tenant = engine.tenant(credential)
-    key = request_key(endpoint, body, tenant=tenant, namespace=namespace, normalised=True)
+    if credential is None:
+        tenant = ANONYMOUS_TENANT
+        if not options.anonymous_tenant:
+            control = CacheControl(no_cache=True, no_store=True)
+    else:
+        tenant = engine.tenant(credential)
+    control = retention(control, options.default_ttl, options.max_ttl)
+    key = request_key(endpoint, body, tenant=tenant, namespace=namespace, variant=variant,
+                      normalised=True)
     streaming = api in STREAMABLE and body.get("stream") is True
     prepared = Prepared(api, endpoint, body, key, control, streaming)
-    if engine.semantic is not None:
+    if engine.semantic is not None and not control.bypass:
         policy = engine.semantic.policy
         mode = ("semantic" if mode is None else mode).strip().lower()
         if mode not in ("exact", "semantic"):
@@ -100,16 +147,31 @@ def prepare(engine: Engine, api: Api, endpoint: str, body_bytes: bytes, *,
         prepared.threshold = max(policy.threshold, _threshold(threshold))
         if temperature(body) <= policy.max_temperature:
             prepared.view = semantic_view(api, endpoint, body, tenant=tenant,
-                                          namespace=namespace, normalised=True)
+                                          namespace=namespace, variant=variant,
+                                          normalised=True)
     return prepared
 
 
-def prepare_http(engine: Engine, endpoint: str, body_bytes: bytes, headers: RequestHeaders
-                 ) -> Prepared:
-    """:func:`prepare` for an HTTP request to ``endpoint`` (one of the cached routes): the
-    credential (``Authorization`` / ``x-api-key``) and the controls come from ``headers``."""
+def retention(control: CacheControl, default_ttl: float, max_ttl: float) -> CacheControl:
+    """``control`` with ``max-age`` cut to the longest retention the operator allows:
+    ``max_ttl``, or when that is 0 the default TTL (0 too: no bound)."""
+    limit = int(max_ttl or default_ttl)
+    if limit <= 0 or control.max_age is None or control.max_age <= limit:
+        return control
+    return replace(control, max_age=limit)
+
+
+def prepare_http(engine: Engine, endpoint: str, body_bytes: bytes, headers: RequestHeaders,
+                 query: Iterable[tuple[str, str]] = ()) -> Prepared:
+    """:func:`prepare` for an HTTP request to ``endpoint`` (one of the cached routes) with
+    query parameters ``query``: the credential (the options' credential headers and
+    parameters), the variant and the controls come from ``headers`` and ``query``."""
+    options = engine.options
+    query = list(query)
     return prepare(engine, ENDPOINTS[endpoint], endpoint, body_bytes,
-                   credential=credential(headers),
+                   credential=credential(headers, query, names=options.credential_headers,
+                                         params=options.credential_params),
+                   variant=variant_of(headers, query, params=options.credential_params),
                    namespace=headers.get("x-cache-namespace") or "",
                    cache_control=headers.getall("cache-control", []),
                    mode=headers.get("x-cache-mode"), threshold=headers.get("x-cache-threshold"))

@@ -11,12 +11,18 @@
 private event-loop thread. Every call has a timeout; failures raise the
 :mod:`promptcache.clients.errors` tree (``SidecarUnreachable``, ``SidecarResponseError``,
 ``AdminRefused``).
+
+The admin token goes only to the sidecar's own token-checked routes (``/stats``, whose
+settings it unlocks, and ``DELETE /cache``), never to health checks; and the URL must be
+the sidecar's root (``http://host:port``): under a path such as ``/v1`` the calls would
+fall through to the pass-through and carry the token to the upstream provider.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 
@@ -61,7 +67,7 @@ class Stats:
     cache: CacheStats
     semantic: dict[str, Any] | None
     flights_in_progress: int
-    settings: dict[str, Any]  # secrets shown as ***
+    settings: dict[str, Any] | None  # secrets shown as ***; None without the admin token
 
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> Stats:
@@ -72,15 +78,24 @@ class Stats:
             cache=CacheStats(bool(c["reachable"]), str(c["circuit"]), int(c["circuit_trips"]),
                              c.get("keys"), c.get("used_memory_bytes")),
             semantic=doc.get("semantic"), flights_in_progress=int(doc["flights_in_progress"]),
-            settings=doc["settings"],
+            settings=doc.get("settings"),
         )
 
 
 class AsyncSidecarClient:
-    """The operations API of the sidecar at ``url``; ``admin_token`` for invalidation."""
+    """The operations API of the sidecar at ``url`` (its root: ``http://host:port``);
+    ``admin_token`` for invalidation and the settings in ``stats()``."""
 
     def __init__(self, url: str, *, admin_token: str | None = None, timeout: float = 10.0
                  ) -> None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError(f"not an http(s) URL: {url!r}")
+        if parts.path.strip("/") or parts.query or parts.fragment:
+            raise ValueError(
+                f"{url!r}: give the sidecar's root URL (scheme://host:port). Its operations "
+                "routes live at the root; under a path they would reach the pass-through, "
+                "and the admin token the upstream provider.")
         self.url = url.rstrip("/")
         self.admin_token = admin_token
         self.timeout = aiohttp.ClientTimeout(total=timeout)
@@ -98,10 +113,12 @@ class AsyncSidecarClient:
             await session.close()
 
     async def _call(self, method: str, path: str, *, json: Any = None,
-                    ok: tuple[int, ...] = (200,)) -> dict[str, Any]:
+                    ok: tuple[int, ...] = (200,), admin: bool = False) -> dict[str, Any]:
+        """One call; ``admin`` ones (the token-checked routes only) carry the token."""
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=self.timeout)
-        headers = {"Authorization": f"Bearer {self.admin_token}"} if self.admin_token else {}
+        headers = ({"Authorization": f"Bearer {self.admin_token}"}
+                   if admin and self.admin_token else {})
         try:
             async with self._session.request(method, self.url + path, json=json,
                                              headers=headers) as resp:
@@ -130,20 +147,32 @@ class AsyncSidecarClient:
         return Readiness(doc.get("status") == "ready", str(doc.get("cache")), doc.get("detail"))
 
     async def stats(self) -> Stats:
-        return Stats.from_json(await self._call("GET", "/stats"))
+        return Stats.from_json(await self._call("GET", "/stats", admin=True))
 
     async def invalidate_namespace(self, namespace: str) -> int:
         """Delete every entry of ``namespace`` (``""`` is the default one); the count."""
-        return int((await self._call("DELETE", "/cache", json={"namespace": namespace}))
-                   ["deleted"])
+        return int((await self._call("DELETE", "/cache", json={"namespace": namespace},
+                                     admin=True))["deleted"])
 
     async def invalidate_key(self, key: str, namespace: str = "") -> int:
         """Delete the entry ``key`` (an ``X-Cache-Key``) of ``namespace``; 1 or 0."""
-        doc = await self._call("DELETE", "/cache", json={"key": key, "namespace": namespace})
+        doc = await self._call("DELETE", "/cache", json={"key": key, "namespace": namespace},
+                               admin=True)
         return int(doc["deleted"])
 
+    async def invalidate_tenant(self, credential: dict[str, str],
+                                namespace: str | None = None) -> int:
+        """Delete one tenant's entries (in ``namespace``, or in all): ``credential`` is its
+        credential headers as it sends them, e.g. ``{"Authorization": "Bearer sk-..."}``
+        (``"?key"`` for a query parameter). The sidecar hashes it; it is not stored."""
+        body: dict[str, Any] = {"credential": credential}
+        if namespace is not None:
+            body["namespace"] = namespace
+        return int((await self._call("DELETE", "/cache", json=body, admin=True))["deleted"])
+
     async def invalidate_all(self) -> int:
-        return int((await self._call("DELETE", "/cache", json={"all": True}))["deleted"])
+        return int((await self._call("DELETE", "/cache", json={"all": True}, admin=True))
+                   ["deleted"])
 
 
 class SidecarClient:
@@ -182,6 +211,10 @@ class SidecarClient:
 
     def invalidate_key(self, key: str, namespace: str = "") -> int:
         return self._loop.run(self.aio.invalidate_key(key, namespace))
+
+    def invalidate_tenant(self, credential: dict[str, str], namespace: str | None = None
+                          ) -> int:
+        return self._loop.run(self.aio.invalidate_tenant(credential, namespace))
 
     def invalidate_all(self) -> int:
         return self._loop.run(self.aio.invalidate_all())

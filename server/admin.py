@@ -1,6 +1,10 @@
 """Operations routes: health, readiness, metrics, stats, and cache invalidation.
 
-Their errors take OpenAI's error shape (:func:`promptcache.cache.api.error_body`)."""
+What is open and what needs the admin token (``Authorization: Bearer <--admin-token>``):
+``/healthz``, ``/readyz`` and ``/metrics`` are open and carry no secret and no prompt text;
+``/stats`` is open but shows the settings only with the token; ``DELETE /cache`` always
+needs it. Their errors take OpenAI's error shape (:func:`promptcache.cache.api.error_body`).
+"""
 
 from __future__ import annotations
 
@@ -10,12 +14,15 @@ import time
 from typing import Any
 
 from aiohttp import web
+from multidict import CIMultiDict
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from promptcache.cache.api import error_body
 from promptcache.cache.errors import CacheUnavailable, RequestError
-from promptcache.cache.keys import check_namespace
+from promptcache.cache.keys import check_namespace, tenant_tag
+from promptcache.cache.request import credential
 from promptcache.cache.resident import memory_split
+from promptcache.cache.strict_json import parse_json_object
 from promptcache.server.state import SIDECAR, Sidecar
 
 
@@ -99,54 +106,104 @@ async def stats(request: web.Request) -> web.Response:
             "memory": _memory(sc),
             "flights_in_progress": len(sc.flights),
             "remote_flights": sc.remote.stats() if sc.remote is not None else None,
-            "settings": sc.settings.public(),
+            "embedded_redis": (sc.engine.embedded.stats() if sc.engine.embedded is not None
+                               else None),
+            # The settings (URLs with passwords masked, secrets as ***) only for the operator.
+            **({"settings": sc.settings.public()} if _is_admin(request, sc) else {}),
         },
         dumps=lambda o: json.dumps(o, default=str),
     )
 
 
-def _authorised(request: web.Request, sc: Sidecar) -> web.Response | None:
+def _is_admin(request: web.Request, sc: Sidecar) -> bool:
+    """Does the request carry the admin token? (Compared in constant time; a header of any
+    bytes is compared, never an error.)"""
     token = sc.settings.admin_token
     if not token:
+        return False
+    given = request.headers.get("Authorization", "")
+    return hmac.compare_digest(given.encode("utf-8", "surrogatepass"),
+                               f"Bearer {token}".encode())
+
+
+def _authorised(request: web.Request, sc: Sidecar) -> web.Response | None:
+    if not sc.settings.admin_token:
         return web.json_response(
             error_body("chat", "admin routes are disabled: set PROMPTCACHE_ADMIN_TOKEN",
                        kind="forbidden"), status=403)
-    given = request.headers.get("Authorization", "")
-    if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+    if not _is_admin(request, sc):
         return web.json_response(
             error_body("chat", "admin token missing or wrong", kind="unauthorized"),
             status=401, headers={"WWW-Authenticate": "Bearer"})
     return None
 
 
+MAX_ADMIN_BODY = 64 << 10
+
+
 async def _selector(request: web.Request) -> dict[str, Any]:
     """The target of DELETE /cache, from the query string or a JSON body."""
     if request.can_read_body:
-        try:
-            body = await request.json()
-        except ValueError as exc:
-            raise RequestError("the body must be a JSON object") from exc
-        if not isinstance(body, dict):
-            raise RequestError("the body must be a JSON object")
-        return body
+        if (request.content_length or 0) > MAX_ADMIN_BODY:
+            raise RequestError(f"the body must be at most {MAX_ADMIN_BODY} bytes")
+        data = await request.content.read(MAX_ADMIN_BODY + 1)
+        if len(data) > MAX_ADMIN_BODY:
+            raise RequestError(f"the body must be at most {MAX_ADMIN_BODY} bytes")
+        return parse_json_object(data)
     return dict(request.query)
 
 
+def _string(target: dict[str, Any], name: str) -> str | None:
+    value = target.get(name)
+    if value is not None and not isinstance(value, str):
+        raise RequestError(f"'{name}' must be a string", param=name)
+    return value
+
+
+def _tenant_tag(sc: Sidecar, given: Any) -> str:
+    """The tag of the tenant whose credential is ``given``: {"Authorization": "Bearer sk-..",
+    "?key": ".."}, the credential headers (and ``?``-prefixed query parameters) exactly as
+    that tenant sends them. Hashed here as the cached routes hash it; never stored."""
+    if (not isinstance(given, dict) or not given
+            or not all(isinstance(k, str) and isinstance(v, str) for k, v in given.items())):
+        raise RequestError("'credential' must be an object of header (or '?param') names to "
+                           "the values the tenant sends", param="credential")
+    if sc.settings.shared_cache:
+        raise RequestError("with --shared-cache entries belong to no tenant: purge a "
+                           "namespace or everything instead", param="credential")
+    headers = CIMultiDict((k, v) for k, v in given.items() if not k.startswith("?"))
+    query = [(k[1:], v) for k, v in given.items() if k.startswith("?")]
+    opts = sc.settings
+    cred = credential(headers, query, names=opts.credential_headers,
+                      params=opts.credential_params)
+    if cred is None:
+        raise RequestError("'credential' names no credential header or parameter this "
+                           "sidecar reads (--credential-headers, --credential-params)",
+                           param="credential")
+    return tenant_tag(sc.engine.tenant(cred))
+
+
 async def delete_cache(request: web.Request) -> web.Response:
-    """DELETE /cache {"namespace": NS} | {"key": ID, "namespace": NS} | {"all": true}."""
+    """DELETE /cache {"namespace": NS} | {"key": ID, "namespace": NS} | {"all": true}
+    | {"credential": {HEADER: VALUE}} (one tenant's entries; with "namespace", in that one).
+    """
     sc = request.app[SIDECAR]
     refused = _authorised(request, sc)
     if refused is not None:
         return refused
     try:
         target = await _selector(request)
-        namespace = check_namespace(str(target.get("namespace", "")))
-        key, everything = target.get("key"), str(target.get("all", "")).lower() == "true"
-        if key is not None and not (isinstance(key, str) and len(key) == 32
+        raw_ns = _string(target, "namespace")
+        namespace = check_namespace(raw_ns or "")
+        key = _string(target, "key")
+        everything = target.get("all") in (True, "true", "True")
+        tag = _tenant_tag(sc, target["credential"]) if "credential" in target else None
+        if key is not None and not (len(key) == 32
                                     and all(c in "0123456789abcdef" for c in key)):
             raise RequestError("'key' must be the 32-hex-digit id from X-Cache-Key")
-        if key is None and "namespace" not in target and not everything:
-            raise RequestError("name a 'namespace', a 'key' (with its namespace) or 'all': true")
+        if key is None and raw_ns is None and tag is None and not everything:
+            raise RequestError("name a 'namespace', a 'key' (with its namespace), a "
+                               "'credential' or 'all': true")
     except RequestError as exc:
         return web.json_response(
             error_body("chat", exc.message, kind="invalid_request_error", param=exc.param),
@@ -154,6 +211,9 @@ async def delete_cache(request: web.Request) -> web.Response:
     try:
         if key is not None:
             deleted = await sc.cache.invalidate_key(namespace, key)
+        elif tag is not None:
+            deleted = await sc.cache.invalidate_tenant(tag, None if raw_ns is None
+                                                       else namespace)
         elif everything:
             deleted = await sc.cache.invalidate_all()
         else:

@@ -16,7 +16,7 @@ from promptcache.cache.api import ENDPOINTS
 from promptcache.cache.engine import open_engine
 from promptcache.cache.protocols import Embedder
 from promptcache.server import admin
-from promptcache.server.config import Settings
+from promptcache.server.config import Settings, redact_url
 from promptcache.server.handlers import cached_route
 from promptcache.server.metrics import Metrics
 from promptcache.server.proxy import Upstream
@@ -50,7 +50,14 @@ def create_app(settings: Settings, *, embedder: Embedder | None = None) -> web.A
 
     ``embedder`` lets several in-process sidecars (tests, benchmarks) share one model.
     """
-    app = web.Application(client_max_size=settings.max_body_bytes)
+    if settings.upstream_api_key and not settings.anonymous_tenant:
+        # The sidecar is then the authentication boundary: callers without a credential
+        # are served with the operator's key, and cached in the anonymous tenant.
+        settings = replace(settings, anonymous_tenant=True)
+    # aiohttp's keep-alive timer also runs from the moment a connection opens until a
+    # request's headers are complete: it is the header timeout (slowloris) as well.
+    app = web.Application(client_max_size=settings.max_body_bytes,
+                          handler_args={"keepalive_timeout": settings.header_timeout})
     app.cleanup_ctx.append(partial(_resources, settings, embedder))
     app.router.add_get("/healthz", admin.healthz)
     app.router.add_get("/readyz", admin.readyz)
@@ -73,7 +80,8 @@ def serve(settings: Settings, *, print_fn: Callable[..., None] = print) -> int:
     faiss.omp_set_num_threads(1)
     if settings.redis_url is None:  # the embedded Redis, in the resolved data directory
         settings = replace(settings, data_dir=str(settings.resolved_data_dir))
-    log.info("caching %s on http://%s:%s", settings.upstream, settings.host, settings.port)
+    log.info("caching %s on http://%s:%s", redact_url(settings.upstream), settings.host,
+             settings.port)
     web.run_app(
         create_app(settings),
         host=settings.host,

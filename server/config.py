@@ -105,6 +105,22 @@ def _optional_str(value: Any) -> str | None:
     return _str(value) or None
 
 
+def _names(value: Any) -> tuple[str, ...]:
+    """A comma-separated string (flag, env) or a TOML list of names, lower-cased."""
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list | tuple) or not all(isinstance(i, str) for i in items):
+        raise ValueError(f"expected a comma-separated list of names, got {value!r}")
+    return tuple(i.strip().lower() for i in items if i.strip())
+
+
+def _paths(value: Any) -> tuple[str, ...]:
+    paths = tuple(p.strip() for p in (value.split(",") if isinstance(value, str) else value))
+    for p in paths:
+        if not (isinstance(p, str) and p.startswith("/") and ".." not in p.split("/")):
+            raise ValueError(f"expected absolute URL paths, got {value!r}")
+    return tuple(p.rstrip("/") for p in paths if p)
+
+
 @dataclass(frozen=True, slots=True)
 class Option:
     """One option: its parser, help text, flag and environment variable."""
@@ -138,20 +154,43 @@ OPTIONS: tuple[Option, ...] = (
     Option("flight_lease", _number, "seconds a sidecar holds the Redis lease that makes "
            "identical misses on other sidecars wait for its answer; 0 turns cross-node "
            "single flight off", "SECONDS"),
+    Option("flight_timeout", _number, "seconds a request waits for an identical request's "
+           "upstream call before calling upstream itself", "SECONDS"),
     Option("max_body_bytes", parse_size, "larger request bodies to cached routes "
            "are refused with 413", "SIZE"),
+    Option("max_response_bytes", parse_size, "largest upstream answer to a cached route "
+           "the sidecar reads (a larger one is a 502)", "SIZE"),
+    Option("max_ttl", _number, "longest a request's Cache-Control max-age may keep an entry; "
+           "0 means the default TTL, so max-age can only shorten it", "SECONDS"),
     Option("shared_cache", parse_bool, "share entries across credentials (by default "
-           "each Authorization / x-api-key value is its own tenant)", "BOOL"),
-    Option("pass_credentials", parse_bool, "forward the caller's Authorization / "
-           "x-api-key to the upstream", "BOOL"),
+           "each credential is its own tenant); requests with no credential still are "
+           "not cached unless --anonymous-tenant", "BOOL"),
+    Option("anonymous_tenant", parse_bool, "cache requests that carry no credential, in one "
+           "tenant of their own (implied by --upstream-api-key); otherwise they are passed "
+           "through uncached", "BOOL"),
+    Option("credential_headers", _names, "request headers that carry a caller's credential: "
+           "each value is part of the tenant, and never stored", "NAMES"),
+    Option("credential_params", _names, "query parameters that carry a caller's credential "
+           "(Google's ?key=)", "NAMES"),
+    Option("pass_credentials", parse_bool, "forward the caller's credential headers to the "
+           "upstream", "BOOL"),
     Option("upstream_api_key", _optional_str, "credential sent upstream when the caller "
-           "sends none (or always, with --pass-credentials false)", "KEY", secret=True),
+           "sends none (or always, with --pass-credentials false), on the cached routes and "
+           "--upstream-key-paths only", "KEY", secret=True),
+    Option("upstream_key_paths", _paths, "pass-through paths (and paths under them) that "
+           "also get --upstream-api-key", "PATHS"),
     Option("upstream_connect_timeout", _number, "seconds to connect to the upstream",
            "SECONDS"),
     Option("upstream_read_timeout", _number, "seconds to wait for the next bytes from the "
            "upstream", "SECONDS"),
     Option("redis_timeout", _number, "seconds a cache operation may take before the request "
            "bypasses the cache", "SECONDS"),
+    Option("redis_max_connections", _int, "Redis connections per sidecar; a request that "
+           "finds them all busy waits up to --redis-timeout for one", "N"),
+    Option("header_timeout", _number, "seconds a client has to send a request's headers",
+           "SECONDS"),
+    Option("body_timeout", _number, "seconds a client has to send a request body to a "
+           "cached route", "SECONDS"),
     Option("breaker_threshold", _int, "consecutive cache failures that open the circuit "
            "(requests then bypass the cache without waiting)", "N"),
     Option("breaker_reset", _number, "seconds before an open circuit lets a probe through "
@@ -193,8 +232,12 @@ class Settings(EngineOptions):
     host: str = "127.0.0.1"
     port: int = 8080
     max_body_bytes: int = 10 << 20
+    max_response_bytes: int = 64 << 20
     pass_credentials: bool = True
     upstream_api_key: str | None = None
+    upstream_key_paths: tuple[str, ...] = ("/v1/models",)
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
     upstream_connect_timeout: float = 10.0
     upstream_read_timeout: float = 600.0
     admin_token: str | None = None
@@ -205,8 +248,8 @@ class Settings(EngineOptions):
         return Path(self.data_dir or default_data_dir())
 
     def public(self) -> dict[str, Any]:
-        """The settings without secrets, for /stats and the start-up log: secret options
-        as ``***``, and the password of a URL (``redis://:PASSWORD@host``) too."""
+        """The settings without secrets, for /stats: secret options as ``***``, and the
+        user info and secret-looking query parameters of URLs (:func:`redact_url`)."""
         secret = {o.name for o in OPTIONS if o.secret}
         out: dict[str, Any] = {}
         for f in fields(self):
@@ -214,19 +257,29 @@ class Settings(EngineOptions):
             if f.name in secret and value:
                 value = "***"
             elif f.name in ("redis_url", "upstream") and value:
-                value = redact_password(value)
+                value = redact_url(value)
             out[f.name] = value
         return out
 
 
-def redact_password(url: str) -> str:
-    """``url`` with the password of its user info (if any) shown as ``***``."""
+_SECRET_PARAM = re.compile(r"pass|key|token|secret|auth|sig|cred", re.IGNORECASE)
+
+
+def redact_url(url: str) -> str:
+    """``url`` fit to show or log: its user info (``user:password@``) as ``***@``, and the
+    value of every query parameter whose name looks secret (``?password=``, ``?key=``,
+    ``?token=``...) as ``***``."""
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = "***@" + netloc.rpartition("@")[2]
+    query = "&".join(
+        f"{name}=***" if sep and _SECRET_PARAM.search(name) else f"{name}{sep}{value}"
+        for name, sep, value in (p.partition("=") for p in parts.query.split("&") if p))
+    head = f"{parts.scheme}://{netloc}" if url.startswith(f"{parts.scheme}://") else (
+        urlunsplit((parts.scheme, netloc, "", "", "")))
+    return head + parts.path + (f"?{query}" if query else "") + (
+        f"#{parts.fragment}" if parts.fragment else "")
 
 
 _DEFAULTS: dict[str, Any] = {
@@ -241,7 +294,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for o in OPTIONS:
         env = f"PROMPTCACHE_{o.name.upper()}"
         default = _DEFAULTS.get(o.name)
-        shown = "see above" if o.name == "data_dir" else "(none)" if default is None else default
+        shown = ("see above" if o.name == "data_dir" else "(none)" if default is None
+                 else ",".join(default) if isinstance(default, tuple) else default)
         parser.add_argument(
             "--" + o.name.replace("_", "-"),
             dest=o.name,
@@ -303,6 +357,11 @@ def _check_ranges(v: dict[str, Any]) -> None:
         (v["default_ttl"] >= 0, "--default-ttl must be >= 0"),
         (v["max_entry_bytes"] > 0, "--max-entry-bytes must be > 0"),
         (v["max_body_bytes"] > 0, "--max-body-bytes must be > 0"),
+        (v["max_response_bytes"] > 0, "--max-response-bytes must be > 0"),
+        (v["redis_max_connections"] >= 1, "--redis-max-connections must be >= 1"),
+        (v["flight_timeout"] > 0, "--flight-timeout must be > 0"),
+        (v["header_timeout"] > 0, "--header-timeout must be > 0"),
+        (v["body_timeout"] > 0, "--body-timeout must be > 0"),
         (v["max_bytes"] >= 0, "--max-bytes must be >= 0"),
         (v["index_max_bytes"] >= 0, "--index-max-bytes must be >= 0"),
         (v["redis_timeout"] > 0, "--redis-timeout must be > 0"),

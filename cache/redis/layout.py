@@ -94,9 +94,16 @@ class KeyLayout:
     def _any_tag(self) -> str:
         return self.prefix if self.shards == 1 else f"{self.prefix}{{*}}:"
 
-    def patterns(self, namespace: str | None = None) -> tuple[str, str]:
-        """SCAN patterns of the entries and vector records (of one namespace, or all)."""
+    def patterns(self, namespace: str | None = None, tenant_tag: str | None = None
+                 ) -> tuple[str, str]:
+        """SCAN patterns of the entries and vector records (of one namespace, or all; of one
+        tenant, by the tag its digests end with (:func:`~promptcache.cache.keys.tenant_tag`),
+        or all)."""
         rest = "*" if namespace is None else f"{namespace_id(namespace)}:*"
+        if tenant_tag is not None:
+            if not (tenant_tag.isascii() and tenant_tag.isalnum()):
+                raise ValueError(f"not a tenant tag: {tenant_tag!r}")
+            rest += tenant_tag
         return f"{self._any_tag()}e:{rest}", f"{self._any_tag()}v:{rest}"
 
     def shard_patterns(self, shard: int) -> tuple[str, str]:

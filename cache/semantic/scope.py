@@ -1,11 +1,12 @@
 """What a semantic match may differ in: only the wording of the final user message.
 
 :func:`semantic_view` splits a request into its *scope* (a digest of everything else:
-tenant, namespace, endpoint, model, every generation parameter, tools, the system prompt
-and all earlier turns) and its *text* (the final user message). Two requests can share a
-semantic entry only if their scopes are identical; only their texts are compared by
-meaning. Requests whose final turn is not plain user text (an image, a tool result, a
-list of prompts, an embeddings call) get no view: they are cached exactly or not at all.
+tenant, namespace, endpoint, variant (query string, version headers), model, every
+generation parameter, tools, the system prompt and all earlier turns) and its *text*
+(the final user message). Two requests can share a semantic entry only if their scopes
+are identical; only their texts are compared by meaning. Requests whose final turn is
+not plain user text (an image, a tool result, a list of prompts, an embeddings call) get
+no view: they are cached exactly or not at all.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any, Final
 from promptcache.cache.api import Api
 from promptcache.cache.keys import canonical_json, keyed_fields
 
-_SCOPE_VERSION: Final = b"promptcache/scope/v1"
+_SCOPE_VERSION: Final = b"promptcache/scope/v2"
 #: The APIs' default sampling temperature, for requests that do not set one.
 DEFAULT_TEMPERATURE: Final = 1.0
 
@@ -71,8 +72,10 @@ def _split(api: Api, body: dict[str, Any]) -> tuple[dict[str, Any], str] | None:
 
 
 def semantic_view(api: Api, endpoint: str, body: dict[str, Any], *, tenant: str,
-                  namespace: str, normalised: bool = False) -> SemanticView | None:
-    """The scope and text of a request, or None if it cannot be matched by meaning."""
+                  namespace: str, variant: str = "", normalised: bool = False
+                  ) -> SemanticView | None:
+    """The scope and text of a request, or None if it cannot be matched by meaning;
+    ``variant`` as for :func:`~promptcache.cache.keys.request_key`."""
     split = _split(api, body)
     if split is None:
         return None
@@ -80,7 +83,7 @@ def semantic_view(api: Api, endpoint: str, body: dict[str, Any], *, tenant: str,
     if not text.strip():
         return None
     h = hashlib.sha256(_SCOPE_VERSION)
-    for part in (tenant.encode(), namespace.encode(), endpoint.encode()):
+    for part in (tenant.encode(), namespace.encode(), endpoint.encode(), variant.encode()):
         h.update(b"\0" + part)
     h.update(b"\0" + canonical_json(rest, normalised=normalised))
     return SemanticView(h.hexdigest()[:32], text)

@@ -70,9 +70,10 @@ class FaultyStore:
         await self._op()
         return await self.inner.delete(namespace, digest)
 
-    async def delete_matching(self, namespace: str | None) -> int:
+    async def delete_matching(self, namespace: str | None, tenant_tag: str | None = None
+                              ) -> int:
         await self._op()
-        return await self.inner.delete_matching(namespace)
+        return await self.inner.delete_matching(namespace, tenant_tag)
 
     async def usage(self) -> Usage:
         await self._op()

@@ -62,7 +62,8 @@ def redis_pid(data_dir: Path) -> int:
 
 
 async def ask(url: str) -> str:
-    async with aiohttp.ClientSession() as http, http.post(url + CHAT, json=BODY) as r:
+    async with aiohttp.ClientSession() as http, http.post(
+            url + CHAT, json=BODY, headers={"Authorization": "Bearer sk-test"}) as r:
         assert r.status == 200
         return r.headers["X-Cache"]
 

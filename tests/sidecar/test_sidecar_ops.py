@@ -54,7 +54,8 @@ async def test_stats_reports_counts_hit_ratio_and_hides_secrets(
 ) -> None:
     await post(http, admin_sidecar, chat())
     await post(http, admin_sidecar, chat())
-    async with http.get(admin_sidecar.url + "/stats") as r:
+    async with http.get(admin_sidecar.url + "/stats",
+                        headers={"Authorization": f"Bearer {TOKEN}"}) as r:
         stats = await r.json()
     assert stats["requests"][CHAT] == {"MISS": 1, "HIT": 1}
     assert stats["hit_ratio"] == 0.5

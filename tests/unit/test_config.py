@@ -79,9 +79,19 @@ def test_every_option_can_come_from_each_source(source: str, tmp_path: Path) -> 
         "max_bytes": "512MB",
         "index_max_bytes": "64MiB",
         "flight_lease": "12.5",
+        "flight_timeout": "7",
+        "max_response_bytes": "1MiB",
+        "max_ttl": "120",
         "shared_cache": "true",
+        "anonymous_tenant": "yes",
+        "credential_headers": "Authorization, X-Custom-Key",
+        "credential_params": "key,api_key",
         "pass_credentials": "no",
         "upstream_api_key": "sk-up",
+        "upstream_key_paths": "/v1/models,/v1/files/",
+        "redis_max_connections": "64",
+        "header_timeout": "5",
+        "body_timeout": "9",
         "upstream_connect_timeout": "1.5",
         "upstream_read_timeout": "30",
         "redis_timeout": "0.5",
@@ -123,9 +133,19 @@ def test_every_option_can_come_from_each_source(source: str, tmp_path: Path) -> 
         max_bytes=512_000_000,
         index_max_bytes=64 << 20,
         flight_lease=12.5,
+        flight_timeout=7.0,
+        max_response_bytes=1 << 20,
+        max_ttl=120.0,
         shared_cache=True,
+        anonymous_tenant=True,
+        credential_headers=("authorization", "x-custom-key"),
+        credential_params=("key", "api_key"),
         pass_credentials=False,
         upstream_api_key="sk-up",
+        upstream_key_paths=("/v1/models", "/v1/files"),
+        redis_max_connections=64,
+        header_timeout=5.0,
+        body_timeout=9.0,
         upstream_connect_timeout=1.5,
         upstream_read_timeout=30.0,
         redis_timeout=0.5,
@@ -443,7 +463,9 @@ def test_serve_help_shows_the_real_defaults(
             continue
         shown = re.search(r"default: (\S+)", blocks["--" + o.name.replace("_", "-")])
         assert shown is not None, o.name
-        expected = "(none)" if defaults[o.name] is None else str(defaults[o.name])
+        default = defaults[o.name]
+        expected = ("(none)" if default is None else ",".join(default)
+                    if isinstance(default, tuple) else str(default))
         assert shown.group(1) == expected, o.name
     assert str(Settings(upstream=UPSTREAM).resolved_data_dir) in blocks["--data-dir"]
 
