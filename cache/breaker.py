@@ -4,6 +4,10 @@ closed --(``failure_threshold`` consecutive failures)--> open
 open --(``reset_timeout`` elapsed)--> half-open: one probe is let through
 half-open --probe succeeds--> closed;  --probe fails--> open, with the wait doubled
 (capped at ``max_reset_timeout``).
+
+Only the backend's answers count: a call that ends without reaching it (cancelled, or no
+free connection in this process's pool) is released (:meth:`CircuitBreaker.release`), not
+counted as a failure.
 """
 
 from __future__ import annotations
@@ -61,7 +65,8 @@ class CircuitBreaker:
         self._reset_timeout = self.base_reset_timeout
 
     def release(self) -> None:
-        """A call ended without a verdict (cancelled): let another probe through."""
+        """A call ended without a verdict on the backend (it was cancelled, or never got a
+        connection to send on): neither a success nor a failure; let another probe through."""
         self._probe_in_flight = False
 
     def record_failure(self) -> None:

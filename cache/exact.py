@@ -6,7 +6,9 @@ breaker) and calls an :class:`~promptcache.cache.protocols.EntryStore` (on Redis
 the LRU and the change stream that other nodes follow; without a byte budget it is the same
 store with an unbounded budget). Every backend failure, timeout or open circuit surfaces as
 :class:`~promptcache.cache.errors.CacheUnavailable`, which callers turn into pass-through:
-the cache never takes traffic down.
+the cache never takes traffic down. Running out of this process's own Redis connections (a
+burst that waited in vain for a free one) is no verdict on Redis: that request passes the
+cache by, but the circuit breaker does not count it.
 """
 
 from __future__ import annotations
@@ -21,13 +23,14 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from redis.exceptions import RedisError
+from redis.exceptions import MaxConnectionsError, RedisError
 
 from promptcache.cache.breaker import CircuitBreaker
 from promptcache.cache.entry import Entry
 from promptcache.cache.errors import CacheUnavailable, EntryFormatError
 from promptcache.cache.keys import CacheKey
 from promptcache.cache.protocols import EntryStore
+from promptcache.cache.redis.client import op_deadline
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -65,8 +68,14 @@ class ExactCache:
         if not self.breaker.allow():
             raise CacheUnavailable("cache circuit is open")
         try:
-            async with asyncio.timeout(None if scan else self.policy.op_timeout):
-                result = await op()
+            async with asyncio.timeout(None if scan else self.policy.op_timeout) as deadline:
+                with op_deadline(deadline):  # a wait for a free connection is not counted
+                    result = await op()
+        except MaxConnectionsError as exc:
+            # Every connection of ours stayed busy: a burst of this process's own, which
+            # says nothing about Redis. This request passes the cache by; the breaker holds.
+            self.breaker.release()
+            raise CacheUnavailable(f"no free cache connection: {exc}") from exc
         except (RedisError, OSError, TimeoutError) as exc:
             self.breaker.record_failure()
             raise CacheUnavailable(f"cache backend failed: {exc!r}") from exc
@@ -128,6 +137,12 @@ class ExactCache:
 
     async def invalidate_namespace(self, namespace: str) -> int:
         return await self._call(lambda: self.store.delete_matching(namespace), scan=True)
+
+    async def invalidate_tenant(self, tenant_tag: str, namespace: str | None = None) -> int:
+        """Delete one tenant's entries (in one namespace, or all): its digests end with
+        ``tenant_tag`` (:func:`~promptcache.cache.keys.tenant_tag`)."""
+        return await self._call(lambda: self.store.delete_matching(namespace, tenant_tag),
+                                scan=True)
 
     async def invalidate_all(self) -> int:
         return await self._call(lambda: self.store.delete_matching(None), scan=True)

@@ -7,10 +7,15 @@
     handle(engine, prepared, exchange) -> what the exchange returns:
         bypass (no-cache + no-store) -> forward, store nothing
         lookup: exact tier, then semantic (BYPASS if the cache fails) -> HIT: serve the entry
-        MISS: join the single flight for the key; the leader forwards upstream, and the
-        exchange hands every complete answer to the flow's store (``store``, if the request
-        may be stored); followers are served the leader's answer if it may be shared
-        (:func:`shareable`), else they forward too
+        MISS: join the single flight for the key.
+          leader: looks up the exact entry once more (an identical request may have stored
+            it since this one's lookup: then it is a HIT), else forwards upstream; the
+            exchange reads the answer apart from its caller (a caller that reads slowly or
+            leaves holds nothing up) and hands it, complete, to the flow (:data:`Store`),
+            which stores it (if the request may be stored) and lands the flight at once
+          followers: wait for the flight, up to ``flight_timeout``; are served the leader's
+            answer if it may be shared (:func:`shareable`: a 2xx answer, not too large),
+            else (or once the wait has run out) they forward too
 
 Both front ends (the sidecar's aiohttp handler and the in-process cache, through an httpx
 transport or a function call) are an :class:`Exchange`: they adapt I/O only. What they
@@ -25,12 +30,12 @@ no-op for the in-process cache unless it is given one).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from functools import partial
 from typing import Protocol, TypeVar
 
 from promptcache.cache.engine import Engine
@@ -39,14 +44,19 @@ from promptcache.cache.errors import CacheUnavailable
 from promptcache.cache.redis.remote_flight import RemoteFlight
 from promptcache.cache.request import Prepared
 from promptcache.cache.semantic.tier import SemanticHit
+from promptcache.cache.singleflight import Flight
 from promptcache.cache.sse import replay
 
 log = logging.getLogger(__name__)
 R = TypeVar("R")
 R_co = TypeVar("R_co", covariant=True)
 
-#: Stores a complete answer for the request being handled; False if it was not stored.
-Store = Callable[[Answer], Awaitable[bool]]
+#: Takes the upstream's answer to the request being handled the moment it has been read
+#: (before the caller need have all of it): stores it if the request may be stored, and
+#: shares it with the requests waiting on this one. None: there is no answer to keep (the
+#: call failed, the stream broke or grew too large); the waiting requests go on their own.
+#: Returns whether the answer was stored.
+Store = Callable[[Answer | None], Awaitable[bool]]
 
 
 class FlowMetrics(Protocol):
@@ -112,13 +122,13 @@ async def lookup(engine: Engine, req: Prepared, metrics: FlowMetrics | None = No
     metrics = metrics or NoMetrics()
     started = time.perf_counter()
     try:
-        entry = await engine.cache.lookup(req.key)
+        found = await _exact(engine, req)
     except CacheUnavailable:
         return None, False
     finally:
         metrics.on_lookup(time.perf_counter() - started)
-    if entry is not None and req.control.accepts_age(age := engine.cache.age(entry)):
-        return Found(Answer(entry.status, entry.body, entry.content_type), "HIT", age), True
+    if found is not None:
+        return found, True
     if not (req.semantic_lookup and req.view is not None):
         return None, True
     try:
@@ -130,6 +140,15 @@ async def lookup(engine: Engine, req: Prepared, metrics: FlowMetrics | None = No
     e = hit.entry
     return Found(Answer(e.status, e.body, e.content_type), "SEMANTIC-HIT", age, hit.digest,
                  hit.similarity), True
+
+
+async def _exact(engine: Engine, req: Prepared) -> Found | None:
+    """The request's own entry, if there is one young enough for it; CacheUnavailable if
+    the cache failed."""
+    entry = await engine.cache.lookup(req.key)
+    if entry is None or not req.control.accepts_age(age := engine.cache.age(entry)):
+        return None
+    return Found(Answer(entry.status, entry.body, entry.content_type), "HIT", age)
 
 
 async def _semantic_lookup(engine: Engine, req: Prepared, metrics: FlowMetrics
@@ -168,9 +187,13 @@ class Exchange(Protocol[R_co]):
 
     async def forward(self, outcome: Outcome, store: Store | None
                       ) -> tuple[R_co, Answer | None]:
-        """Call the upstream and answer with its response. Hand a complete answer to
-        ``store`` (if given) before the caller has all of it; return the complete answer
-        (None if there is none: the call failed, or its stream broke)."""
+        """Call the upstream and answer with its response.
+
+        If ``store`` is given, read the upstream's answer apart from the caller (one that
+        reads slowly, or leaves, must not hold it up) and hand it, complete, to ``store``
+        as soon as it is read, before the caller need have all of it; or hand it None as
+        soon as it is clear there will be no complete answer. Return the response and the
+        complete answer (None if there is none: the call failed, or its stream broke)."""
         ...
 
 
@@ -181,7 +204,7 @@ async def handle(engine: Engine, req: Prepared, exchange: Exchange[R],
     cc = req.control
     if cc.bypass:
         metrics.on_outcome(req.endpoint, "BYPASS")
-        return (await _forward(engine, req, exchange, Outcome("BYPASS"), False, metrics))[0]
+        return await _forward(engine, req, exchange, Outcome("BYPASS"), metrics)
     found, cache_ok = (None, True) if cc.no_cache else await lookup(engine, req, metrics)
     if found is not None:
         metrics.on_outcome(req.endpoint, found.status)
@@ -190,41 +213,90 @@ async def handle(engine: Engine, req: Prepared, exchange: Exchange[R],
     status = "MISS" if cache_ok else "BYPASS"
     if not cache_ok:
         metrics.on_bypass()
-    metrics.on_outcome(req.endpoint, status)
     store_it = cache_ok and not cc.no_store
     if cc.no_cache:  # a refresh wants its own upstream answer, not a shared one
-        return (await _forward(engine, req, exchange, Outcome(status), store_it, metrics))[0]
+        metrics.on_outcome(req.endpoint, status)
+        return await _forward(engine, req, exchange, Outcome(status), metrics, store_it=store_it)
     flight, leader = engine.flights.join(req.key.digest)
-    if not leader:
-        shared = await flight.wait()
-        if shared is not None:
-            metrics.on_coalesced()
-            return await exchange.serve(shared, Outcome(status, coalesced=True))
-        return (await _forward(engine, req, exchange, Outcome(status), store_it, metrics))[0]
-    answer: Answer | None = None
+    if leader:
+        return await _lead(engine, req, exchange, flight, status, store_it, metrics)
+    metrics.on_outcome(req.endpoint, status)
+    shared = await _follow(flight, engine.options.flight_timeout)
+    if shared is not None:
+        metrics.on_coalesced()
+        return await exchange.serve(shared, Outcome(status, coalesced=True))
+    return await _forward(engine, req, exchange, Outcome(status), metrics, store_it=store_it)
+
+
+async def _follow(flight: Flight[Answer], deadline: float) -> Answer | None:
+    """The leader's answer, if it shares one within ``deadline`` seconds."""
     try:
+        async with asyncio.timeout(deadline):
+            return await flight.wait()
+    except TimeoutError:
+        return None
+
+
+async def _lead(engine: Engine, req: Prepared, exchange: Exchange[R], flight: Flight[Answer],
+                status: str, store_it: bool, metrics: FlowMetrics) -> R:
+    """Answer as the leader of ``flight``: from the entry, if an identical request stored
+    it since this one's lookup; else from upstream. The flight lands as soon as the answer
+    is known, and at the latest when this returns."""
+    try:
+        found = await _recheck(engine, req) if status == "MISS" else None
+        if found is not None:
+            engine.flights.land(req.key.digest, flight, found.answer)
+            metrics.on_outcome(req.endpoint, found.status)
+            return await exchange.serve(found.answer, Outcome(found.status, found.age))
+        metrics.on_outcome(req.endpoint, status)
         if engine.remote is not None and store_it:
-            result, answer = await _lead_across_nodes(engine, req, exchange, engine.remote,
-                                                      status, metrics)
-            return result
-        result, answer = await _forward(engine, req, exchange, Outcome(status), store_it,
-                                        metrics)
-        return result
+            return await _lead_across_nodes(engine, req, exchange, engine.remote, flight,
+                                            status, metrics)
+        return await _forward(engine, req, exchange, Outcome(status), metrics,
+                              store_it=store_it, flight=flight)
     finally:
-        engine.flights.land(req.key.digest, flight, answer)
+        engine.flights.land(req.key.digest, flight, None)  # nothing, if it landed already
+
+
+async def _recheck(engine: Engine, req: Prepared) -> Found | None:
+    """The exact entry, looked up once more by a request about to call upstream: an
+    identical request may have stored it (and landed its flight) since this one missed."""
+    try:
+        return await _exact(engine, req)
+    except CacheUnavailable:
+        return None
 
 
 async def _forward(engine: Engine, req: Prepared, exchange: Exchange[R], outcome: Outcome,
-                   store_it: bool, metrics: FlowMetrics) -> tuple[R, Answer | None]:
-    """Forward upstream, storing the answer if ``store_it``; the answer others may share."""
-    sink = partial(store, engine, req, metrics=metrics) if store_it else None
-    result, answer = await exchange.forward(outcome, sink)
-    return result, answer if answer is not None and shareable(engine, answer) else None
+                   metrics: FlowMetrics, *, store_it: bool = False,
+                   flight: Flight[Answer] | None = None) -> R:
+    """Forward upstream; the answer, once read, is stored if ``store_it`` and lands
+    ``flight`` (shared only if :func:`shareable`)."""
+    result, answer = await exchange.forward(outcome, _taker(engine, req, metrics, store_it,
+                                                            flight))
+    if flight is not None:  # for an exchange that returned an answer it did not hand over
+        engine.flights.land(req.key.digest, flight, _shared(engine, answer))
+    return result
+
+
+def _taker(engine: Engine, req: Prepared, metrics: FlowMetrics, store_it: bool,
+           flight: Flight[Answer] | None) -> Store | None:
+    """The :data:`Store` for one forward: None if the answer is neither stored nor shared."""
+    if not store_it and flight is None:
+        return None
+
+    async def take(answer: Answer | None) -> bool:
+        stored = answer is not None and store_it and await store(engine, req, answer, metrics)
+        if flight is not None:  # after the store: a request that leads next finds the entry
+            engine.flights.land(req.key.digest, flight, _shared(engine, answer))
+        return stored
+
+    return take
 
 
 async def _lead_across_nodes(engine: Engine, req: Prepared, exchange: Exchange[R],
-                             remote: RemoteFlight, status: str, metrics: FlowMetrics
-                             ) -> tuple[R, Answer | None]:
+                             remote: RemoteFlight, flight: Flight[Answer], status: str,
+                             metrics: FlowMetrics) -> R:
     """This node's leader of a miss: call upstream if it gets the Redis lease (or Redis
     fails); otherwise wait for the node holding it to store the answer, and serve that
     (to local followers too)."""
@@ -235,9 +307,11 @@ async def _lead_across_nodes(engine: Engine, req: Prepared, exchange: Exchange[R
         if entry is not None:
             metrics.on_coalesced()
             answer = Answer(entry.status, entry.body, entry.content_type)
-            return await exchange.serve(answer, Outcome(status, coalesced=True)), answer
+            engine.flights.land(digest, flight, answer)
+            return await exchange.serve(answer, Outcome(status, coalesced=True))
     try:
-        return await _forward(engine, req, exchange, Outcome(status), True, metrics)
+        return await _forward(engine, req, exchange, Outcome(status), metrics, store_it=True,
+                              flight=flight)
     finally:
         if lease is not None:
             await lease.release()
@@ -259,11 +333,15 @@ def cacheable(status: int, body: bytes, max_bytes: int) -> str | None:
 
 
 def shareable(engine: Engine, answer: Answer) -> bool:
-    """May waiting followers be served ``answer``? Not if its body is larger than
-    ``max_entry_bytes``: the followers call upstream themselves rather than hold it. An
-    error answer is shared (as it always was): identical requests get the same answer,
-    and the upstream one call, though the answer is never stored."""
-    return len(answer.body) <= engine.options.max_entry_bytes
+    """May waiting followers be served ``answer``? Only a 2xx answer: an error belongs to
+    the call that got it (in shared mode, one caller's 401 for a revoked key must not reach
+    a caller whose key is valid). And not one larger than ``max_entry_bytes``. Followers
+    who are not served call upstream themselves."""
+    return 200 <= answer.status < 300 and len(answer.body) <= engine.options.max_entry_bytes
+
+
+def _shared(engine: Engine, answer: Answer | None) -> Answer | None:
+    return answer if answer is not None and shareable(engine, answer) else None
 
 
 async def store(engine: Engine, req: Prepared, answer: Answer,

@@ -2,8 +2,9 @@
 
 The first caller for a key becomes the leader and does the work; callers that arrive
 while it runs wait for its result instead of repeating the call. A leader that cannot
-share (its call failed, or the answer is too large to hold) publishes ``None`` and the
-followers fall back to doing the work themselves.
+share (its call failed, or the answer is too large to hold or not one to share) publishes
+``None`` and the followers fall back to doing the work themselves; so does a follower whose
+wait runs past its deadline (the leader's call hangs).
 """
 
 from __future__ import annotations
@@ -24,8 +25,12 @@ class Flight(Generic[V]):
         self.followers = 0
 
     async def wait(self) -> V | None:
-        """The leader's result, or None if it had nothing to share."""
-        return await asyncio.shield(self._future)
+        """The leader's result, or None if it had nothing to share. Cancelling the wait
+        (a follower's deadline) leaves the flight alone."""
+        try:
+            return await asyncio.shield(self._future)
+        finally:
+            self.followers -= 1
 
 
 class SingleFlight(Generic[K, V]):
@@ -42,7 +47,8 @@ class SingleFlight(Generic[K, V]):
         return iter(list(self._flights))
 
     def followers(self, key: K) -> int:
-        """How many callers wait on the flight for ``key`` (0 if none is in the air)."""
+        """How many callers joined the flight for ``key`` and still wait on it (0 if none
+        is in the air)."""
         flight = self._flights.get(key)
         return flight.followers if flight is not None else 0
 

@@ -41,8 +41,12 @@ CHAT = "/v1/chat/completions"
 
 def engine_options(options: EngineOptions | None = None, **overrides: Any) -> EngineOptions:
     """``options`` (or the defaults) with ``overrides``: the sidecar's option names
-    (``redis_url=``, ``similarity_threshold=``...); a sidecar ``Settings`` works too."""
-    base = options or EngineOptions()
+    (``redis_url=``, ``similarity_threshold=``...); a sidecar ``Settings`` works too.
+
+    In-process, the application is the authentication boundary, so by default calls that
+    carry no credential are cached, in the anonymous tenant (``anonymous_tenant=True``;
+    the sidecar's default is the opposite)."""
+    base = options or EngineOptions(anonymous_tenant=True)
     names = {f.name for f in fields(EngineOptions)}
     unknown = set(overrides) - names
     if unknown:

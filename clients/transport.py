@@ -76,7 +76,7 @@ def prepare(cache: Cache, request: httpx2.Request) -> Prepared | None:
         if endpoint is None:
             return None
         return prepare_http(cache.aio.engine, endpoint, request.read(),
-                            _Headers(request.headers))
+                            _Headers(request.headers), request.url.params.multi_items())
     except PromptCacheError as exc:  # bad input: the upstream says what is wrong
         log.debug("not cached: %s", exc)
         return None

@@ -12,19 +12,28 @@ The decisions, the cache headers and the replay of a streaming hit live in
 :mod:`promptcache.cache.flow`; this module is the sidecar's
 :class:`~promptcache.cache.flow.Exchange`: reading the aiohttp request, writing answers and
 forwarding to the upstream with aiohttp.
+
+An upstream answer is read apart from the caller, so no caller holds up the store or the
+requests waiting on its flight: a plain answer is read whole (up to ``max_response_bytes``;
+a larger one is a 502) before anything is written; a stream is read by a task of its own
+into a :class:`_Pipe` that the caller drains at its own pace, and read to its end even if
+the caller leaves. A stream longer than ``max_response_bytes`` is relayed but not stored.
 """
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import logging
 import time
+from collections.abc import AsyncIterator
 
 import aiohttp
 from aiohttp import web
 
 from promptcache.cache.api import ENDPOINTS, Api, error_body
 from promptcache.cache.entry import Answer
-from promptcache.cache.errors import BodyTooLarge, RequestError
+from promptcache.cache.errors import BodyTimeout, BodyTooLarge, RequestError
 from promptcache.cache.flow import Outcome, Store, cache_headers, handle, served
 from promptcache.cache.request import Prepared, prepare_http
 from promptcache.cache.sse import StreamCollector
@@ -41,28 +50,42 @@ def error_response(api: Api, status: int, message: str, *, kind: str,
                              headers={"X-Cache": "BYPASS"})
 
 
-async def read_body(request: web.Request, limit: int) -> bytes:
+async def read_body(request: web.Request, limit: int, seconds: float) -> bytes:
+    """The whole body: BodyTooLarge over ``limit`` bytes, BodyTimeout after ``seconds``."""
     if request.content_length is not None and request.content_length > limit:
         raise BodyTooLarge(f"request body of {request.content_length} bytes is over the "
                            f"limit of {limit} bytes", param="body")
     try:
-        return await request.read()
+        async with asyncio.timeout(seconds):
+            return await request.read()
     except web.HTTPRequestEntityTooLarge as exc:
         raise BodyTooLarge(f"request body is over the limit of {limit} bytes",
                            param="body") from exc
+    except TimeoutError as exc:
+        raise BodyTimeout(f"request body not received within {seconds:g} s",
+                          param="body") from exc
+
+
+#: Bytes of a replayed stream written between two yields to the event loop.
+YIELD_EVERY = 64 * 1024
+
+_ERROR_KINDS = {408: "request_timeout", 413: "request_too_large"}
 
 
 async def cached_route(request: web.Request) -> web.StreamResponse:
     sc = request.app[SIDECAR]
     route = request.path
     try:
-        body = await read_body(request, sc.settings.max_body_bytes)
-        req = prepare_http(sc.engine, route, body, request.headers)
+        body = await read_body(request, sc.settings.max_body_bytes, sc.settings.body_timeout)
+        req = prepare_http(sc.engine, route, body, request.headers, request.query.items())
     except RequestError as exc:
         sc.metrics.requests.labels(route, "ERROR").inc()
-        kind = ("request_too_large" if exc.status == 413 else "invalid_request_error")
-        return error_response(ENDPOINTS[route], exc.status, exc.message, kind=kind,
+        kind = _ERROR_KINDS.get(exc.status, "invalid_request_error")
+        resp = error_response(ENDPOINTS[route], exc.status, exc.message, kind=kind,
                               param=exc.param)
+        if exc.status in _ERROR_KINDS:  # the rest of the body may still be coming
+            resp.force_close()
+        return resp
     return await handle(sc.engine, req, SidecarExchange(sc, request, req, body),
                         sc.metrics)
 
@@ -80,67 +103,227 @@ class SidecarExchange:
             return web.Response(body=out.body, status=out.status, headers=out.headers)
         resp = web.StreamResponse(status=out.status, headers=out.headers)
         await resp.prepare(self.request)
+        sent = 0
         for frame in out.frames:
             await resp.write(frame)
+            sent += len(frame)
+            if sent >= YIELD_EVERY:  # a long replay lets other requests run between frames
+                sent = 0
+                await asyncio.sleep(0)
         await resp.write_eof()
         return resp
 
     async def forward(self, outcome: Outcome, store: Store | None
                       ) -> tuple[web.StreamResponse, Answer | None]:
         """Call upstream; return the response sent and the complete answer (or None)."""
-        sc, req, request = self.sc, self.req, self.request
         started = time.perf_counter()
         try:
-            async with sc.upstream.session.post(
-                sc.upstream.url_for(request.path_qs),
+            return await self._forward(outcome, store)
+        finally:
+            self.sc.metrics.upstream_seconds.labels(self.request.path).observe(
+                time.perf_counter() - started)
+
+    async def _forward(self, outcome: Outcome, store: Store | None
+                       ) -> tuple[web.StreamResponse, Answer | None]:
+        sc, req, request = self.sc, self.req, self.request
+        try:
+            up = await sc.upstream.session.post(
+                sc.upstream.url_for(request.raw_path),
                 data=self.body,
                 headers=sc.upstream.request_headers(request),
                 timeout=sc.upstream.timeout(),
                 allow_redirects=False,
-            ) as up:
-                ctype = up.headers.get("Content-Type", "application/json")
-                if req.streaming and up.status < 300 and ctype.startswith("text/event-stream"):
-                    return await self.relay_stream(up, outcome, store)
-                body = await up.read()
-                headers = sc.upstream.response_headers(up, decoded=True)
+            )
         except (aiohttp.ClientError, TimeoutError) as exc:
-            resp = upstream_unavailable(exc, req.api)
+            return self._unavailable(exc, outcome), None
+        ctype = up.headers.get("Content-Type", "application/json")
+        if req.streaming and up.status < 300 and ctype.startswith("text/event-stream"):
+            return await self.relay_stream(up, outcome, store)
+        try:
+            body = await read_up_to(up, sc.settings.max_response_bytes)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            return self._unavailable(exc, outcome), None
+        finally:
+            up.release()
+        if body is None:
+            sc.metrics.on_not_stored("too_large")
+            resp = response_too_large(req.api, sc.settings.max_response_bytes)
             resp.headers.update(cache_headers(req, outcome))
             return resp, None
-        finally:
-            sc.metrics.upstream_seconds.labels(request.path).observe(
-                time.perf_counter() - started)
         answer = Answer(up.status, body, ctype)
         if store is not None:
             await store(answer)
+        headers = sc.upstream.response_headers(up, decoded=True)
         headers.update(cache_headers(req, outcome))
         return web.Response(body=body, status=up.status, headers=headers), answer
+
+    def _unavailable(self, exc: BaseException, outcome: Outcome) -> web.Response:
+        resp = upstream_unavailable(exc, self.req.api)
+        resp.headers.update(cache_headers(self.req, outcome))
+        return resp
 
     async def relay_stream(self, up: aiohttp.ClientResponse, outcome: Outcome,
                            store: Store | None) -> tuple[web.StreamResponse, Answer | None]:
         """Pass an SSE answer through as it arrives while assembling it for the cache.
 
-        The answer is stored as soon as its terminal event is parsed, before that last chunk
-        is written, so a caller that has read the whole stream finds the entry in place.
+        A task reads the upstream (:meth:`_read_stream`) into a :class:`_Pipe`, which this
+        coroutine drains to the caller at the caller's pace; if the caller leaves, the
+        reading goes on to the end of the stream, so the answer is stored and shared all
+        the same. The answer is handed to ``store`` as soon as its terminal event is
+        parsed, before that last chunk is queued, so a caller that has read the whole
+        stream finds the entry in place.
         """
         sc, req = self.sc, self.req
         headers = sc.upstream.response_headers(up, decoded=True)
         headers.update(cache_headers(req, outcome))
         resp = web.StreamResponse(status=up.status, reason=up.reason, headers=headers)
-        await resp.prepare(self.request)
+        pipe = _Pipe(sc.settings.max_response_bytes)
+        reader = asyncio.create_task(self._read_stream(up, store, pipe))
+        delivered = False
+        try:
+            await resp.prepare(self.request)
+            async for chunk in pipe.chunks():
+                await resp.write(chunk)
+            delivered = True
+        except (ConnectionError, aiohttp.ClientConnectionError) as exc:
+            log.info("the caller of %s left mid-stream: %r", req.key.digest, exc)
+        finally:
+            if not delivered:
+                pipe.abandon()  # the reader goes on alone (and if cancelled, unwatched)
+        answer = await asyncio.shield(reader)
+        if not delivered:
+            return resp, answer
+        if pipe.broken:
+            abort(self.request)  # the caller must see a broken body, not a short one
+            return resp, None
+        try:
+            await resp.write_eof()
+        except (ConnectionError, aiohttp.ClientConnectionError):
+            pass  # the caller left after the last chunk
+        return resp, answer
+
+    async def _read_stream(self, up: aiohttp.ClientResponse, store: Store | None,
+                           pipe: _Pipe) -> Answer | None:
+        """Read the upstream stream to its end into ``pipe`` (or, once nobody reads it and
+        nothing is left to keep, stop); hand ``store`` the assembled answer, or None as
+        soon as there can be none. Returns the complete answer, if any."""
+        sc, req = self.sc, self.req
+        limit = sc.settings.max_response_bytes
         collector = StreamCollector(req.api, up.status, sc.settings.max_entry_bytes)
+        keeping = store is not None  # an answer is still to be handed to store
+        if not keeping:
+            pipe.hold_back()
+        seen, ended = 0, False
         try:
             async for chunk in up.content.iter_any():
-                answer = collector.feed(chunk)
-                if answer is not None and store is not None:
-                    await store(answer)
-                await resp.write(chunk)
+                seen += len(chunk)
+                if keeping and seen > limit:
+                    keeping = False
+                    sc.metrics.on_not_stored("too_large")
+                    pipe.hold_back()
+                    await _take(store, None)
+                if keeping and (answer := collector.feed(chunk)) is not None:
+                    keeping = False
+                    await _take(store, answer)
+                if pipe.abandoned and not keeping:
+                    return collector.answer
+                await pipe.put(chunk)
+            ended = True
         except (aiohttp.ClientError, TimeoutError) as exc:
             log.info("upstream stream for %s broke: %r", req.key.digest, exc)
             sc.metrics.on_not_stored("stream_broken")
-            abort(self.request)
-            return resp, None
-        if collector.answer is None:
-            sc.metrics.on_not_stored("stream_incomplete")
-        await resp.write_eof()
-        return resp, collector.answer
+        finally:
+            up.release()
+            pipe.end(broken=not ended)
+        if keeping:  # the stream ended, or broke, before its terminal event
+            if ended:
+                sc.metrics.on_not_stored("stream_incomplete")
+            await _take(store, None)
+        return collector.answer if ended else None
+
+
+async def _take(store: Store | None, answer: Answer | None) -> None:
+    if store is not None:
+        await store(answer)
+
+
+async def read_up_to(up: aiohttp.ClientResponse, limit: int) -> bytes | None:
+    """The body of ``up``, or None if it is larger than ``limit`` bytes (then no more than
+    ``limit`` bytes and one chunk have been read)."""
+    if up.content_length is not None and up.content_length > limit:
+        return None
+    body = bytearray()
+    async for chunk in up.content.iter_any():
+        body += chunk
+        if len(body) > limit:
+            return None
+    return bytes(body)
+
+
+def response_too_large(api: Api, limit: int) -> web.Response:
+    """A 502 in the error shape of ``api``: the upstream's answer is over the limit."""
+    kind = "api_error" if api == "messages" else "upstream_error"
+    message = (f"the upstream's answer is larger than the sidecar's limit of {limit} bytes "
+               "(--max-response-bytes)")
+    return web.json_response(error_body(api, message, kind=kind), status=502)
+
+
+class _Pipe:
+    """The chunks of one stream between the task that reads the upstream and the caller.
+
+    Up to ``limit`` bytes wait in it without holding up the reader; beyond that ``put``
+    waits for the caller to take some (only a stream longer than ``limit``, which is not
+    kept, ever waits). A stream nothing is kept of is read no further ahead of the caller
+    than one chunk (:meth:`hold_back`). Once the caller has left (:meth:`abandon`) chunks
+    are dropped.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._bytes, self._limit = 0, limit
+        self._readable = asyncio.Event()  # a chunk, or the end, is waiting
+        self._writable = asyncio.Event()  # at most ``limit`` bytes are waiting
+        self._writable.set()
+        self.ended = self.broken = self.abandoned = False
+
+    async def put(self, chunk: bytes) -> None:
+        await self._writable.wait()
+        if self.abandoned:
+            return
+        self._chunks.append(chunk)
+        self._bytes += len(chunk)
+        self._readable.set()
+        if self._bytes > self._limit:
+            self._writable.clear()
+
+    def hold_back(self) -> None:
+        """Nothing is kept from here on: let the reader run no more than a chunk ahead."""
+        self._limit = 0
+        if self._bytes > 0 and not self.abandoned:
+            self._writable.clear()
+
+    def end(self, *, broken: bool) -> None:
+        """No more chunks: the stream ended (or ``broken``: it did not end properly)."""
+        self.ended, self.broken = True, broken
+        self._readable.set()
+
+    def abandon(self) -> None:
+        """The caller has left: drop what waits, and never hold up the reader again."""
+        self.abandoned = True
+        self._chunks.clear()
+        self._bytes = 0
+        self._writable.set()
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """The chunks, in order, as they come, until the end."""
+        while True:
+            await self._readable.wait()
+            if not self._chunks:
+                return
+            chunk = self._chunks.popleft()
+            self._bytes -= len(chunk)
+            if self._bytes <= self._limit:
+                self._writable.set()
+            if not self._chunks and not self.ended:
+                self._readable.clear()
+            yield chunk
