@@ -2,10 +2,12 @@
 in-process cache (``promptcache.clients``) construct the cache.
 
 :func:`open_engine` builds the :class:`Engine` for an
-:class:`~promptcache.cache.options.EngineOptions` (Redis client or a private embedded Redis,
-:class:`ExactCache`, and the semantic tier with its embedder, index and verifier; the byte
-budget and its reaper, the index sync with other nodes and the cross-node single flight) and
-registers its cleanup on the caller's :class:`~contextlib.AsyncExitStack`.
+:class:`~promptcache.cache.options.EngineOptions`: the Redis client (of ``redis_url``, whose
+eviction settings are checked at start-up, or of a private embedded Redis that is supervised
+and restarted if it dies), :class:`ExactCache`, the semantic tier with its embedder, index
+and verifier, the byte budget and its reaper, the index sync with other nodes and the
+cross-node single flight; it registers their cleanup on the caller's
+:class:`~contextlib.AsyncExitStack`.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ from promptcache.cache.options import EngineOptions
 from promptcache.cache.protocols import Embedder
 from promptcache.cache.redis.budget import BudgetStore
 from promptcache.cache.redis.client import close_client, redis_client
-from promptcache.cache.redis.embedded_owner import start_embedded
+from promptcache.cache.redis.embedded_owner import RedisKeeper, start_embedded
+from promptcache.cache.redis.health import check_eviction_policy
 from promptcache.cache.redis.index_sync import IndexSync
 from promptcache.cache.redis.layout import KeyLayout
 from promptcache.cache.redis.remote_flight import RemoteFlight
@@ -59,6 +62,7 @@ class Engine:
     remote: RemoteFlight | None = None  # cross-node single flight (a lease in Redis)
     sync: IndexSync | None = None  # keeps the semantic index in step with other nodes
     model_bytes: int = 0  # the embedding model's weights, for the memory report
+    embedded: RedisKeeper | None = None  # the private redis-server, when there is one
 
     def tenant(self, credential: str | None) -> str:
         return tenant_id(credential, shared=self.options.shared_cache)
@@ -72,13 +76,26 @@ async def open_engine(options: EngineOptions, stack: contextlib.AsyncExitStack, 
     directory, deleted at close, when that is unset too). ``embedder`` lets several engines
     in one process share a loaded model.
     """
-    url = options.redis_url or await start_embedded(stack, options.data_dir)
-    client = redis_client(url, timeout=options.redis_timeout)
+    keeper: RedisKeeper | None = None
+    if options.redis_url:
+        url = options.redis_url
+    else:
+        keeper = await start_embedded(stack, options.data_dir)
+        url = keeper.url
+    client = redis_client(url, timeout=options.redis_timeout,
+                          max_connections=options.redis_max_connections)
     stack.push_async_callback(close_client, client)
     # Connect (and, on a cluster, learn the slot map) now rather than in the first request's
     # 250 ms budget; an unreachable Redis here is the breaker's business later, not an error.
+    reachable = False
     with contextlib.suppress(RedisError, OSError, asyncio.TimeoutError):
         await asyncio.wait_for(client.ping(), timeout=max(5.0, options.redis_timeout))
+        reachable = True
+    if keeper is None:  # someone else's Redis: may it evict our keys behind our back?
+        if reachable:
+            await check_eviction_policy(client, max_bytes=options.max_bytes)
+        else:
+            log.info("Redis's maxmemory-policy was not checked: Redis did not answer")
     layout = KeyLayout.for_url(url, options.key_prefix)
     store = BudgetStore(client, layout, max_bytes=options.max_bytes, node=secrets.token_hex(6))
     cache = ExactCache(
@@ -98,7 +115,8 @@ async def open_engine(options: EngineOptions, stack: contextlib.AsyncExitStack, 
     remote = RemoteFlight(client, layout, lease=options.flight_lease,
                           timeout=options.redis_timeout) if options.flight_lease else None
     return Engine(options, url, cache, semantic, remote=remote, sync=sync,
-                  model_bytes=model_bytes(semantic.embedder.embedder) if semantic else 0)
+                  model_bytes=model_bytes(semantic.embedder.embedder) if semantic else 0,
+                  embedded=keeper)
 
 
 def _background(stack: contextlib.AsyncExitStack, work: Coroutine[Any, Any, None]) -> None:

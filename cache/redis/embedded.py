@@ -12,7 +12,10 @@ one you name) in the foreground, with everything it needs inside one data direct
         promptcache.lock    flock()ed while the server runs, so two owners never share files
 
 It listens on ``data_dir/redis.sock`` unless that path is too long for ``AF_UNIX`` or a
-``port`` is given; then on 127.0.0.1 only. Never on another interface.
+``port`` is given; then on 127.0.0.1 only. Never on another interface. ``revive()`` starts a
+server that died (OOM killer, SIGKILL) again on the same address and data directory, so
+clients reconnect to the URL they know (with persistence it reloads its AOF/RDB; without,
+it starts empty); :mod:`.embedded_owner` supervises the server with it.
 
 It is never orphaned:
 
@@ -132,6 +135,11 @@ class EmbeddedRedis:
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
+    @property
+    def returncode(self) -> int | None:
+        """The exit status of the last server if it has exited (``-9``: SIGKILL), else None."""
+        return self._proc.poll() if self._proc is not None else None
+
     def start(self) -> str:
         """Start redis-server, wait until it answers PING, and return its URL.
 
@@ -156,6 +164,30 @@ class EmbeddedRedis:
                 raise
             atexit.register(self.stop)
             return self.url
+
+    def revive(self) -> str:
+        """Start the server again after it died, on the address of the last start (the same
+        socket or port) and in the same data directory, which stays locked throughout; wait
+        until it answers PING and return its URL (unchanged). A running server is left alone.
+
+        Call it from the thread that called start() (see the module docstring). Raises
+        ``EmbeddedRedisError`` if the server was never started or was stopped since, or if
+        it does not come up (then call revive() again later).
+        """
+        with self._mutex:
+            if self._lock_fd is None or self._url is None:
+                raise EmbeddedRedisError("EmbeddedRedis is not started (or was stopped)")
+            if self._proc is not None and self._proc.poll() is None:
+                return self._url
+            self._proc = None
+            try:
+                self._spawn_until_ready(_resolve_binary(self._binary), again=True)
+            except BaseException:
+                if self._proc is not None:  # interrupted while waiting for it
+                    _terminate(self._proc, timeout=5.0)
+                    self._proc = None
+                raise
+            return self._url
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM (redis saves and exits), SIGKILL after ``timeout`` seconds. Idempotent."""
@@ -186,17 +218,23 @@ class EmbeddedRedis:
 
     # -- internals -----------------------------------------------------------------------
 
-    def _spawn_until_ready(self, binary: str) -> None:
-        use_tcp = (
-            self._requested_port is not None
-            or len(os.fsencode(self.socket_path)) > MAX_UNIX_SOCKET_PATH
-        )
-        pick_port = use_tcp and not self._requested_port  # None or 0: we choose
+    def _spawn_until_ready(self, binary: str, *, again: bool = False) -> None:
+        """Spawn and wait for PING; ``again``: on the last start's address, which clients
+        already know, rather than a newly chosen one."""
+        if again:
+            fixed_port, use_tcp = self._port, self._port is not None
+        else:
+            fixed_port = self._requested_port
+            use_tcp = (
+                self._requested_port is not None
+                or len(os.fsencode(self.socket_path)) > MAX_UNIX_SOCKET_PATH
+            )
+        pick_port = use_tcp and not fixed_port  # None or 0: we choose
         with contextlib.suppress(FileNotFoundError):
             self.socket_path.unlink()  # stale from a crash; we hold the lock, so it is ours
         attempts = _PORT_ATTEMPTS if pick_port else 1
         for attempt in range(1, attempts + 1):
-            port = (_free_port() if pick_port else self._requested_port) if use_tcp else None
+            port = (_free_port() if pick_port else fixed_port) if use_tcp else None
             address: str | tuple[str, int] = (
                 ("127.0.0.1", port) if port is not None else str(self.socket_path)
             )
@@ -351,33 +389,39 @@ def _die_with_parent_hook() -> Callable[[], None] | None:
 def _wait_ready(
     proc: subprocess.Popen[bytes], address: str | tuple[str, int], timeout: float
 ) -> str | None:
-    """Poll PING until +PONG; None when ready, else a description of what went wrong."""
+    """Poll PING until +PONG; None when ready, else a description of what went wrong.
+
+    ``timeout`` bounds silence, not loading: a server that answers ``-LOADING`` (reading a
+    large AOF/RDB) is working, so the wait goes on while it does."""
     deadline = time.monotonic() + timeout
     delay = 0.005
     while True:
         code = proc.poll()
         if code is not None:
             return f"exited with code {code} during start-up"
-        if _ping(address, timeout=0.5):
+        reply = _ping(address, timeout=0.5)
+        # "-NOAUTH" is a ready server with a password set.
+        if reply.startswith((b"+PONG", b"-NOAUTH")):
             return None
+        if reply.startswith(b"-LOADING"):
+            deadline = time.monotonic() + timeout
         if time.monotonic() >= deadline:
             return f"did not answer PING within {timeout:g}s"
         time.sleep(delay)
         delay = min(delay * 2, 0.1)
 
 
-def _ping(address: str | tuple[str, int], timeout: float) -> bool:
+def _ping(address: str | tuple[str, int], timeout: float) -> bytes:
+    """The start of the server's reply to PING (empty if it could not be reached)."""
     family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET
     try:
         with socket.socket(family, socket.SOCK_STREAM) as sock:
             sock.settimeout(timeout)
             sock.connect(address)
             sock.sendall(_PING)
-            reply = sock.recv(64)
+            return sock.recv(64)
     except OSError:
-        return False
-    # "-LOADING ..." means not yet; "-NOAUTH" is a ready server with a password set.
-    return reply.startswith((b"+PONG", b"-NOAUTH"))
+        return b""
 
 
 def _terminate(proc: subprocess.Popen[bytes], timeout: float) -> None:

@@ -17,7 +17,7 @@ import asyncio
 import dataclasses
 import logging
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -154,14 +154,10 @@ class SemanticCache:
         records named their model) is embedded again from its text: its vector means
         nothing in this index.
         """
-        records = []
-        for value in raw:
-            if value is None:
-                continue
-            try:
-                records.append(VectorRecord.decode(value))
-            except EntryFormatError:
-                continue
+        return await self._add_decoded(_decode_records(raw), count_full=count_full)
+
+    async def _add_decoded(self, records: list[VectorRecord], *, count_full: bool = True
+                           ) -> int:
         stale = [n for n, r in enumerate(records) if r.model != self.model]
         if stale:
             vectors = await self.embedder.embed_many([records[n].text for n in stale])
@@ -180,15 +176,47 @@ class SemanticCache:
         self.index.remove(np.array([id_], dtype=np.int64))
         self._refs.pop(id_, None)
 
-    async def rebuild(self, shard: int | None = None, batch: int = 500) -> int:
-        """Load every vector record in the store (of one shard, or all) into the index."""
+    async def rebuild(self, shard: int | None = None, batch: int = 500, *,
+                      owns: Callable[[str], bool] | None = None) -> int:
+        """Make the index hold what the store holds (of one shard, or all): load every
+        vector record found, and drop the indexed vectors that were not found (their
+        entries are gone: evicted, expired, deleted, or lost when Redis restarted).
+
+        ``owns(digest)`` says which indexed vectors this rebuild covers (those of ``shard``;
+        by default every one, right for a whole-store rebuild or a single shard). Vectors
+        indexed while it runs are kept. Returns how many vectors were loaded.
+        """
+        covered = [i for i, (_, digest) in self._refs.items() if owns is None or owns(digest)]
+        found: set[int] = set()
         loaded = 0
-        async for records in self.exact.store.vector_batches(shard, batch):
-            loaded += await self.add_records(records)
-        log.info("semantic index rebuilt from Redis: %d vectors", loaded)
+        async for raw in self.exact.store.vector_batches(shard, batch):
+            records = _decode_records(raw)
+            found.update(vector_id(r.digest) for r in records)
+            loaded += await self._add_decoded(records)
+        gone = [i for i in covered if i not in found]
+        if gone:
+            self.index.remove(np.array(gone, dtype=np.int64))
+            for id_ in gone:
+                self._refs.pop(id_, None)
+            self.counts["dropped_at_rebuild"] += len(gone)
+        log.info("semantic index rebuilt from Redis: %d vectors loaded, %d dropped",
+                 loaded, len(gone))
         return loaded
 
     def stats(self) -> dict[str, Any]:
         return {**self.index.stats(), **dict(self.counts),
                 "embed_batches": self.embedder.batches, "embedded": self.embedder.embedded,
                 "embed_memo_hits": self.embedder.memo_hits}
+
+
+def _decode_records(raw: Sequence[bytes | None]) -> list[VectorRecord]:
+    """The records of ``raw`` that decode (None, gone since, and malformed ones skipped)."""
+    records = []
+    for value in raw:
+        if value is None:
+            continue
+        try:
+            records.append(VectorRecord.decode(value))
+        except EntryFormatError:
+            continue
+    return records
