@@ -33,13 +33,12 @@ import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from promptcache.cache.api import Api
 from promptcache.cache.entry import Answer
 
 _LINE_END = re.compile(r"\r\n|\r|\n")
-_TOKENS = re.compile(r"\S+\s*|\s+")
 # Delta keys that name or tag a thing rather than stream text: replaced, never concatenated.
 _REPLACED = frozenset({"index", "type", "role", "id", "name"})
 _BAD_STREAM = (ValueError, TypeError, KeyError, AttributeError)
@@ -347,19 +346,31 @@ class _AnthropicAssembler(_Assembler):
         return {**(self._message or {}), "content": content}
 
 
+#: A replay cuts its text into about this many pieces at most, whatever the answer's size:
+#: past ``chunk_chars * REPLAY_PIECES`` streamed chars the pieces grow with the text, so the
+#: frame count stays bounded and each frame's JSON envelope is small next to its text.
+REPLAY_PIECES = 256
+# The end of the last whitespace run followed by a word: where a piece may end.
+_LAST_BREAK = re.compile(r".*\s(?=\S)", re.DOTALL)
+
+
 def replay(
     api: Api, response: dict[str, Any], *, include_usage: bool = False, chunk_chars: int = 16
 ) -> Iterator[bytes]:
     """SSE frames, one event each, re-creating ``response`` the way the API streams it.
 
     Text, reasoning and tool arguments go in pieces of about ``chunk_chars`` chars, cut after
-    whitespace where possible. Per chat choice: a role chunk (``content: ""``), content deltas,
+    whitespace where possible; when the answer streams more than ``chunk_chars *
+    REPLAY_PIECES`` chars in all, the pieces grow to ``1/REPLAY_PIECES`` of that total, so a
+    large answer is at most about ``2 * REPLAY_PIECES`` text frames and its SSE stays within a
+    small multiple of its size. Per chat choice: a role chunk (``content: ""``), content deltas,
     tool-call deltas (id/type/name with ``""`` arguments, then argument pieces), a
     ``finish_reason`` chunk; per completions choice: text chunks, a ``finish_reason`` chunk;
     then, if ``include_usage``, a ``choices: []`` usage chunk (earlier chunks carry
     ``usage: null``); then ``data: [DONE]``. Messages: ``message_start`` (empty content,
     ``output_tokens`` <= 1), per block start / deltas / stop, ``message_delta`` (stop reason,
-    final ``output_tokens``), ``message_stop``. Arguments are checked eagerly."""
+    final ``output_tokens``), ``message_stop``. Arguments are checked eagerly; frames are made
+    lazily, one per ``next``, so a writer can yield to its event loop between them."""
     if chunk_chars < 1:
         raise ValueError(f"chunk_chars must be >= 1, not {chunk_chars}")
     if api == "messages":
@@ -369,19 +380,23 @@ def replay(
     raise ValueError(f"unknown streaming api {api!r}")
 
 
-def _pieces(text: str, size: int) -> list[str]:
-    """``text`` cut into pieces of about ``size`` chars, at whitespace unless a word is longer."""
-    pieces: list[str] = []
-    current = ""
-    for token in _TOKENS.findall(text):
-        if current and len(current) + len(token) > size:
-            pieces.append(current)
-            current = ""
-        while len(token) > size:
-            pieces.append(token[:size])
-            token = token[size:]
-        current += token
-    return [*pieces, current] if current else pieces
+def _piece_size(total_chars: int, chunk_chars: int) -> int:
+    """The piece size for an answer streaming ``total_chars`` chars in all."""
+    return max(chunk_chars, -(-total_chars // REPLAY_PIECES))
+
+
+def _pieces(text: str, size: int) -> Iterator[str]:
+    """``text`` cut into pieces of at most ``size`` chars, each ending after whitespace unless
+    a word is longer than ``size``. Cut by index, so linear in ``len(text)``; at most about
+    ``2 * len(text) / size`` pieces (each piece and the next hold more than ``size`` chars)."""
+    start, end = 0, len(text)
+    while end - start > size:
+        cut = _LAST_BREAK.match(text, start, start + size + 1)
+        stop = cut.end() if cut else start + size
+        yield text[start:stop]
+        start = stop
+    if start < end:
+        yield text[start:]
 
 
 def _frame(obj: dict[str, Any] | str, event: str | None = None) -> bytes:
@@ -392,19 +407,36 @@ def _frame(obj: dict[str, Any] | str, event: str | None = None) -> bytes:
 
 
 def _replay_openai(
-    api: Api, response: dict[str, Any], include_usage: bool, size: int
+    api: Api, response: dict[str, Any], include_usage: bool, chunk_chars: int
 ) -> Iterator[bytes]:
     base = {k: v for k, v in response.items() if k not in ("choices", "usage")}
     base["object"] = "chat.completion.chunk" if api == "chat" else "text_completion"
     if include_usage:
         base["usage"] = None
+    choices = response.get("choices") or []
     split = _chat_choice if api == "chat" else _completion_choice
-    for choice in response.get("choices") or []:
+    size = _piece_size(sum(_openai_chars(api, choice) for choice in choices), chunk_chars)
+    for choice in choices:
         for part in split(choice, size):
             yield _frame({**base, "choices": [part]})
     if include_usage:
         yield _frame({**base, "choices": [], "usage": response.get("usage")})
     yield _frame("[DONE]")
+
+
+def _openai_chars(api: Api, choice: dict[str, Any]) -> int:
+    """The chars one choice streams in pieces: its text, or its message's strings and tool
+    arguments."""
+    if api == "completions":
+        text = choice.get("text")
+        return len(text) if isinstance(text, str) else 0
+    message = choice.get("message") or {}
+    total = sum(len(v) for k, v in message.items() if k != "role" and isinstance(v, str))
+    for call in message.get("tool_calls") or []:
+        function = call.get("function")
+        if isinstance(function, dict) and isinstance(function.get("arguments"), str):
+            total += len(function["arguments"])
+    return total
 
 
 def _chat_choice(choice: dict[str, Any], size: int) -> Iterator[dict[str, Any]]:
@@ -447,7 +479,7 @@ def _completion_choice(choice: dict[str, Any], size: int) -> Iterator[dict[str, 
     yield {"text": "", "index": index, "logprobs": logprobs, **extra}  # extra: finish_reason...
 
 
-def _replay_messages(response: dict[str, Any], size: int) -> Iterator[bytes]:
+def _replay_messages(response: dict[str, Any], chunk_chars: int) -> Iterator[bytes]:
     start = {**response, "content": [], "stop_reason": None, "stop_sequence": None}
     final_usage: dict[str, Any] = {}
     usage = response.get("usage")
@@ -455,11 +487,12 @@ def _replay_messages(response: dict[str, Any], size: int) -> Iterator[bytes]:
         start["usage"] = {**usage, "output_tokens": min(usage["output_tokens"], 1)}
         final_usage = {"output_tokens": usage["output_tokens"]}
     yield _frame({"type": "message_start", "message": start}, "message_start")
-    for index, block in enumerate(response.get("content") or []):
-        skeleton, deltas = _block_parts(block, size)
-        head = {"type": "content_block_start", "index": index, "content_block": skeleton}
+    blocks = [_block_parts(block) for block in response.get("content") or []]
+    size = _piece_size(sum(len(block.text) for block in blocks), chunk_chars)
+    for index, block in enumerate(blocks):
+        head = {"type": "content_block_start", "index": index, "content_block": block.skeleton}
         yield _frame(head, "content_block_start")
-        for delta in deltas:
+        for delta in _block_deltas(block, size):
             body = {"type": "content_block_delta", "index": index, "delta": delta}
             yield _frame(body, "content_block_delta")
         yield _frame({"type": "content_block_stop", "index": index}, "content_block_stop")
@@ -469,29 +502,47 @@ def _replay_messages(response: dict[str, Any], size: int) -> Iterator[bytes]:
     yield _frame({"type": "message_stop"}, "message_stop")
 
 
-def _block_parts(block: dict[str, Any], size: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """A content block as its ``content_block_start`` skeleton plus the deltas that fill it."""
-    kind, deltas = block.get("type"), []
+class _BlockParts(NamedTuple):
+    """A content block as its ``content_block_start`` skeleton plus what fills it: ``before``
+    deltas, then ``text`` in pieces as ``{"type": kind, field: piece}``, then ``after``."""
+
+    skeleton: dict[str, Any]
+    kind: str = ""
+    field: str = ""
+    text: str = ""
+    before: tuple[dict[str, Any], ...] = ()
+    after: tuple[dict[str, Any], ...] = ()
+
+
+_NO_DELTAS: tuple[dict[str, Any], ...] = ()
+
+
+def _block_parts(block: dict[str, Any]) -> _BlockParts:
+    kind = block.get("type")
     if kind == "text" and isinstance(block.get("text"), str):
-        skeleton = {**block, "text": ""}
+        skeleton, before = {**block, "text": ""}, _NO_DELTAS
         if isinstance(block.get("citations"), list):
             skeleton["citations"] = []
-            deltas += [{"type": "citations_delta", "citation": c} for c in block["citations"]]
-        deltas += [{"type": "text_delta", "text": p} for p in _pieces(block["text"], size)]
-    elif kind == "thinking" and isinstance(block.get("thinking"), str):
-        skeleton = {**block, "thinking": ""}
-        pieces = _pieces(block["thinking"], size)
-        deltas += [{"type": "thinking_delta", "thinking": p} for p in pieces]
+            before = tuple({"type": "citations_delta", "citation": c} for c in block["citations"])
+        return _BlockParts(skeleton, "text_delta", "text", block["text"], before)
+    if kind == "thinking" and isinstance(block.get("thinking"), str):
+        skeleton, after = {**block, "thinking": ""}, _NO_DELTAS
         if isinstance(block.get("signature"), str):
             skeleton["signature"] = ""
-            deltas.append({"type": "signature_delta", "signature": block["signature"]})
-    elif isinstance(block.get("input"), dict):  # tool_use, server_tool_use, mcp_tool_use
-        skeleton = {**block, "input": {}}
-        text = json.dumps(block["input"], ensure_ascii=False) if block["input"] else ""
-        deltas += [{"type": "input_json_delta", "partial_json": p} for p in _pieces(text, size)]
-    else:  # redacted_thinking, *_tool_result...: sent whole in content_block_start
-        skeleton = block
-    return skeleton, deltas
+            after = ({"type": "signature_delta", "signature": block["signature"]},)
+        return _BlockParts(skeleton, "thinking_delta", "thinking", block["thinking"], (), after)
+    if isinstance(block.get("input"), dict):  # tool_use, server_tool_use, mcp_tool_use
+        args = block["input"]
+        text = json.dumps(args, ensure_ascii=False, separators=(",", ":")) if args else ""
+        return _BlockParts({**block, "input": {}}, "input_json_delta", "partial_json", text)
+    return _BlockParts(block)  # redacted_thinking, *_tool_result...: whole in the start event
+
+
+def _block_deltas(block: _BlockParts, size: int) -> Iterator[dict[str, Any]]:
+    yield from block.before
+    for piece in _pieces(block.text, size):
+        yield {"type": block.kind, block.field: piece}
+    yield from block.after
 
 
 #: Raw SSE is several times larger than the answer it carries; past this we stop assembling.
