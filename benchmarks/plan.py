@@ -7,10 +7,12 @@
   deflated when >= 1 KiB at :data:`COMPRESSION` of its size, the ratio measured on real chat
   text), the vector record (the final user message, 384 float16, scope and ids), both key
   names, and :data:`~promptcache.cache.redis.budget.ENTRY_OVERHEAD_BYTES` of Redis bookkeeping
-  (dict entries, LRU/expiry/size members, allocator rounding). This is what ``--max-bytes``
-  counts, so a budget of the planned total holds N entries; Redis's own ``maxmemory``
-  should leave room above it for the change streams and fragmentation
-  (:data:`REDIS_HEADROOM`).
+  (dict entries, LRU/expiry/size members, allocator rounding). ``--max-bytes`` counts
+  these and each shard's change stream, which takes its share of the budget
+  (:func:`~promptcache.cache.redis.budget.stream_share`): the planned ``--max-bytes`` is the
+  budget whose entries' part holds N entries. Redis's own ``maxmemory`` should leave room
+  above it for client buffers and fragmentation (:data:`REDIS_HEADROOM`) and for Redis's
+  own memory (:data:`REDIS_BASELINE_BYTES`).
 - **Each node**: the vector index (bytes per vector by kind, as ``/stats`` reports them, plus
   the per-vector map from ids to entries), the embedding model's weights, and the rest of
   the process (Python, torch, aiohttp, buffers) measured with the model loaded.
@@ -29,7 +31,7 @@ from typing import Any, Final
 import numpy as np
 
 from promptcache.cache.entry import COMPRESS_MIN_BYTES, Entry
-from promptcache.cache.redis.budget import ENTRY_OVERHEAD_BYTES
+from promptcache.cache.redis.budget import ENTRY_OVERHEAD_BYTES, stream_share
 from promptcache.cache.redis.layout import CLUSTER_SHARDS, KeyLayout, namespace_id
 from promptcache.cache.semantic.index import AUTO_HNSW_AT, make_index
 from promptcache.cache.semantic.record import VectorRecord
@@ -49,9 +51,12 @@ MODEL_BYTES: Final = 90_861_056
 #: model's weights (Python, torch and its allocator, FAISS, Redis client, aiohttp): 542 MB
 #: measured with one text embedded, so about 450 MB.
 PROCESS_BYTES: Final = 451_000_000
-#: Redis ``maxmemory`` over the planned bytes: change streams (< 1 MB a shard), client
-#: buffers, and allocator fragmentation.
+#: Redis ``maxmemory`` over the planned ``--max-bytes``: client buffers (20-60 KB per open
+#: connection) and allocator fragmentation.
 REDIS_HEADROOM: Final = 1.25
+#: Redis's own memory before anything is stored (``used_memory`` of an empty redis 6.2:
+#: about 0.9 MB).
+REDIS_BASELINE_BYTES: Final = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -78,7 +83,9 @@ class Plan:
     key_bytes: int  # both key names
     bookkeeping_bytes: int
     redis_bytes_per_entry: int
-    redis_bytes: int  # what --max-bytes counts, all nodes together
+    redis_bytes: int  # what the entries take, all nodes together
+    stream_bytes: int  # the change streams' share of the budget, all shards
+    max_bytes: int  # the --max-bytes to set: entries and change streams
     redis_maxmemory: int  # a Redis maxmemory with headroom
     index_kind: str
     index_bytes_per_vector: int
@@ -119,6 +126,23 @@ def index_bytes_per_vector(kind: str, entries: int) -> tuple[str, int]:
     return used, math.ceil(index.nbytes / probe) + REFS_BYTES_PER_VECTOR
 
 
+def budget_for(entry_bytes: int, shards: int) -> tuple[int, int]:
+    """(the smallest ``--max-bytes`` whose entries' part holds ``entry_bytes`` over
+    ``shards`` shards, the change streams' part of it)."""
+    if entry_bytes <= 0:
+        return 0, 0
+    budget = max(entry_bytes, shards)
+    for _ in range(128):  # the streams' share grows with the budget: find the fixed point
+        # The store splits the budget evenly (``max_bytes // shards``): a multiple of the
+        # shard count loses nothing to that rounding.
+        budget = -(-budget // shards) * shards
+        streams = shards * stream_share(budget // shards, shards)
+        if budget - streams >= entry_bytes:
+            break
+        budget = entry_bytes + streams
+    return budget, streams
+
+
 def plan(w: Workload) -> Plan:
     if w.entries < 0 or w.avg_request_chars < 0 or w.avg_response_bytes < 0 or w.nodes < 1:
         raise ValueError("entries, sizes and nodes must be positive")
@@ -134,9 +158,10 @@ def plan(w: Workload) -> Plan:
     process = PROCESS_BYTES if w.semantic else PROCESS_BYTES // 8  # no torch, no model
     node = index + model + process
     redis = per_entry * w.entries
-    return Plan(w, entry, record, keys, ENTRY_OVERHEAD_BYTES, per_entry, redis,
-                math.ceil(redis * REDIS_HEADROOM) + (1 << 20) * layout.shards, kind, per_vector,
-                index, model, process, node, redis + node * w.nodes)
+    max_bytes, streams = budget_for(redis, layout.shards)
+    return Plan(w, entry, record, keys, ENTRY_OVERHEAD_BYTES, per_entry, redis, streams,
+                max_bytes, math.ceil(max_bytes * REDIS_HEADROOM) + REDIS_BASELINE_BYTES,
+                kind, per_vector, index, model, process, node, max_bytes + node * w.nodes)
 
 
 def _size(n: int) -> str:
@@ -158,9 +183,11 @@ def report(p: Plan) -> str:
         f"  per entry          {_size(p.redis_bytes_per_entry):>12}   = entry "
         f"{p.entry_bytes:,} + vector record {p.vector_record_bytes:,} + keys {p.key_bytes:,}"
         f" + bookkeeping {p.bookkeeping_bytes:,}",
-        f"  total              {_size(p.redis_bytes):>12}   (--max-bytes {p.redis_bytes})",
-        f"  maxmemory          {_size(p.redis_maxmemory):>12}   (with headroom for streams "
-        "and fragmentation)",
+        f"  entries            {_size(p.redis_bytes):>12}",
+        f"  change streams     {_size(p.stream_bytes):>12}   (their share of the budget)",
+        f"  total              {_size(p.max_bytes):>12}   (--max-bytes {p.max_bytes})",
+        f"  maxmemory          {_size(p.redis_maxmemory):>12}   (with headroom for client "
+        "buffers and fragmentation)",
         "",
         "Each node",
         f"  index              {_size(p.index_bytes_per_node):>12}   "

@@ -145,9 +145,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("default_ttl", _number, "seconds an entry lives unless the request says "
            "max-age=N; 0 means no expiry", "SECONDS"),
     Option("max_entry_bytes", parse_size, "larger responses are not cached", "SIZE"),
-    Option("max_bytes", parse_size, "byte budget of all cached entries (payload, vector "
-           "record, keys, bookkeeping) across every sidecar on this Redis; least recently "
-           "used entries are evicted to stay within it; 0 means unbounded", "SIZE"),
+    Option("max_bytes", parse_size, "byte budget of everything the cache stores in Redis "
+           "(entries with their vector records, keys and bookkeeping, and the change "
+           "streams) across every sidecar on this Redis; least recently used entries are "
+           "evicted to stay within it; 0 means unbounded", "SIZE"),
     Option("index_max_bytes", parse_size, "bound of this node's vector index; when full, "
            "new vectors are not indexed here (they still answer exact matches); 0 means "
            "unbounded", "SIZE"),

@@ -11,18 +11,23 @@ an entry goes through one Lua script per shard (:mod:`.scripts`; the keys are
    new entry fits in the shard's budget;
 3. writes the entry and its vector record with the same PX;
 4. updates sizes, recency, deadlines and the byte total;
-5. appends the removals and the insert to the shard's change stream (``XADD MAXLEN ~``),
-   which every sidecar tails to keep its vector index in step (:mod:`.index_sync`).
+5. appends the removals and the insert to the shard's change stream, which every sidecar
+   tails to keep its vector index in step (:mod:`.index_sync`), and trims the stream's
+   oldest events to keep it within its share of the budget.
 
-Because the check and the eviction run inside Redis, writers on any number of nodes can
-never push a shard over its budget: the total after every script is at most the budget. A
-store without a byte budget (``max_bytes=0``) runs the same scripts and evicts nothing.
+The budget counts everything the cache stores in Redis. Bytes counted per entry = entry
+payload + vector record + both key names + :data:`ENTRY_OVERHEAD_BYTES` (Redis's per-key
+and per-ZSET/HASH-member bookkeeping, measured on redis 6.2; see the README). The change
+stream is counted too, by bytes (:mod:`.scripts` says how), and kept within
+:func:`stream_share` of the shard's budget; the entries may take the rest. So entries and
+stream together never exceed the budget, and because the check and the eviction run
+inside Redis, writers on any number of nodes can never push a shard over it: the total
+after every script is at most the budget. A store without a byte budget (``max_bytes=0``)
+runs the same scripts, evicts nothing and keeps the stream within
+:data:`STREAM_MAX_BYTES`.
 
-Bytes counted per entry = entry payload + vector record + both key names +
-:data:`ENTRY_OVERHEAD_BYTES` (Redis's per-key and per-ZSET/HASH-member bookkeeping, measured
-on redis 6.2; see the README). Eviction policy lives in the script rather than in a Python
-object with ``touch``/``evict_next``: only a script can make check-and-evict atomic across
-nodes.
+Eviction policy lives in the script rather than in a Python object with
+``touch``/``evict_next``: only a script can make check-and-evict atomic across nodes.
 """
 
 from __future__ import annotations
@@ -47,9 +52,21 @@ from promptcache.cache.redis.layout import KeyLayout
 #: 6.2.5 (jemalloc), 20k entries of 300-4000 B with a 1 KB vector record and a TTL: 857 B
 #: (644 B without TTL, 676 B without vector); ``promptcache bench budget`` re-measures it.
 ENTRY_OVERHEAD_BYTES: Final = 860
-#: Events kept per shard's change stream (approximate trim); a node that falls further
-#: behind than this rebuilds its index from Redis.
+#: Events kept at most per shard's change stream, whatever its byte share; a node that
+#: falls further behind than the stream reaches rebuilds its index from Redis.
 STREAM_MAXLEN: Final = 10_000
+#: The change stream's share of a shard's budget: this fraction of it, ...
+STREAM_SHARE: Final = 0.05
+#: ... but at least this much over all shards (about 400 one-entry events: a node may lag
+#: that many writes behind before it has to rebuild; each shard sees its part of them), ...
+STREAM_MIN_BYTES: Final = 64 * 1024
+#: ... and at most this much a shard (about 9,000 events) or half the shard's budget,
+#: whichever is less; never less than :data:`STREAM_LEAST_BYTES`.
+STREAM_MAX_BYTES: Final = 1 << 20
+#: The least a shard's stream is given: its fixed cost and about 35 events. A shard budget
+#: of twice this or less leaves (almost) no room for entries: a Redis Cluster's 16 shards
+#: need a budget of at least 16 x 2 x this, about 440 KB.
+STREAM_LEAST_BYTES: Final = scripts.STREAM_BASE_BYTES + 4096
 #: Keys whose last touch a node remembers (see :meth:`BudgetStore.get`); cleared when full.
 TOUCH_MEMO: Final = 8192
 #: Expired entries reaped per script call (the rest on the next call).
@@ -60,19 +77,31 @@ def _bytes(value: Any) -> bytes | None:
     return value.encode() if isinstance(value, str) else value
 
 
+def stream_share(shard_budget: int, shards: int = 1) -> int:
+    """Bytes of a shard's budget (0 = unbounded) that its change stream may take, with the
+    budget split over ``shards``; the shard's entries may take the rest."""
+    if not shard_budget:
+        return STREAM_MAX_BYTES
+    share = min(max(int(shard_budget * STREAM_SHARE), STREAM_MIN_BYTES // shards),
+                STREAM_MAX_BYTES, shard_budget // 2)
+    return max(share, STREAM_LEAST_BYTES)
+
+
 class BudgetStore:
     """Entries of one deployment in Redis, within a byte budget enforced per shard by scripts.
 
     ``max_bytes=0`` means unbounded: nothing is evicted, but sizes, expiries and the change
     stream are still kept (the stream is how other nodes' indexes learn of inserts).
-    Each shard gets ``max_bytes // shards``, so the total never exceeds ``max_bytes``.
+    Each shard gets ``max_bytes // shards``, so the total never exceeds ``max_bytes``; of
+    that, the shard's change stream keeps at most ``stream_bytes`` (default
+    :func:`stream_share`) and ``stream_maxlen`` events.
     ``client`` is a ``redis.asyncio`` client or cluster client (see :mod:`.client`).
     """
 
     def __init__(self, client: Any, layout: KeyLayout, *, max_bytes: int = 0, node: str = "",
                  clock: Callable[[], float] = time.time,
                  overhead: int = ENTRY_OVERHEAD_BYTES, stream_maxlen: int = STREAM_MAXLEN,
-                 touch_interval: float = 0.1) -> None:
+                 stream_bytes: int | None = None, touch_interval: float = 0.1) -> None:
         self.redis = client
         self.cluster = isinstance(client, RedisCluster)
         self.layout = layout
@@ -81,6 +110,8 @@ class BudgetStore:
         self.node = node
         self.overhead = overhead
         self.stream_maxlen = stream_maxlen
+        self.stream_bytes = (stream_share(self.shard_budget, layout.shards)
+                             if stream_bytes is None else stream_bytes)
         self._clock = clock
         self.touch_interval = touch_interval
         self._touched: dict[str, float] = {}  # digest -> when this node last touched it
@@ -95,7 +126,9 @@ class BudgetStore:
         return int(self._clock() * 1000)
 
     def _common(self, shard: int) -> list[Any]:
-        return [*self.layout.script_prefixes(shard), self.node, self.stream_maxlen]
+        """ARGV[1..5] of every bookkeeping script."""
+        return [*self.layout.script_prefixes(shard), self.node, self.stream_maxlen,
+                self.stream_bytes]
 
     # -- entries -------------------------------------------------------------------------
 
@@ -131,9 +164,9 @@ class BudgetStore:
         shard = self.layout.shard(digest)
         out = await self._put(
             keys=list(self.layout.shard_keys(shard)),
-            args=[*self.layout.script_prefixes(shard), self.layout.member(namespace, digest),
-                  entry, vector or b"", ttl_ms or 0, self.shard_budget, self.overhead,
-                  self._score(), self.node, self.stream_maxlen, REAP_BATCH])
+            args=[*self._common(shard), self.layout.member(namespace, digest), entry,
+                  vector or b"", ttl_ms or 0, self.shard_budget, self.overhead, self._score(),
+                  REAP_BATCH])
         return PutResult(bool(int(out[0])), int(out[1]), [as_text(m) for m in out[2:]])
 
     async def get_many(self, keys: list[str]) -> list[bytes | None]:
@@ -187,11 +220,14 @@ class BudgetStore:
                                                         *ms[i:i + batch]]))
         return existed
 
-    async def delete_matching(self, namespace: str | None) -> int:
-        """Delete what SCAN finds of ``namespace`` (every master of a cluster); every entry
-        or vector key found goes through the delete script, so the accounting stays exact
-        even for keys written without it."""
-        found = {self.layout.split(as_text(k)) for pattern in self.layout.patterns(namespace)
+    async def delete_matching(self, namespace: str | None, tenant_tag: str | None = None
+                              ) -> int:
+        """Delete what SCAN finds of ``namespace`` and the tenant tagged ``tenant_tag``
+        (None: all) on every master of a cluster; every entry or vector key found goes
+        through the delete script, so the accounting stays exact even for keys written
+        without it."""
+        patterns = self.layout.patterns(namespace, tenant_tag)
+        found = {self.layout.split(as_text(k)) for pattern in patterns
                  async for k in self.redis.scan_iter(match=pattern, count=1000)}
         return await self.delete_members(sorted(found))
 
@@ -210,7 +246,8 @@ class BudgetStore:
     # -- accounting ----------------------------------------------------------------------
 
     async def usage(self) -> Usage:
-        """Bytes and entries accounted now (expired entries are reaped first)."""
+        """Bytes (entries and change streams) and entries accounted now (expired entries
+        are reaped first)."""
         total = entries = reaped = 0
         for shard in range(self.layout.shards):
             out = await self._reap(keys=list(self.layout.shard_keys(shard)),
@@ -226,12 +263,22 @@ class BudgetStore:
         return [int(x) for x in out]
 
     async def recount(self, shard: int) -> list[int]:
-        return [int(x) for x in await self._totals(keys=list(self.layout.shard_keys(shard)))]
+        """Recompute the shard's totals from its sizes and its stream's events: [bytes
+        before, after, entries before, after]."""
+        return [int(x) for x in await self._totals(keys=list(self.layout.shard_keys(shard)),
+                                                   args=self._common(shard))]
 
     async def totals(self, shard: int) -> tuple[int, int]:
-        """(bytes, entries) the shard's accounting holds, as is (no reaping)."""
+        """(bytes, entries) the shard's accounting holds, as is (no reaping); bytes include
+        the change stream's (:meth:`stream_totals` has that part)."""
         raw = await self.redis.hmget(self.layout.shard_keys(shard).meta, ["bytes", "entries"])
         return int(raw[0] or 0), int(raw[1] or 0)
+
+    async def stream_totals(self, shard: int) -> tuple[int, int]:
+        """(bytes counted, events) of the shard's change stream, as is."""
+        keys = self.layout.shard_keys(shard)
+        counted = await self.redis.hget(keys.meta, "stream")
+        return int(counted or 0), int(await self.redis.xlen(keys.log))
 
     async def reap_forever(self, interval: float = 1.0) -> None:
         """Reap expired entries' accounting now and then, so totals and the other nodes'

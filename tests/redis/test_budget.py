@@ -38,8 +38,10 @@ async def client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
     await c.aclose()
 
 
-def make_cache(client: aioredis.Redis, max_bytes: int, *, node: str = "n1") -> ExactCache:
-    store = BudgetStore(client, LAYOUT, max_bytes=max_bytes, node=node, clock=Clock())
+def make_cache(client: aioredis.Redis, max_bytes: int, *, node: str = "n1",
+               stream_bytes: int | None = None) -> ExactCache:
+    store = BudgetStore(client, LAYOUT, max_bytes=max_bytes, node=node, clock=Clock(),
+                        stream_bytes=stream_bytes)
     return ExactCache(store, CachePolicy(op_timeout=5.0))
 
 
@@ -65,8 +67,11 @@ async def stored(client: aioredis.Redis, *ids: int) -> bool:
 
 
 async def usage(cache: ExactCache) -> tuple[int, int]:
+    """(bytes, entries) of the entries: the counted total less the change stream's part
+    (tests/redis/test_budget_stream.py checks that part)."""
     u = await cache.store.usage()
-    return u.bytes, u.entries
+    stream, _ = await store_of(cache).stream_totals(0)
+    return u.bytes - stream, u.entries
 
 
 async def test_bytes_counted_are_payload_vector_keys_and_overhead(
@@ -85,7 +90,8 @@ async def test_inserts_evict_least_recently_hit_entries_and_never_exceed_the_bud
         client: aioredis.Redis) -> None:
     one = await put(make_cache(client, 0), 0)  # the size of one entry
     await client.flushall()
-    cache = make_cache(client, 3 * one + 10)  # room for three
+    stream = 20_000  # the change stream's share of the budget; the entries get the rest
+    cache = make_cache(client, 3 * one + 10 + stream, stream_bytes=stream)  # room for three
     for i in range(3):
         await put(cache, i)
     assert await cache.lookup(key(0)) is not None  # 0 is now the most recently hit
@@ -168,12 +174,12 @@ async def test_reconcile_reports_and_fixes_every_kind_of_drift(
     report = await reconcile(store_of(cache))
     assert (report.stale, report.resized, report.untracked) == (1, 1, 1)
     assert not report.clean and report.entries_after == 5
-    live = 0
+    live, _ = await store_of(cache).stream_totals(0)  # the stream is counted too
     async for k in client.scan_iter("pc:e:*"):
         member = k.decode()[len("pc:e:"):]
         live += int(await client.strlen(k)) + len(k) + ENTRY_OVERHEAD_BYTES
         assert await client.hget("pc:sizes", member) is not None
-    assert report.bytes_after == live == (await usage(cache))[0]
+    assert report.bytes_after == live == (await cache.store.usage()).bytes
     assert (await reconcile(store_of(cache))).clean
 
 

@@ -4,6 +4,11 @@ One contract suite, parametrized over both (``deployment_url``): entries and sem
 cross nodes, the byte budget holds under a flood of real prompts, evictions leave every
 node's index, recently hit entries survive, restarts keep what was cached, expiry keeps the
 accounting exact, and identical misses on two nodes make one upstream call.
+
+The budget counts each shard's change stream too (its share comes out of ``--max-bytes``),
+so the budget tests ask :func:`~promptcache.benchmarks.plan.budget_for` for the budget that
+leaves their entries a given room on either deployment, and the accounting tests compare the
+entries' part of the total.
 """
 
 from __future__ import annotations
@@ -12,12 +17,14 @@ import asyncio
 import gzip
 import json
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import aiohttp
 import pytest
 
+from promptcache.benchmarks.plan import budget_for
 from promptcache.cache.protocols import Embedder
+from promptcache.cache.redis.budget import STREAM_LEAST_BYTES
 from promptcache.cache.redis.client import close_client, is_cluster_url, redis_client
 from promptcache.cache.redis.layout import CLUSTER_SHARDS, KeyLayout
 from promptcache.cache.redis.reconcile import reconcile_url
@@ -59,13 +66,26 @@ async def direct(deployment_url: str) -> AsyncIterator[Any]:
     await close_client(client)
 
 
-async def accounted(client: Any, layout: KeyLayout) -> tuple[int, int]:
-    """(bytes, entries) over all shards, read without side effects."""
-    total = entries = 0
+class Accounted(NamedTuple):
+    """What the budget's accounting holds over all shards."""
+
+    bytes: int  # everything counted: entries and change streams
+    entries: int
+    streams: int  # the change streams' part of ``bytes``
+
+    @property
+    def entry_bytes(self) -> int:
+        return self.bytes - self.streams
+
+
+async def accounted(client: Any, layout: KeyLayout) -> Accounted:
+    """The accounting over all shards (each shard read in one HMGET), without side effects."""
+    total = entries = streams = 0
     for shard in range(layout.shards):
-        raw = await client.hmget(layout.shard_keys(shard)[3], ["bytes", "entries"])
+        raw = await client.hmget(layout.shard_keys(shard)[3], ["bytes", "entries", "stream"])
         total, entries = total + int(raw[0] or 0), entries + int(raw[1] or 0)
-    return total, entries
+        streams += int(raw[2] or 0)
+    return Accounted(total, entries, streams)
 
 
 async def nodes(n: int, fake: FakeUpstream, url: str, sidecars: list[RunningSidecar],
@@ -137,17 +157,18 @@ async def test_a_write_flood_of_real_prompts_never_exceeds_the_budget(
     fake: FakeUpstream, deployment_url: str, sidecars: list[RunningSidecar],
     http: aiohttp.ClientSession, direct: Any,
 ) -> None:
-    """Two nodes take 300 real prompts at once; a poller reads the total all along."""
-    budget = 120_000
-    a, b = await nodes(2, fake, deployment_url, sidecars, max_bytes=budget)
+    """Two nodes take 300 real prompts at once; a poller reads the total (entries and
+    change streams) all along."""
     layout = layout_for(deployment_url)
+    budget, streams = budget_for(120_000, layout.shards)  # 120 KB for the entries
+    a, b = await nodes(2, fake, deployment_url, sidecars, max_bytes=budget)
     prompts = real_prompts(300)
     seen: list[int] = []
     done = asyncio.Event()
 
     async def poll() -> None:
         while not done.is_set():
-            seen.append((await accounted(direct, layout))[0])
+            seen.append((await accounted(direct, layout)).bytes)
             await asyncio.sleep(0.001)
 
     async def send(i: int, sem: asyncio.Semaphore) -> None:
@@ -162,11 +183,12 @@ async def test_a_write_flood_of_real_prompts_never_exceeds_the_budget(
     finally:
         done.set()
         await poller
-    total, entries = await accounted(direct, layout)
+    final = await accounted(direct, layout)
     evicted = a.state.cache.counts["evicted"] + b.state.cache.counts["evicted"]
     assert len(seen) >= 10 and max(seen) <= budget, (len(seen), max(seen), budget)
-    assert evicted > 100 and entries + evicted == len(prompts)
-    assert total > budget * 0.5, "the budget was actually used"
+    assert evicted > 100 and final.entries + evicted == len(prompts)
+    assert final.entry_bytes > (budget - streams) * 0.5, "the entries' room was actually used"
+    assert 0 < final.streams <= streams, "the change streams are counted, within their share"
     assert (await reconcile_url(deployment_url)).clean
 
 
@@ -175,7 +197,8 @@ async def test_the_most_recently_hit_entries_survive_a_flood(
     fake: FakeUpstream, deployment_url: str, sidecars: list[RunningSidecar],
     http: aiohttp.ClientSession,
 ) -> None:
-    a, b = await nodes(2, fake, deployment_url, sidecars, max_bytes=400_000)
+    budget, _ = budget_for(400_000, layout_for(deployment_url).shards)  # 400 KB for entries
+    a, b = await nodes(2, fake, deployment_url, sidecars, max_bytes=budget)
     hot = real_prompts(4, skip=1000)
     for prompt in hot:
         await post(http, a, chat(prompt))
@@ -196,9 +219,10 @@ async def test_evictions_disappear_from_every_nodes_index(
     fake: FakeUpstream, deployment_url: str, embedder: Embedder,
     sidecars: list[RunningSidecar], http: aiohttp.ClientSession, direct: Any,
 ) -> None:
-    a, b = await nodes(2, fake, deployment_url, sidecars, embedder=embedder,
-                       max_bytes=150_000)
     layout = layout_for(deployment_url)
+    budget, _ = budget_for(150_000, layout.shards)  # 150 KB for the entries
+    a, b = await nodes(2, fake, deployment_url, sidecars, embedder=embedder,
+                       max_bytes=budget)
     for i, prompt in enumerate(real_prompts(120)):
         await ask(http, (a, b)[i % 2], chat(prompt))
     assert a.state.cache.counts["evicted"] + b.state.cache.counts["evicted"] > 20
@@ -248,28 +272,33 @@ async def test_ttl_expiry_leaves_the_accounting_exact_on_every_node(
                        max_bytes=1_000_000)
     layout = layout_for(deployment_url)
     await ask(http, a, chat("kept for a day"))
-    kept = await accounted(direct, layout)
+    before = await accounted(direct, layout)
+    kept = (before.entry_bytes, before.entries)
     for i in range(6):
         await ask(http, (a, b)[i % 2], chat(f"short lived question {i}?"),
                   **{"Cache-Control": "max-age=4", "X-Cache-Mode": "exact"})
-    assert (await accounted(direct, layout))[1] == 7
-    await eventually(lambda: _accounted_is(direct, layout, kept), within=15, step=0.1)
+    assert (await accounted(direct, layout)).entries == 7
+    # the expiries are logged to the change streams, so only the entries' part is as before
+    await eventually(lambda: _entries_are(direct, layout, kept), within=15, step=0.1)
     for node in (a, b):
         index = node.state.semantic.index  # type: ignore[union-attr]
         await eventually(lambda index=index: len(index) == 1, within=5)
+    after = await accounted(direct, layout)
+    assert after.streams > before.streams, "the expiries were logged and counted"
     async with http.get(a.url + "/stats") as r:
         stats = await r.json()
-    assert (stats["cache"]["bytes"], stats["cache"]["entries"]) == kept
+    assert (stats["cache"]["bytes"], stats["cache"]["entries"]) == (after.bytes, 1)
     assert (await reconcile_url(deployment_url)).clean
 
 
-async def _accounted_is(client: Any, layout: KeyLayout, expected: tuple[int, int]) -> bool:
-    return await accounted(client, layout) == expected
+async def _entries_are(client: Any, layout: KeyLayout, expected: tuple[int, int]) -> bool:
+    now = await accounted(client, layout)
+    return (now.entry_bytes, now.entries) == expected
 
 
 async def test_stats_and_metrics_report_the_budget_and_resident_memory(
     fake: FakeUpstream, deployment_url: str, sidecars: list[RunningSidecar],
-    http: aiohttp.ClientSession,
+    http: aiohttp.ClientSession, direct: Any,
 ) -> None:
     (a,) = await nodes(1, fake, deployment_url, sidecars, max_bytes=1_000_000)
     await post(http, a, chat(Q))
@@ -277,7 +306,10 @@ async def test_stats_and_metrics_report_the_budget_and_resident_memory(
         stats = await r.json()
     shards = CLUSTER_SHARDS if is_cluster_url(deployment_url) else 1
     assert stats["cache"]["entries"] == 1 and stats["cache"]["shards"] == shards
-    assert 0 < stats["cache"]["bytes"] < 5000 and stats["cache"]["max_bytes"] == 1_000_000
+    counted = await accounted(direct, layout_for(deployment_url))
+    assert stats["cache"]["bytes"] == counted.bytes and stats["cache"]["max_bytes"] == 1_000_000
+    # one entry, and one shard's change stream holding one event
+    assert 0 < counted.entry_bytes < 5000 and 0 < counted.streams < STREAM_LEAST_BYTES
     memory = stats["memory"]
     assert memory["rss_bytes"] > 10_000_000
     assert memory["rss_bytes"] == memory["model_bytes"] + memory["index_bytes"] + memory[
@@ -299,16 +331,18 @@ async def test_invalidation_reaches_every_master_and_keeps_the_accounting_exact(
     for i in range(24):  # spread over every shard (and master) of a cluster
         await post(http, (a, b)[i % 2], chat(f"question {i}"),
                    headers={"X-Cache-Namespace": "team-a" if i % 3 else "team-b"})
-    assert (await accounted(direct, layout))[1] == 24
+    assert (await accounted(direct, layout)).entries == 24
     auth = {"Authorization": "Bearer tok"}
     async with http.delete(a.url + "/cache", json={"namespace": "team-b"}, headers=auth) as r:
         assert r.status == 200 and (await r.json())["deleted"] == 8
-    assert (await accounted(direct, layout))[1] == 16
+    assert (await accounted(direct, layout)).entries == 16
     _, h, _ = await post(http, b, chat("question 0"), headers={"X-Cache-Namespace": "team-b"})
     assert h["X-Cache"] == "MISS"
     async with http.delete(b.url + "/cache", json={"all": True}, headers=auth) as r:
         assert r.status == 200 and (await r.json())["deleted"] == 17
-    assert await accounted(direct, layout) == (0, 0)
+    left = await accounted(direct, layout)
+    # only the change streams (which logged the deletes) are left
+    assert (left.entry_bytes, left.entries) == (0, 0) and left.streams > 0
     assert (await reconcile_url(deployment_url)).clean
 
 
