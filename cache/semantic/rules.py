@@ -10,11 +10,19 @@
   the same order, so "Alice pays Bob" never matches "Bob pays Alice".
 
 Pure functions of two strings; :mod:`.verifier` runs them, :mod:`.scorers` uses their flags
-as features.
+as features. Each considers at most :data:`MAX_TOKENS` tokens of a text and judges a longer
+one to disagree (a miss, never a wrong hit). ``numbers`` and ``negation`` cost time linear in
+the texts; ``entities`` is linear but for sorting the words the prompts share, and its
+searches for words that trade places and for long names stop at :data:`MAX_REORDERED`,
+:data:`MAX_READ` and :data:`MAX_SEARCHED`, judging the pair to disagree. The verifier also
+bounds the texts' length in characters, before anything reads them.
 """
 
 from __future__ import annotations
 
+import bisect
+import itertools
+import operator
 import re
 from collections import Counter
 
@@ -36,6 +44,16 @@ _TOKEN = re.compile(
 
 def _tokens(text: str) -> list[str]:
     return _TOKEN.findall(text)
+
+
+#: The most tokens (words, numbers, punctuation marks) of one text a check considers, about
+#: 3,000 words of prose: a pair with a longer text is judged to disagree (a miss), after
+#: one pass of the tokenising regex over it.
+MAX_TOKENS = 4_096
+
+
+def _too_long(*texts: str) -> bool:
+    return any(len(t) > MAX_TOKENS and len(_tokens(t)) > MAX_TOKENS for t in texts)
 
 
 def words(text: str) -> list[str]:
@@ -187,6 +205,8 @@ def _number_words(seq: list[str], i: int) -> tuple[float, int]:
 
 
 def numbers_agree(query: str, candidate: str) -> bool:
+    if _too_long(query, candidate):
+        return False
     q, c = _quantity_tokens(query), _quantity_tokens(candidate)
     qc, cc = Counter(s for s, _ in q), Counter(s for s, _ in c)
     if any(hard and qc[s] > cc[s] for s, hard in q):
@@ -221,6 +241,8 @@ def negation_count(text: str) -> int:
 
 
 def negation_agrees(query: str, candidate: str) -> bool:
+    if _too_long(query, candidate):
+        return False
     return negation_count(query) == negation_count(candidate)
 
 
@@ -274,15 +296,28 @@ def named_things(text: str) -> list[str]:
 def names_agree(query: str, candidate: str) -> bool:
     """Every named thing of each prompt appears in the other, and no two named things or
     content words trade places ("Why are westerners more polite than Asians?" / "Why are
-    Asians more polite than westerners?")."""
-    q, c = named_things(query), named_things(candidate)
-    q_text, c_text = _match_space(query), _match_space(candidate)
-    if any(_plain(n) not in c_text for n in q) or any(_plain(n) not in q_text for n in c):
+    Asians more polite than westerners?").
+
+    Linear in the texts but for sorting the shared words; the search for swaps is bounded
+    by :data:`MAX_REORDERED` and :data:`MAX_READ` (see :func:`_swapped`), and the searches
+    for names of more than a few words by :data:`MAX_SEARCHED`.
+    """
+    if _too_long(query, candidate):
         return False
-    content = {f" {w} " for w in set(words(query)) & set(words(candidate))
-               if w not in STOPWORDS and not w.isdigit()}
-    return not (_swapped({_plain(n) for n in q + c}, q_text, c_text)
-                or _swapped(content, q_text, c_text, ignore=_SYMMETRIC))
+    q, c = named_things(query), named_things(candidate)
+    q_text, c_text = _Words(query), _Words(candidate)
+    q_runs, c_runs = {_run(n) for n in set(q)}, {_run(n) for n in set(c)}
+    content: set[tuple[str, ...]] = {(w,) for w in set(q_text.words) & set(c_text.words)
+                                     if w not in STOPWORDS and not w.isdigit()}
+    pair = _Pair(q_text, c_text)  # one budget for both searches for swaps
+    try:
+        if (any(c_text.first(r) is None for r in q_runs)
+                or any(q_text.first(r) is None for r in c_runs)):
+            return False
+        return not (_swapped(q_runs | c_runs, pair)
+                    or _swapped(content, pair, ignore=_SYMMETRIC))
+    except _OverBound:
+        return False
 
 
 #: Words that leave two things in symmetric roles: "the difference between X and Y" is the
@@ -290,13 +325,106 @@ def names_agree(query: str, candidate: str) -> bool:
 #: ("little black bugs" / "black little bugs"), is word order, not a swap.
 _SYMMETRIC = frozenset("and or nor both a an the vs versus".split())
 
+#: Bounds on the search for a swap (names and content words together), each a cap on work
+#: that the texts' length alone does not bound. A pair of texts that needs more is judged to
+#: have a swap, so the candidate is rejected (a miss, never a wrong hit). Pairs of shared
+#: words that come in the other order in the second text, looked at one by one: a reordering
+#: that large is a different text, not a paraphrase.
+MAX_REORDERED = 10_000
+#: Words read between such pairs, in all. Prompts of up to about 300 words with their parts
+#: in any order stay under both bounds, and are judged exactly.
+MAX_READ = 100_000
+#: The bounds hold as stated while the two texts have at most this many distinct words; the
+#: words are bit sets, which cost more to combine past it, so the bounds shrink in proportion.
+BOUNDS_VOCABULARY = 1_024
+#: Characters read, in all, to find the names of more than :data:`_RUN_TABLE` words
+#: (quoted phrases, code) in each text: about 2 ns each. A text quoting so many long phrases
+#: that finding them reads more is judged to disagree.
+MAX_SEARCHED = 4_000_000
+_RUN_TABLE = 4  # runs of up to this many words are looked up in a table, longer ones searched
 
-def _plain(name: str) -> str:
-    return f" {' '.join(words(name)) or name.casefold()} "
+
+def _run(name: str) -> tuple[str, ...]:
+    """A name as the run of words it must appear as (its casefolded text if it has none)."""
+    if name.isascii() and name.isidentifier():  # most names: one word, as words() reads it
+        return (name.casefold(),)
+    return tuple(words(name)) or tuple(name.casefold().split(" "))
 
 
-def _match_space(text: str) -> str:
-    return f" {' '.join(words(text))} "
+class _Words:
+    """A text's words, and where a word or a run of words first occurs in them."""
+
+    def __init__(self, text: str) -> None:
+        self.words = words(text)
+        self._first = {w: i for i, w in reversed(list(enumerate(self.words)))}
+        self._runs: dict[int, dict[tuple[str, ...], int]] = {}
+        self._long: dict[tuple[str, ...], int | None] = {}
+        self._joined = ""
+        self._starts: list[int] = []
+        self.searched = 0  # characters read by searches for long runs
+
+    def first(self, run: tuple[str, ...]) -> int | None:
+        """The index of the first word of ``run``'s first occurrence, or None.
+
+        Raises :class:`_OverBound` once searches for long runs pass :data:`MAX_SEARCHED`.
+        """
+        if len(run) == 1:
+            return self._first.get(run[0])
+        if len(run) <= _RUN_TABLE:  # one table for each length, O(n) to build
+            table = self._runs.get(len(run))
+            if table is None:
+                columns = (self.words[k:] for k in range(len(run)))
+                table = self._runs[len(run)] = {
+                    r: i for i, r in reversed(list(enumerate(zip(*columns, strict=False))))}
+            return table.get(run)
+        if run not in self._long:  # quoted phrases, code: a search of the text each
+            if not self._joined:
+                self._joined = f" {' '.join(self.words)} "
+                self._starts = list(itertools.accumulate((len(w) + 1 for w in self.words),
+                                                         initial=0))
+            at = self._joined.find(f" {' '.join(run)} ")
+            self.searched += len(self._joined) if at < 0 else at
+            if self.searched > MAX_SEARCHED:
+                raise _OverBound
+            self._long[run] = None if at < 0 else bisect.bisect_left(self._starts, at)
+        return self._long[run]
+
+
+class _OverBound(Exception):
+    """A search for names passed its bound."""
+
+
+class _Pair:
+    """Two texts' words as bit sets (one bit per distinct word), built on first use."""
+
+    def __init__(self, a: _Words, b: _Words) -> None:
+        self.a, self.b = a, b
+        self._ids: dict[str, int] = {}
+        self._bits: tuple[list[int], list[int]] | None = None
+        self._masks: dict[tuple[str, ...] | frozenset[str], int] = {}
+        self._reordered = self._read = 0  # the swap searches' work so far
+
+    def bits(self) -> tuple[list[int], list[int]]:
+        """Each word of ``a`` and of ``b`` as a one-bit mask."""
+        if self._bits is None:
+            ids = self._ids
+            self._bits = ([1 << ids.setdefault(w, len(ids)) for w in self.a.words],
+                          [1 << ids.setdefault(w, len(ids)) for w in self.b.words])
+        return self._bits
+
+    def spend(self, reordered: int, read: int) -> bool:
+        """Count a step of a swap search; True once it passes the bounds."""
+        self._reordered += reordered
+        self._read += read
+        scale = max(1.0, len(self._ids) / BOUNDS_VOCABULARY)
+        return self._reordered * scale > MAX_REORDERED or self._read * scale > MAX_READ
+
+    def mask(self, words: tuple[str, ...] | frozenset[str]) -> int:
+        """The bits of ``words`` (the ones either text has)."""
+        if words not in self._masks:
+            self.bits()
+            self._masks[words] = sum(1 << self._ids[w] for w in set(words) if w in self._ids)
+        return self._masks[words]
 
 
 def _same_order(a: list[str], b: list[str]) -> bool:
@@ -307,34 +435,65 @@ def _same_order(a: list[str], b: list[str]) -> bool:
     return fa == fb
 
 
-def _swapped(names: set[str], a: str, b: str, *, ignore: frozenset[str] | None = None
-             ) -> bool:
+def _swapped(names: set[tuple[str, ...]], pair: _Pair, *,
+             ignore: frozenset[str] | None = None) -> bool:
     """Two names trade places around the same words ("Alice pays Bob" / "Bob pays Alice").
 
     Names that come in another order with other words between them are a rephrasing
     (clauses moved: "S3 is an example in this guide" / "this guide names S3 as an
     example"), not a swap, so only the words between a pair of names decide. With
     ``ignore``, those words do not count as between, and a pair with nothing else between
-    it is not a swap either.
+    it is not a swap either. Names are runs of words, placed by their first occurrence.
+
+    Cost: O(k log k) for k names, plus the reordered pairs and the words between them.
+    The names are inserted in ``a``'s order into a list sorted by place in ``b``; the ones
+    after the insertion point are those in the other order. For each name y, the sets of
+    words between it and each such x are prefixes of one window of each text, taken as
+    running ORs of bit masks. Past :data:`MAX_REORDERED` pairs or :data:`MAX_READ` words
+    read (counted on ``pair``, across searches; see :data:`BOUNDS_VOCABULARY`), the answer
+    is yes.
     """
-    present = sorted(n for n in names if n in a and n in b)
-    for i, x in enumerate(present):
-        for y in present[i + 1:]:
-            if x in y or y in x:
-                continue
-            ax, ay, bx, by = a.find(x), a.find(y), b.find(x), b.find(y)
-            if (ax < ay) == (bx < by):
-                continue
-            skip = set((x + y).split()) | (ignore or set())
-            between_a = set(a[min(ax, ay):max(ax, ay) + 1].split()) - skip
-            between_b = set(b[min(bx, by):max(bx, by) + 1].split()) - skip
-            union = between_a | between_b
-            if not union:
-                if ignore is None:
-                    return True
-            elif len(between_a & between_b) >= 0.5 * len(union):
+    a, b = pair.a, pair.b
+    placed = sorted((pa, pb, n) for n in names
+                    if (pa := a.first(n)) is not None and (pb := b.first(n)) is not None)
+    keys: list[int] = []  # the places in b of the names inserted so far, sorted
+    seen: list[tuple[int, tuple[str, ...]]] = []  # (place in a, name), in the same order
+    for ay, by, y in placed:
+        at = bisect.bisect_right(keys, by)
+        if at < len(keys):  # names x before y in a and after it in b
+            xs = seen[at:]
+            lo, hi = min(ax for ax, _ in xs), keys[-1]
+            a_bits, b_bits = pair.bits()
+            if pair.spend(len(xs), (ay - lo) + (hi - by)):
                 return True
+            # back[i]: the words a[ay - 1 - i : ay]; ahead[i]: the words b[by : by + i + 1]
+            back = list(itertools.accumulate(reversed(a_bits[lo:ay]), operator.or_))
+            ahead = list(itertools.accumulate(b_bits[by:hi], operator.or_))
+            y_skip = pair.mask(y) | pair.mask(ignore or ())
+            for (ax, x), bx in zip(xs, keys[at:], strict=True):
+                if _inside(x, y) or _inside(y, x):
+                    continue
+                keep = ~(pair.mask(x) | y_skip)
+                between_a = back[ay - ax - 1] & keep
+                between_b = ahead[bx - by - 1] & keep
+                union = between_a | between_b
+                if not union:
+                    if ignore is None:
+                        return True
+                elif 2 * (between_a & between_b).bit_count() >= union.bit_count():
+                    return True
+        keys.insert(at, by)
+        seen.insert(at, (ay, y))
     return False
+
+
+def _inside(x: tuple[str, ...], y: tuple[str, ...]) -> bool:
+    """``x`` occurs as a run of words in ``y``."""
+    if len(x) > len(y):
+        return False
+    if len(x) == 1:
+        return x[0] in y
+    return any(y[i:i + len(x)] == x for i in range(len(y) - len(x) + 1))
 
 
 RULES = ("numbers", "negation", "entities")

@@ -4,7 +4,9 @@ What ``promptcache fit`` (:mod:`promptcache.benchmarks.fit`) writes, loaded and 
 
 - ``linear``: logistic regression over cheap features of a pair (:func:`pair_features`:
   similarity, word and content-word overlap, unmatched content words, length ratio, question
-  words, the rule flags), a small JSON file. Scoring costs about 0.1 ms a pair.
+  words, the rule flags), a small JSON file. Scoring costs about 0.1 ms a pair. Loaded for
+  :class:`~promptcache.cache.semantic.verifier.Verifier` (``rules_passed``), it takes every
+  rule flag as True instead of running the rules again: see :class:`LinearScorer`.
 - ``cross-encoder``: a fine-tuned pair classifier in a directory; one forward pass per pair
   (torch and transformers are imported only when one is loaded).
 - ``rules``: no model (the fit found none that beat the rule checks alone).
@@ -14,8 +16,9 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -31,13 +34,23 @@ FEATURES = ("similarity", "word_jaccard", "content_jaccard", "unmatched_query",
             "question_words_equal", *(f"rule_{r}" for r in RULES))
 
 
-def pair_features(query: str, candidate: str, similarity: float) -> list[float]:
-    """The features named in :data:`FEATURES`, in order."""
+#: The rule flags of a pair that every rule passed (or that a rule switched off did not judge).
+ALL_AGREE: Mapping[str, bool] = MappingProxyType(dict.fromkeys(RULES, True))
+
+
+def pair_features(query: str, candidate: str, similarity: float,
+                  flags: Mapping[str, bool] | None = None) -> list[float]:
+    """The features named in :data:`FEATURES`, in order.
+
+    ``flags`` are the rule verdicts when the caller knows them; without, every rule runs
+    (as ``promptcache fit`` does, to learn from them).
+    """
     wq, wc = words(query), words(candidate)
     sq, sc = set(wq), set(wc)
     cq, cc = sq - STOPWORDS, sc - STOPWORDS
     lq, lc = max(len(wq), 1), max(len(wc), 1)
-    flags = rule_flags(query, candidate)
+    if flags is None:
+        flags = rule_flags(query, candidate)
     return [similarity, len(sq & sc) / max(len(sq | sc), 1), len(cq & cc) / max(len(cq | cc), 1),
             float(len(cq - cc)), float(len(cc - cq)), min(lq, lc) / max(lq, lc),
             math.log(max(lq, lc)), float(bool(wq) and bool(wc) and wq[0] == wc[0]),
@@ -46,12 +59,20 @@ def pair_features(query: str, candidate: str, similarity: float) -> list[float]:
 
 
 class LinearScorer:
-    """Logistic regression over :func:`pair_features`, from a JSON parameter file."""
+    """Logistic regression over :func:`pair_features`, from a JSON parameter file.
 
-    def __init__(self, params: dict[str, Any]) -> None:
+    With ``rules_passed`` (how the verifier loads it), the caller scores only pairs that its
+    switched-on rules passed, so every rule flag is fed as True and no rule runs twice; a
+    rule switched off is fed as True as well. ``promptcache fit`` chose the threshold among
+    pairs that every rule passed, where all flags are True, so switching a rule off removes
+    its veto and leaves the scores as calibrated.
+    """
+
+    def __init__(self, params: dict[str, Any], *, rules_passed: bool = False) -> None:
         if tuple(params["features"]) != FEATURES:
             raise ConfigError("verifier parameters were fitted on other features; refit them")
         self.params = params
+        self.rules_passed = rules_passed
         self.mean = np.array(params["mean"], dtype=np.float64)
         self.scale = np.array(params["scale"], dtype=np.float64)
         self.weights = np.array(params["weights"], dtype=np.float64)
@@ -61,7 +82,8 @@ class LinearScorer:
     def score_batch(self, items: Sequence[tuple[str, str, float]]) -> list[float]:
         if not items:
             return []
-        x = np.array([pair_features(q, c, s) for q, c, s in items])
+        flags = ALL_AGREE if self.rules_passed else None
+        x = np.array([pair_features(q, c, s, flags) for q, c, s in items])
         # Row by row (no BLAS), so a pair scores the same alone or in any batch.
         z = (((x - self.mean) / self.scale) * self.weights).sum(axis=1) + self.bias
         return [float(v) for v in 1.0 / (1.0 + np.exp(-z))]
@@ -96,12 +118,13 @@ class CrossEncoderScorer:
         return scores
 
 
-def load_model(path: str | Path
+def load_model(path: str | Path, *, rules_passed: bool = False
                ) -> tuple[dict[str, Any], LinearScorer | CrossEncoderScorer | None]:
     """What ``promptcache fit`` wrote: a JSON file, or a directory holding ``verifier.json``.
 
     Returns the parameters and the model to score with; kind ``rules`` (the fit found no
-    model that beat the rule checks alone) has none.
+    model that beat the rule checks alone) has none. ``rules_passed``: see
+    :class:`LinearScorer`.
     """
     path = Path(path)
     directory = path if path.is_dir() else None
@@ -111,7 +134,7 @@ def load_model(path: str | Path
         if kind == "rules":
             return params, None
         if kind == "linear":
-            return params, LinearScorer(params)
+            return params, LinearScorer(params, rules_passed=rules_passed)
         if kind == "cross-encoder" and directory is not None:
             return params, CrossEncoderScorer(directory, params)
     except (OSError, ValueError, KeyError) as exc:

@@ -12,8 +12,15 @@ checks of :mod:`.rules` (``numbers``, ``negation``, ``entities``), then the fitt
   lookups. ``VerifierConfig.model`` is ``"default"`` (the file shipped as
   ``models/verifier.json``, fitted on QQP), ``None`` (rules only) or a path.
 
-Each check can be switched off in :class:`VerifierConfig`. The rules and the linear model
-cost about 0.1-0.2 ms a candidate; a cross-encoder one forward pass per pair.
+Each check can be switched off in :class:`VerifierConfig`; a check switched off does not run,
+and the linear model takes its flag as agreeing (see
+:class:`~promptcache.cache.semantic.scorers.LinearScorer`). The rules and the linear model
+cost about 0.1-0.2 ms a candidate; a cross-encoder one forward pass per pair. Work is bounded
+on any input: a pair with a text longer than ``VerifierConfig.max_chars`` is rejected
+(reason ``"length"``, a miss) before any check or model reads it, and each check reads at
+most :data:`~promptcache.cache.semantic.rules.MAX_TOKENS` tokens of a text, in time linear
+in them but for a sort, with its searches capped (see :mod:`.rules`): a few tens of
+milliseconds a check on the worst inputs found, 5-20 ms on a 2,500-word pair.
 """
 
 from __future__ import annotations
@@ -35,12 +42,17 @@ DEFAULT_PARAMS = Path(__file__).resolve().parent / "models" / "verifier.json"
 
 @dataclass(frozen=True)
 class VerifierConfig:
-    """Which checks run: each rule, and the model (``"default"``, None or a path)."""
+    """Which checks run: each rule, and the model (``"default"``, None or a path).
+
+    ``max_chars``: the longest text (query or candidate) the checks read, about 5,000 words;
+    a pair with a longer one is rejected (a miss), unless no check and no model is on.
+    """
 
     numbers: bool = True
     negation: bool = True
     entities: bool = True
     model: str | None = "default"
+    max_chars: int = 32_768
 
 
 class Verifier:
@@ -58,10 +70,15 @@ class Verifier:
         self.params: dict[str, Any] = {}  # what `promptcache fit` wrote, if a model is set
         if config.model is not None:
             path = DEFAULT_PARAMS if config.model == "default" else Path(config.model)
-            self.params, self.scorer = load_model(path)
+            # The model scores only pairs the rules passed: it need not run them again.
+            self.params, self.scorer = load_model(path, rules_passed=True)
         self.embedder = embedder  # the fitted kinds shipped today score without it
+        self._reads = bool(self._checks) or self.scorer is not None
 
     def _rules(self, query: str, candidate: str) -> str | None:
+        limit = self.config.max_chars
+        if self._reads and (len(query) > limit or len(candidate) > limit):
+            return "length"
         for name, check in self._checks:
             if not check(query, candidate):
                 return name
