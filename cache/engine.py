@@ -174,6 +174,7 @@ async def _semantic(options: EngineOptions, cache: ExactCache, embedder: Embedde
                        max_temperature=options.semantic_max_temperature,
                        max_index_bytes=options.index_max_bytes,
                        wait_budget=options.semantic_wait_budget,
+                       background_quiet=options.semantic_wait_budget,
                        embed_timeout=options.embed_timeout,
                        vector_backlog=options.vector_backlog),
     )

@@ -71,9 +71,13 @@ class SemanticPolicy:
     embed_timeout: float = 1.0
     #: Stored entries waiting for their vector, at most; past it new ones stay exact-only.
     vector_backlog: int = 4096
-    #: Seconds without a lookup wanting the model before the backlog is embedded: vectors
-    #: for storage never compete with traffic for the model or the CPU.
-    background_quiet: float = 0.25
+    #: Seconds without a lookup wanting the model before the backlog is embedded (as long
+    #: as a lookup may wait, by default): vectors for storage give way to lookups, yet a
+    #: steady trickle of traffic still leaves them gaps to run in.
+    background_quiet: float = 0.01
+    #: Seconds after which a backlog batch runs whenever the model is idle, even without a
+    #: quiet spell (steady traffic would otherwise starve it).
+    background_every: float = 0.5
 
 
 class SemanticHit(NamedTuple):
@@ -243,18 +247,26 @@ class SemanticCache:
 
     async def _work(self) -> None:
         """Attach the vectors the memo had at once; compute the others at low priority,
-        a few at a time, only while the model is idle (lookups come first)."""
+        a few at a time, only while the model is idle (lookups come first): after
+        ``background_quiet`` without a lookup wanting it, or, so that steady traffic cannot
+        starve the backlog, whenever it is idle and no batch has run for ``background_every``
+        seconds."""
+        last_batch = self._clock()
         while True:
             await self._queued.wait()
             if not (self._backlog or self._ready):
                 self._queued.clear()
                 self._drained.set()
+                last_batch = self._clock()
                 continue
+            now = self._clock()
             if self._ready:
                 batch = self._take(self._ready, self.embedder.background_batch)
             elif self.embedder.idle() and (
-                    self._clock() - self._wanted_at >= self.policy.background_quiet):
+                    now - self._wanted_at >= self.policy.background_quiet
+                    or now - last_batch >= self.policy.background_every):
                 batch = self._take(self._backlog, self.embedder.background_batch)
+                last_batch = now
             else:
                 await asyncio.sleep(self.idle_poll)
                 continue
