@@ -21,7 +21,7 @@ from promptcache.cache.semantic.embedding import SentenceTransformerEmbedder
 from promptcache.cache.semantic.rules import rule_flags
 from promptcache.testing import FakeUpstream, running_fake_upstream
 from tests.support.paths import DATASETS
-from tests.support.sidecars import RunningSidecar
+from tests.support.sidecars import RunningSidecar, start_sidecar
 
 DATA = DATASETS
 PROMPTS = DATA / "chat_prompts.jsonl.gz"
@@ -248,13 +248,18 @@ def test_bench_report_gathers_the_results_into_one_page(bench_dir: Path, tmp_pat
 
 
 @needs_data
-async def test_bench_load_against_a_running_sidecar(semantic_sidecar: RunningSidecar,
-                                                    fake: FakeUpstream, tmp_path: Path) -> None:
+async def test_bench_load_against_a_running_sidecar(
+        fake: FakeUpstream, redis_url: str, embedder: SentenceTransformerEmbedder,
+        sidecars: list[RunningSidecar], tmp_path: Path) -> None:
     """--target: the workload goes to the given sidecar; paraphrases get semantic hits and,
     one request at a time, the MISS count is exactly the upstream's call count."""
     # Vectors are computed while the model is idle, off the request path: an upstream that
-    # takes a while, as real ones do, leaves it idle during each miss.
-    fake.latency = 0.2
+    # takes a while, as real ones do, leaves it idle during each miss. A generous wait
+    # budget keeps a loaded test machine from shedding the lookups themselves.
+    fake.latency = 0.3
+    semantic_sidecar = await start_sidecar(fake.url, redis_url, embedder=embedder,
+                                           semantic_wait_budget=5.0)
+    sidecars.append(semantic_sidecar)
     args = _args(load.add_arguments, [
         "--target", semantic_sidecar.url, "--prompts", str(PROMPTS), "--requests", "30",
         "--concurrency", "1", "--exact", "0.2", "--paraphrase", "0.5", "--max-chars", "300",
