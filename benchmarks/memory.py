@@ -51,6 +51,7 @@ from promptcache.cache.semantic.index import make_index
 from promptcache.cache.semantic.record import VectorRecord
 from promptcache.server.app import create_app
 from promptcache.server.config import Settings
+from promptcache.server.state import SIDECAR
 from promptcache.testing import running_fake_upstream
 
 CHAT = "/v1/chat/completions"
@@ -61,8 +62,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"JSON lines with a 'prompt' field (default: {DEFAULT_PROMPTS})")
     p.add_argument("--entries", type=int, metavar="N", default=2000,
                    help="distinct prompts cached (2000)")
-    p.add_argument("--max-chars", type=int, metavar="N", default=4000,
-                   help="longest prompt taken from the file (default 4000 characters)")
+    p.add_argument("--max-chars", type=int, metavar="N", default=900,
+                   help="longest prompt taken from the file (default 900 characters: "
+                        "longer ones may pass the model's window and be cached exactly only)")
     p.add_argument("--answer-words", type=int, metavar="N", default=150,
                    help="filler words in each fake answer (default 150)")
     p.add_argument("--semantic", type=_bool, default=True, metavar="BOOL",
@@ -108,6 +110,9 @@ async def _fill(settings: Settings, redis_url: str, embedder: Embedder | None,
                         bar.update(1)
 
                 await asyncio.gather(*(worker() for _ in range(8)))
+            semantic = app[SIDECAR].semantic
+            if semantic is not None:  # vectors are attached off the request path
+                await semantic.drain()
             async with http.get(url + "/stats") as r:
                 stats = await r.json()
     finally:

@@ -110,6 +110,8 @@ async def open_engine(options: EngineOptions, stack: contextlib.AsyncExitStack, 
     if options.semantic:
         semantic = await _semantic(options, cache, embedder)
         stack.push_async_callback(semantic.embedder.close)
+        semantic.start()  # vectors of new entries, computed off the request path
+        stack.push_async_callback(semantic.stop)
         sync = await _start_sync(stack, url, options, semantic, store)
     _background(stack, store.reap_forever())
     remote = RemoteFlight(client, layout, lease=options.flight_lease,
@@ -164,11 +166,16 @@ async def _semantic(options: EngineOptions, cache: ExactCache, embedder: Embedde
     verifier = await asyncio.to_thread(Verifier, config, embedder=model)
     semantic = SemanticCache(
         cache,
-        BatchingEmbedder(model, window=options.embed_window, max_batch=options.embed_max_batch),
+        BatchingEmbedder(model, window=options.embed_window, max_batch=options.embed_max_batch,
+                         memo_bytes=options.embed_memo_bytes, timeout=options.embed_timeout),
         PartitionedIndex(model.dim, options.index_kind),
         verifier,
         SemanticPolicy(threshold=options.similarity_threshold,
                        max_temperature=options.semantic_max_temperature,
-                       max_index_bytes=options.index_max_bytes),
+                       max_index_bytes=options.index_max_bytes,
+                       wait_budget=options.semantic_wait_budget,
+                       background_quiet=options.semantic_wait_budget,
+                       embed_timeout=options.embed_timeout,
+                       vector_backlog=options.vector_backlog),
     )
     return semantic

@@ -10,6 +10,8 @@
  |    +-- BodyTimeout           a body not received within the configured time
      +-- CacheUnavailable           the cache backend is down, slow, or its circuit is open
      |                              (callers degrade to pass-through; never shown to a client)
+     +-- EmbedTimeout               an embedding not ready within its deadline (``embed_timeout``);
+     |                              the semantic lookup is a miss, the cache itself is fine
      +-- EntryFormatError           stored bytes that are not an entry or vector record of a
      |                              known format (also a ValueError; read as a miss)
      +-- ClientError                raised by promptcache.clients
@@ -66,6 +68,10 @@ class BodyTimeout(RequestError):
 
 class CacheUnavailable(PromptCacheError):
     """The backend failed, timed out, or the circuit breaker is open."""
+
+
+class EmbedTimeout(PromptCacheError):
+    """An embedding was not ready within its deadline; the lookup that wanted it is a miss."""
 
 
 class EntryFormatError(PromptCacheError, ValueError):

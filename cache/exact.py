@@ -123,6 +123,13 @@ class ExactCache:
             self.counts["over_budget"] += 1
         return result.size if result.stored else 0
 
+    async def attach_vector(self, namespace: str, digest: str, vector: bytes) -> bool:
+        """Give a stored entry its vector record (computed after the entry was written),
+        if the entry still exists and the record fits; whether it was attached."""
+        result = await self._call(lambda: self.store.attach_vector(namespace, digest, vector))
+        self.counts["evicted"] += len(result.evicted)
+        return result.stored
+
     async def get_with_vectors(self, refs: Sequence[tuple[str, str]]
                                ) -> list[tuple[bytes | None, bytes | None]]:
         """(entry, vector record) of each (namespace, digest); None where gone."""

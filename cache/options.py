@@ -54,4 +54,8 @@ class EngineOptions:
     verify_entities: bool = True
     embed_window: float = 0.001
     embed_max_batch: int = 64
+    semantic_wait_budget: float = 0.010
+    embed_timeout: float = 1.0
+    embed_memo_bytes: int = 16 << 20
+    vector_backlog: int = 4096
     key_prefix: str = "pc:"

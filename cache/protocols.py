@@ -73,6 +73,11 @@ class EntryStore(Protocol):
         """Write the entry and its vector record together (same TTL), evicting to fit."""
         ...
 
+    async def attach_vector(self, namespace: str, digest: str, vector: bytes) -> PutResult:
+        """Add a vector record to an entry that exists (never to one that is gone), with
+        the entry's remaining TTL, evicting to fit."""
+        ...
+
     async def get_with_vectors(self, refs: Sequence[tuple[str, str]]
                                ) -> list[tuple[bytes | None, bytes | None]]:
         """(entry, vector record) of each (namespace, digest); None where gone."""

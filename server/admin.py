@@ -22,6 +22,7 @@ from promptcache.cache.errors import CacheUnavailable, RequestError
 from promptcache.cache.keys import check_namespace, tenant_tag
 from promptcache.cache.request import credential
 from promptcache.cache.resident import memory_split
+from promptcache.cache.semantic.tier import SKIP_REASONS
 from promptcache.cache.strict_json import parse_json_object
 from promptcache.server.state import SIDECAR, Sidecar
 
@@ -46,7 +47,10 @@ async def _refresh_gauges(sc: Sidecar) -> dict[str, Any] | None:
     m.set_gauges(breaker_open=1 if sc.cache.breaker.state != "closed" else 0,
                  evicted=sc.cache.counts["evicted"])
     if sc.semantic is not None:
-        m.set_gauges(index_vectors=len(sc.semantic.index), index_bytes=sc.semantic.index.nbytes)
+        m.set_gauges(index_vectors=len(sc.semantic.index), index_bytes=sc.semantic.index.nbytes,
+                     vector_backlog=sc.semantic.stats()["vector_backlog"])
+        for reason in SKIP_REASONS:
+            m.semantic_skipped.labels(reason).set(sc.semantic.counts[reason])
     memory = _memory(sc)
     m.set_gauges(rss=memory["rss_bytes"])
     for part in ("model", "index", "other"):

@@ -218,6 +218,16 @@ OPTIONS: tuple[Option, ...] = (
     Option("embed_window", _number, "seconds a lookup waits to share an embedding batch",
            "SECONDS"),
     Option("embed_max_batch", _int, "most texts embedded in one batch", "N"),
+    Option("semantic_wait_budget", _number, "seconds the embedding queue may add to a "
+           "lookup; when it would add more, the request skips the semantic tier (a miss, "
+           "counted) instead of queueing", "SECONDS"),
+    Option("embed_timeout", _number, "deadline of one embedding or verification; past it "
+           "the lookup is a miss", "SECONDS"),
+    Option("embed_memo_bytes", parse_size, "bytes of recent embeddings kept in memory "
+           "(keyed by a digest of the text)", "SIZE"),
+    Option("vector_backlog", _int, "new entries waiting for their vector (computed off the "
+           "request path when the model is idle); past it, entries stay exact-only "
+           "(counted)", "N"),
     Option("key_prefix", _str, "prefix of every Redis key the cache writes", "PREFIX"),
     Option("admin_token", _optional_str, "bearer token for the admin routes "
            "(DELETE /cache); without one they refuse", "TOKEN", secret=True),
@@ -369,6 +379,8 @@ def _check_ranges(v: dict[str, Any]) -> None:
         (v["breaker_threshold"] >= 1, "--breaker-threshold must be >= 1"),
         (v["breaker_reset"] > 0, "--breaker-reset must be > 0"),
         (v["embed_max_batch"] >= 1, "--embed-max-batch must be >= 1"),
+        (v["embed_timeout"] > 0, "--embed-timeout must be > 0"),
+        (v["vector_backlog"] >= 0, "--vector-backlog must be >= 0"),
         (v["upstream_connect_timeout"] > 0, "--upstream-connect-timeout must be > 0"),
         (v["upstream_read_timeout"] > 0, "--upstream-read-timeout must be > 0"),
         (v["log_level"].lower() in ("debug", "info", "warning", "error"),

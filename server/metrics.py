@@ -30,6 +30,9 @@ GAUGES: Final = {
                       "Vectors in this node's semantic index"),
     "index_bytes": ("promptcache_index_bytes",
                     "Estimated bytes of this node's semantic index"),
+    "vector_backlog": ("promptcache_vector_backlog",
+                       "Entries stored by this node still waiting for their vector (they "
+                       "answer exact matches meanwhile)"),
     "breaker_open": ("promptcache_cache_circuit_open",
                      "1 while the cache circuit breaker is open"),
 }
@@ -75,6 +78,14 @@ class Metrics:
             "(single flight)", registry=r,
         )
         self.gauges = {key: Gauge(name, doc, registry=r) for key, (name, doc) in GAUGES.items()}
+        self.semantic_skipped = Gauge(
+            "promptcache_semantic_skipped", "Semantic work this node skipped, by reason "
+            "(read at scrape time): shed (a lookup that would have waited past "
+            "--semantic-wait-budget for the model), deadline (an embed or verify past "
+            "--embed-timeout), too_long (a text past the model's window: exact-only), "
+            "exact_only (an entry left without a vector: the backlog was full)",
+            ["reason"], registry=r,
+        )
         self.memory = Gauge(
             "promptcache_memory_bytes", "This sidecar's memory by part: model (weights), "
             "index (vector index estimate), other (RSS minus both)", ["part"], registry=r,

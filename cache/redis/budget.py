@@ -9,7 +9,9 @@ an entry goes through one Lua script per shard (:mod:`.scripts`; the keys are
    off the total and unlinks any not yet expired lazily);
 2. evicts least-recently-used entries (a ZSET scored by the last hit on any node) until the
    new entry fits in the shard's budget;
-3. writes the entry and its vector record with the same PX;
+3. writes the entry and its vector record with the same PX (or the entry alone, its
+   record attached later, with the entry's remaining PX, if the entry still exists:
+   :meth:`BudgetStore.attach_vector`);
 4. updates sizes, recency, deadlines and the byte total;
 5. appends the removals and the insert to the shard's change stream, which every sidecar
    tails to keep its vector index in step (:mod:`.index_sync`), and trims the stream's
@@ -121,6 +123,7 @@ class BudgetStore:
         self._reap = client.register_script(scripts.REAP)
         self._reconcile = client.register_script(scripts.RECONCILE)
         self._totals = client.register_script(scripts.TOTALS)
+        self._attach = client.register_script(scripts.ATTACH)
 
     def _score(self) -> int:
         return int(self._clock() * 1000)
@@ -167,6 +170,17 @@ class BudgetStore:
             args=[*self._common(shard), self.layout.member(namespace, digest), entry,
                   vector or b"", ttl_ms or 0, self.shard_budget, self.overhead, self._score(),
                   REAP_BATCH])
+        return PutResult(bool(int(out[0])), int(out[1]), [as_text(m) for m in out[2:]])
+
+    async def attach_vector(self, namespace: str, digest: str, vector: bytes) -> PutResult:
+        """Give an entry stored without a vector record its record (with the entry's
+        remaining TTL), evicting to fit; not stored if the entry is gone (never
+        resurrected) or the record does not fit in the budget."""
+        shard = self.layout.shard(digest)
+        out = await self._attach(
+            keys=list(self.layout.shard_keys(shard)),
+            args=[*self._common(shard), self.layout.member(namespace, digest), vector,
+                  self.shard_budget, self.overhead, REAP_BATCH])
         return PutResult(bool(int(out[0])), int(out[1]), [as_text(m) for m in out[2:]])
 
     async def get_many(self, keys: list[str]) -> list[bytes | None]:

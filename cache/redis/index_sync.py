@@ -160,10 +160,17 @@ class IndexSync:
 
     async def _apply(self, shard: int, events: list[tuple[Any, dict[bytes, bytes]]]) -> None:
         wanted: list[str] = []
+        removed_first: set[str] = set()  # named by a '-' or '=' earlier in this read
         for _id, fields in events:
+            members = as_text(fields[b"ids"]).split(",")
             if fields.get(b"op") == b"+":
-                wanted += [m for m in as_text(fields[b"ids"]).split(",")
-                           if vector_id(self.layout.digest_of(m)) not in self.semantic.index]
+                # A member indexed here already is fetched anyway if an earlier event of
+                # this read will forget it first (its '=' at store, then '+' when its
+                # vector was attached).
+                wanted += [m for m in members if m in removed_first
+                           or vector_id(self.layout.digest_of(m)) not in self.semantic.index]
+            else:
+                removed_first.update(members)
         records = dict(zip(wanted, await self.store.vectors_of(shard, wanted), strict=True))
         for event_id, fields in events:
             seq = int(fields[b"seq"])

@@ -194,6 +194,67 @@ for _, v in ipairs(evicted) do out[#out + 1] = v end
 return out
 """
 
+#: ARGV: common (5), member, vector record, budget (0 = none), overhead, reap batch.
+#: Attaches a vector record to an entry stored without one, if the entry still exists (it
+#: may have expired, been evicted or deleted since: it is never resurrected). The record
+#: gets the entry's remaining PTTL; the entry's counted size becomes what PUT would have
+#: counted for both (so RECONCILE finds nothing to fix), evicting least-recently-used
+#: entries (never this one) to stay within the budget; a '+' event tells the other nodes.
+#: Returns {attached (0/1), size, evicted...}.
+ATTACH: Final = _PRELUDE + """
+local m, vec = ARGV[6], ARGV[7]
+local budget, overhead = tonumber(ARGV[8]), tonumber(ARGV[9])
+local gone = reap(now_ms(), tonumber(ARGV[10]))
+local ekey = EP .. m
+local elen = redis.call('STRLEN', ekey)
+local known = redis.call('HGET', K_SIZES, m)
+if elen == 0 or not known then
+  log('-', gone)
+  return {0, 0}
+end
+known = tonumber(known)
+local size = size_of(m, elen, #vec, overhead)
+local evicted = {}
+if budget > 0 and size > known then
+  local room = budget - SHARE
+  if size > room then
+    log('-', gone)
+    return {0, size}
+  end
+  local stream = stream_bytes()  -- first: it may count an older version's stream
+  local total = tonumber(redis.call('HGET', K_META, 'bytes') or '0') - stream
+  while total - known + size > room do
+    local victim = nil
+    for _, v in ipairs(redis.call('ZRANGE', K_LRU, 0, 1)) do
+      if v ~= m then victim = v; break end
+    end
+    if not victim then break end
+    total = total - drop(victim)
+    evicted[#evicted + 1] = victim
+    gone[#gone + 1] = victim
+  end
+  if total - known + size > room then  -- bytes no eviction frees: leave the entry as is
+    log('-', gone)
+    local out = {0, size}
+    for _, v in ipairs(evicted) do out[#out + 1] = v end
+    return out
+  end
+end
+local pttl = redis.call('PTTL', ekey)
+if pttl > 0 then
+  redis.call('SET', VP .. m, vec, 'PX', pttl)
+else
+  redis.call('SET', VP .. m, vec)
+end
+redis.call('HSET', K_SIZES, m, size)
+redis.call('HINCRBY', K_META, 'bytes', size - known)
+log('-', gone)
+log('+', {m})
+local out = {1, size}
+for _, v in ipairs(evicted) do out[#out + 1] = v end
+return out
+"""
+
 #: KEYS[1]: entry key, KEYS[2]: lru; ARGV: member, score. A GET that refreshes recency.
 GET_TOUCH: Final = """
 local v = redis.call('GET', KEYS[1])

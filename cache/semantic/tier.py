@@ -6,25 +6,40 @@ above the similarity threshold are fetched from Redis, dropped if their entry is
 (expired, evicted or deleted: the index never resurrects one), and passed to the
 verifier; the best one it accepts is served.
 
-Each entry stored with a semantic view gets a vector record beside it in the entry store
-(scope, text, float16 vector: :class:`VectorRecord`), written in the same
-transaction and with the same TTL, so a sidecar rebuilds its index from Redis at start.
+Nothing on a request's path waits for the model when that would cost more than the
+policy's ``wait_budget``: a lookup that would queue longer is skipped (a miss, counted
+``shed``), a text longer than the model's window is never matched on a prefix (the request
+is exact-only, counted ``too_long``), and an embed or verify call that passes its deadline
+makes the lookup a miss (counted ``deadline``).
+
+Storing writes the exact entry at once and queues its text on a bounded backlog (past the
+bound the entry stays exact-only, counted ``exact_only``). The tier's background worker
+(:meth:`SemanticCache.start`) takes the vector from the embedder's memo when the miss's
+lookup computed it, and otherwise embeds the text at low priority while the model is idle;
+it then attaches the vector record (scope, text, float16 vector: :class:`VectorRecord`) to
+the entry in the store, with the entry's remaining TTL, only if the entry still exists
+(:meth:`~promptcache.cache.exact.ExactCache.attach_vector`: an entry purged, evicted or
+expired meanwhile is never resurrected), and indexes it. So a sidecar rebuilds its index
+from Redis at start, and other nodes learn the vector from the change stream.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
-from collections import Counter
+import math
+import time
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, Final, NamedTuple
 
 import numpy as np
 
 from promptcache.cache.entry import Entry
-from promptcache.cache.errors import EntryFormatError
+from promptcache.cache.errors import CacheUnavailable, EmbedTimeout, EntryFormatError
 from promptcache.cache.exact import ExactCache
 from promptcache.cache.keys import CacheKey
 from promptcache.cache.protocols import CandidateVerifier, Verdict
@@ -34,6 +49,9 @@ from promptcache.cache.semantic.record import VectorRecord, vector_id
 from promptcache.cache.semantic.scope import SemanticView
 
 log = logging.getLogger(__name__)
+
+#: The counts of work the tier skipped rather than wait for (see the module doc).
+SKIP_REASONS: Final = ("shed", "deadline", "too_long", "exact_only")
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +64,20 @@ class SemanticPolicy:
     #: Bound of this node's index (0 = none). When reached, new vectors are not indexed
     #: here (their entries still answer exact matches) until removals make room.
     max_index_bytes: int = 0
+    #: Seconds the embedder's queue may add to a lookup; a lookup that would wait longer
+    #: is skipped (a miss) rather than queued.
+    wait_budget: float = 0.010
+    #: Deadline of one embed or verify call on a lookup (seconds); past it, a miss.
+    embed_timeout: float = 1.0
+    #: Stored entries waiting for their vector, at most; past it new ones stay exact-only.
+    vector_backlog: int = 4096
+    #: Seconds without a lookup wanting the model before the backlog is embedded (as long
+    #: as a lookup may wait, by default): vectors for storage give way to lookups, yet a
+    #: steady trickle of traffic still leaves them gaps to run in.
+    background_quiet: float = 0.01
+    #: Seconds after which a backlog batch runs whenever the model is idle, even without a
+    #: quiet spell (steady traffic would otherwise starve it).
+    background_every: float = 0.5
 
 
 class SemanticHit(NamedTuple):
@@ -57,11 +89,27 @@ class SemanticHit(NamedTuple):
     digest: str
 
 
+class _Queued(NamedTuple):
+    """A stored entry waiting for its vector record: its key, its view, when it expires (on
+    the tier's clock; inf = never), and its vector if the memo had it (a lookup embedded
+    the text) or None (the model must compute it)."""
+
+    key: CacheKey
+    view: SemanticView
+    expires: float
+    vector: np.ndarray | None
+
+
 class SemanticCache:
-    """Near-duplicate lookups over the exact cache's entries: embed, search, fetch, verify."""
+    """Near-duplicate lookups over the exact cache's entries: embed, search, fetch, verify.
+
+    :meth:`start` runs the worker that gives stored entries their vectors (:meth:`stop`
+    ends it); ``idle_poll`` is how often it checks whether the model is free.
+    """
 
     def __init__(self, exact: ExactCache, embedder: BatchingEmbedder, index: PartitionedIndex,
-                 verifier: CandidateVerifier | None, policy: SemanticPolicy | None = None) -> None:
+                 verifier: CandidateVerifier | None, policy: SemanticPolicy | None = None, *,
+                 clock: Callable[[], float] = time.monotonic, idle_poll: float = 0.01) -> None:
         self.exact = exact
         self.embedder = embedder
         self.index = index
@@ -69,6 +117,16 @@ class SemanticCache:
         self.policy = policy or SemanticPolicy()
         self._refs: dict[int, tuple[str, str]] = {}  # id -> (namespace, digest)
         self.counts: Counter[str] = Counter()
+        self._clock = clock
+        self.idle_poll = idle_poll
+        # (namespace, digest) -> entry waiting: for the model, or (ready) for Redis only
+        self._backlog: OrderedDict[tuple[str, str], _Queued] = OrderedDict()
+        self._ready: OrderedDict[tuple[str, str], _Queued] = OrderedDict()
+        self._queued = asyncio.Event()  # set while an entry waits (in either queue)
+        self._drained = asyncio.Event()  # set while nothing waits for a vector
+        self._drained.set()
+        self._worker: asyncio.Task[None] | None = None
+        self._wanted_at = -math.inf  # when a lookup last wanted the model
 
     @property
     def model(self) -> str:
@@ -80,9 +138,23 @@ class SemanticCache:
         """The best verified entry of ``view``'s scope, or None. May raise CacheUnavailable."""
         threshold = self.policy.threshold if threshold is None else threshold
         self.counts["lookups"] += 1
+        if not self.embedder.fits(view.text):  # never matched on a prefix: exact-only
+            self.counts["too_long"] += 1
+            return None
         if not self.index.scope_size(view.scope):
             return None
-        vector = await self.embedder.embed(view.text)
+        vector = self.embedder.memoised(view.text)
+        if vector is None:
+            self._wanted_at = self._clock()
+            if self.embedder.expected_wait() > self.policy.wait_budget:
+                self.counts["shed"] += 1  # a miss now rather than a wait in the queue
+                return None
+            try:
+                async with asyncio.timeout(self.policy.embed_timeout):
+                    vector = await self.embedder.embed(view.text)
+            except (EmbedTimeout, TimeoutError):
+                self.counts["deadline"] += 1
+                return None
         found = [(i, s) for i, s in self.index.search(view.scope, vector, self.policy.candidates)
                  if s >= threshold and i in self._refs]
         if not found:
@@ -100,7 +172,12 @@ class SemanticCache:
             candidates.append((similarity, entry, record))
         if not candidates:
             return None
-        verdicts = await self._verify([(view.text, r.text, s) for s, _, r in candidates])
+        try:
+            async with asyncio.timeout(self.policy.embed_timeout):
+                verdicts = await self._verify([(view.text, r.text, s) for s, _, r in candidates])
+        except (EmbedTimeout, TimeoutError):
+            self.counts["deadline"] += 1
+            return None
         for (similarity, entry, record), verdict in zip(candidates, verdicts, strict=True):
             if verdict.ok:
                 self.counts["hits"] += 1
@@ -126,14 +203,113 @@ class SemanticCache:
 
     async def put(self, key: CacheKey, entry: Entry, view: SemanticView, *,
                   ttl: float | None = None) -> int:
-        """Store the entry and its vector record together; index it. Bytes written, or 0."""
-        vector = await self.embedder.embed(view.text)
-        record = VectorRecord(view.scope, view.text, vector, key.namespace, key.digest,
-                              self.model)
-        written = await self.exact.put(key, entry, ttl=ttl, vector=record.encode())
-        if written:
-            self._index(record)
+        """Store the entry now; queue it for its vector record (computed, attached and
+        indexed by the worker), unless its text is too long to match. Bytes written, or 0."""
+        written = await self.exact.put(key, entry, ttl=ttl)
+        if written and self.embedder.fits(view.text):
+            ttl_ms = self.exact.ttl_ms(ttl)
+            expires = self._clock() + ttl_ms / 1000 if ttl_ms else math.inf
+            self._enqueue(_Queued(key, view, expires, self.embedder.memoised(view.text)))
         return written
+
+    def _enqueue(self, item: _Queued) -> None:
+        ref = (item.key.namespace, item.key.digest)
+        self._ready.pop(ref, None)
+        self._backlog.pop(ref, None)  # a re-store goes to the back
+        if len(self._backlog) + len(self._ready) >= self.policy.vector_backlog:
+            self.counts["exact_only"] += 1
+            return
+        (self._backlog if item.vector is None else self._ready)[ref] = item
+        self._drained.clear()
+        self._queued.set()
+
+    # -- the vector worker ---------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the worker that gives stored entries their vectors (idempotent)."""
+        if self._worker is None or self._worker.done():
+            self._worker = asyncio.get_running_loop().create_task(
+                self._work(), name="promptcache-semantic-vectors")
+
+    async def stop(self) -> None:
+        """Stop the worker; entries still queued stay exact-only."""
+        if self._worker is not None:
+            self._worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._worker
+            self._worker = None
+
+    async def drain(self) -> None:
+        """Wait until every queued entry has its vector attached (or was given up on)."""
+        if self._worker is None or self._worker.done():
+            raise RuntimeError("the semantic tier's vector worker is not running")
+        await self._drained.wait()
+
+    async def _work(self) -> None:
+        """Attach the vectors the memo had at once; compute the others at low priority,
+        a few at a time, only while the model is idle (lookups come first): after
+        ``background_quiet`` without a lookup wanting it, or, so that steady traffic cannot
+        starve the backlog, whenever it is idle and no batch has run for ``background_every``
+        seconds."""
+        last_batch = self._clock()
+        while True:
+            await self._queued.wait()
+            if not (self._backlog or self._ready):
+                self._queued.clear()
+                self._drained.set()
+                last_batch = self._clock()
+                continue
+            now = self._clock()
+            if self._ready:
+                batch = self._take(self._ready, self.embedder.background_batch)
+            elif self.embedder.idle() and (
+                    now - self._wanted_at >= self.policy.background_quiet
+                    or now - last_batch >= self.policy.background_every):
+                batch = self._take(self._backlog, self.embedder.background_batch)
+                last_batch = now
+            else:
+                await asyncio.sleep(self.idle_poll)
+                continue
+            try:
+                if batch:
+                    await self._attach(batch)
+            except Exception:  # never let one batch end the worker
+                self.counts["vector_failed"] += len(batch)
+                log.exception("computing vectors for stored entries failed")
+
+    def _take(self, queue: OrderedDict[tuple[str, str], _Queued], n: int) -> list[_Queued]:
+        """Up to ``n`` entries of ``queue`` that have not expired yet."""
+        now = self._clock()
+        batch: list[_Queued] = []
+        while queue and len(batch) < n:
+            _, item = queue.popitem(last=False)
+            if item.expires > now:
+                batch.append(item)
+            else:
+                self.counts["vector_expired"] += 1
+        return batch
+
+    async def _attach(self, batch: list[_Queued]) -> None:
+        """Attach each entry's vector record (embedding, at low priority, those not known
+        yet) if the entry still exists, and index it."""
+        missing = [item.view.text for item in batch if item.vector is None]
+        computed = iter(await self.embedder.embed_background(missing) if missing else [])
+        for item in batch:
+            key, view = item.key, item.view
+            vector = item.vector if item.vector is not None else next(computed)
+            record = VectorRecord(view.scope, view.text, vector, key.namespace, key.digest,
+                                  self.model)
+            try:
+                attached = await self.exact.attach_vector(key.namespace, key.digest,
+                                                          record.encode())
+            except CacheUnavailable:
+                self.counts["vector_failed"] += 1
+                continue
+            if attached:
+                self.counts["vectors_attached"] += 1
+                self._index(record)
+            else:  # purged, evicted or expired meanwhile (or no room): never resurrected
+                self.counts["vector_gone"] += 1
 
     def _index(self, record: VectorRecord, *, count_full: bool = True) -> bool:
         """Add ``record`` to the index, unless the index is at its bound."""
@@ -205,6 +381,7 @@ class SemanticCache:
 
     def stats(self) -> dict[str, Any]:
         return {**self.index.stats(), **dict(self.counts),
+                "vector_backlog": len(self._backlog) + len(self._ready),
                 "embed_batches": self.embedder.batches, "embedded": self.embedder.embedded,
                 "embed_memo_hits": self.embedder.memo_hits}
 

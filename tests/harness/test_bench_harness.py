@@ -16,12 +16,12 @@ import matplotlib.image
 import pytest
 
 from promptcache.benchmarks import hitrate, load, loadgen, memory, report
-from promptcache.benchmarks.workload import Mix, build, paraphrase
+from promptcache.benchmarks.workload import Mix, build, load_prompts, paraphrase
 from promptcache.cache.semantic.embedding import SentenceTransformerEmbedder
 from promptcache.cache.semantic.rules import rule_flags
 from promptcache.testing import FakeUpstream, running_fake_upstream
 from tests.support.paths import DATASETS
-from tests.support.sidecars import RunningSidecar
+from tests.support.sidecars import RunningSidecar, start_sidecar
 
 DATA = DATASETS
 PROMPTS = DATA / "chat_prompts.jsonl.gz"
@@ -172,11 +172,25 @@ def test_bench_load_reports_latency_by_cache_status_and_saved_calls(bench_dir: P
     assert_png(bench_dir / "load" / "load.png")
 
 
+def memory_max_chars() -> int:
+    """bench memory's default --max-chars."""
+    p = argparse.ArgumentParser()
+    memory.add_arguments(p)
+    return int(p.get_default("max_chars"))
+
+
 @needs_data
-def test_bench_memory_reports_bytes_per_entry_and_per_vector(bench_dir: Path) -> None:
+def test_bench_memory_reports_bytes_per_entry_and_per_vector(
+        bench_dir: Path, embedder: SentenceTransformerEmbedder) -> None:
     r = _json(bench_dir / "memory" / "memory.json")
     assert r["entries"] == 24
-    assert r["redis"]["exact_entries"]["keys"] == 24 == r["redis"]["vector_records"]["keys"]
+    # Every entry gets a vector record, except those whose prompt passes the model's window
+    # (cached exactly only; the bench's default --max-chars keeps those few).
+    prompts = load_prompts(PROMPTS, max_chars=memory_max_chars())[:24]
+    fitting = sum(embedder.count_tokens(t) <= embedder.max_tokens for t in prompts)
+    assert fitting >= 12
+    assert r["redis"]["exact_entries"]["keys"] == 24
+    assert r["redis"]["vector_records"]["keys"] == fitting
     p = r["per_entry"]
     assert p["raw_request_bytes"] > 50 and p["raw_response_bytes"] > 50
     # A vector record holds the text and a float16 vector (384 dims: 768 bytes).
@@ -185,7 +199,9 @@ def test_bench_memory_reports_bytes_per_entry_and_per_vector(bench_dir: Path) ->
     assert set(sizes) == {"flat", "sq8", "hnsw"}
     assert sizes["sq8"] < sizes["flat"] < sizes["hnsw"] and sizes["flat"] >= 384 * 4
     ba = r["budget_adherence"]
-    assert ba["counted_entries"] == 24 and 0.5 < ba["used_memory_growth_over_counted"] < 2
+    # 24 small entries: Redis's fixed costs (the Lua scripts, dict and stream blocks) weigh
+    # more than at a real fill, where the ratio is about 1 (the README's memory table).
+    assert ba["counted_entries"] == 24 and 0.5 < ba["used_memory_growth_over_counted"] < 4
     pv = r["plan_vs_measured"]
     assert pv["planned_redis_bytes_per_entry"] > 860 and pv["redis_measured_over_planned"] > 0
     assert 0.5 < pv["index_measured_over_planned"] < 2
@@ -232,10 +248,18 @@ def test_bench_report_gathers_the_results_into_one_page(bench_dir: Path, tmp_pat
 
 
 @needs_data
-async def test_bench_load_against_a_running_sidecar(semantic_sidecar: RunningSidecar,
-                                                    fake: FakeUpstream, tmp_path: Path) -> None:
+async def test_bench_load_against_a_running_sidecar(
+        fake: FakeUpstream, redis_url: str, embedder: SentenceTransformerEmbedder,
+        sidecars: list[RunningSidecar], tmp_path: Path) -> None:
     """--target: the workload goes to the given sidecar; paraphrases get semantic hits and,
     one request at a time, the MISS count is exactly the upstream's call count."""
+    # Vectors are computed while the model is idle, off the request path: an upstream that
+    # takes a while, as real ones do, leaves it idle during each miss. A generous wait
+    # budget keeps a loaded test machine from shedding the lookups themselves.
+    fake.latency = 0.3
+    semantic_sidecar = await start_sidecar(fake.url, redis_url, embedder=embedder,
+                                           semantic_wait_budget=5.0)
+    sidecars.append(semantic_sidecar)
     args = _args(load.add_arguments, [
         "--target", semantic_sidecar.url, "--prompts", str(PROMPTS), "--requests", "30",
         "--concurrency", "1", "--exact", "0.2", "--paraphrase", "0.5", "--max-chars", "300",

@@ -31,7 +31,8 @@ def _prompts(n: int) -> list[str]:
     with gzip.open(PROMPTS, "rt", encoding="utf-8") as lines:
         for line in lines:
             text = json.loads(line)["prompt"]
-            if 20 <= len(text) <= 4000 and text not in out:
+            # within the model's window (256 tokens): longer prompts are exact-only
+            if 20 <= len(text) <= 900 and text not in out:
                 out.append(text)
             if len(out) == n:
                 break
@@ -57,7 +58,10 @@ async def test_the_plan_matches_a_filled_cache_within_20_percent(
     change stream, counted in the budget too, is set apart: the plan gives its share, not
     what 600 writes leave in it)."""
     n = 600
-    texts = _prompts(2 * n)
+    # prompts within the model's window (longer ones are cached exactly only)
+    texts = [t for t in _prompts(3 * n)
+             if embedder.count_tokens(t) <= embedder.max_tokens][:2 * n]  # type: ignore[attr-defined]
+    assert len(texts) == 2 * n
     requests, answers = texts[:n], [_answer(t) for t in texts[n:]]
     url = fresh_redis.url
     client = aioredis.Redis.from_url(url)
@@ -74,6 +78,7 @@ async def test_the_plan_matches_a_filled_cache_within_20_percent(
                                    credential="sk-plan")
                 assert await flow.store(engine, req, Answer(200, answer, "application/json"))
             assert engine.semantic is not None
+            await engine.semantic.drain()  # vectors are attached off the request path
             store = engine.cache.store
             assert isinstance(store, BudgetStore)
             usage = await store.usage()

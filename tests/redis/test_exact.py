@@ -70,6 +70,10 @@ class FaultyStore:
         await self._op()
         return await self.inner.delete(namespace, digest)
 
+    async def attach_vector(self, namespace: str, digest: str, vector: bytes) -> bool:
+        await self._op()
+        return await self.inner.attach_vector(namespace, digest, vector)
+
     async def delete_matching(self, namespace: str | None, tenant_tag: str | None = None
                               ) -> int:
         await self._op()

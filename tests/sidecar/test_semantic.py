@@ -29,10 +29,19 @@ def chat(content: str, *, system: str | None = None, history: list[dict[str, Any
     return {"model": "gpt-test", "messages": messages, "temperature": 0, **params}
 
 
+async def vectors_attached(sc: RunningSidecar) -> None:
+    """Wait until what ``sc`` stored has its vector: vectors are computed off the request
+    path, after the answer went out."""
+    if sc.state.semantic is not None:
+        await sc.state.semantic.drain()
+
+
 async def ask(http: aiohttp.ClientSession, sc: RunningSidecar, body: dict[str, Any],
               **headers: str) -> tuple[dict[str, str], dict[str, Any]]:
+    """POST ``body`` (200 expected); what it stored is in the semantic index on return."""
     status, h, raw = await post(http, sc, body, headers=headers)
     assert status == 200, raw
+    await vectors_attached(sc)
     return h, json.loads(raw)
 
 
@@ -99,6 +108,22 @@ async def test_look_alike_questions_never_hit(
     assert h["X-Cache"] == "MISS"
 
 
+async def test_long_prompts_that_differ_after_the_model_window_never_share(
+    semantic_sidecar: RunningSidecar, fake: FakeUpstream, http: aiohttp.ClientSession
+) -> None:
+    """Past the window the model sees a prefix: such prompts are exact-only, counted."""
+    context = " ".join(f"Paragraph {i} of the shared report says the figures for region "
+                       f"{i} grew while costs in region {i} fell." for i in range(30))
+    h1, _ = await ask(http, semantic_sidecar, chat(context + " Give the arguments in favour."))
+    h2, _ = await ask(http, semantic_sidecar, chat(context + " Give the arguments against."))
+    h3, _ = await ask(http, semantic_sidecar, chat(context + " Give the arguments against."))
+    assert [h1["X-Cache"], h2["X-Cache"], h3["X-Cache"]] == ["MISS", "MISS", "HIT"]
+    assert fake.calls[CHAT] == 2
+    async with http.get(semantic_sidecar.url + "/metrics") as r:
+        text = await r.text()
+    assert 'promptcache_semantic_skipped{reason="too_long"} 2.0' in text
+
+
 async def test_x_cache_mode_exact_and_a_raised_threshold_turn_it_off(
     semantic_sidecar: RunningSidecar, fake: FakeUpstream, http: aiohttp.ClientSession
 ) -> None:
@@ -139,6 +164,7 @@ async def test_anthropic_messages_get_semantic_hits(
     body = {"model": "claude-test", "max_tokens": 64, "system": "Be brief.",
             "messages": [{"role": "user", "content": Q}]}
     await post(http, semantic_sidecar, body, MESSAGES)
+    await vectors_attached(semantic_sidecar)
     body["messages"][0]["content"] = [{"type": "text", "text": PARAPHRASE}]
     _, h, _ = await post(http, semantic_sidecar, body, MESSAGES)
     assert h["X-Cache"] == "SEMANTIC-HIT" and fake.calls[MESSAGES] == 1

@@ -41,6 +41,8 @@ async def start_sidecar(upstream: str, redis_url: str, *, embedder: Embedder | N
     # machine, where a loop stall of a quarter second (the production default) is routine and
     # would turn a MISS into a fail-open BYPASS. Tests of fail-open set their own short timeout.
     overrides.setdefault("redis_timeout", 2.0)
+    # Likewise one embedding can take a second there: tests of deadlines set their own.
+    overrides.setdefault("embed_timeout", 30.0)
     settings = replace(Settings(upstream=upstream), port=0, redis_url=redis_url, **overrides)
     app = create_app(settings, embedder=embedder)
     runner = web.AppRunner(app, access_log=None)
