@@ -46,6 +46,7 @@ from promptcache.cache.semantic.index import PartitionedIndex
 from promptcache.cache.semantic.tier import SemanticCache, SemanticPolicy
 from promptcache.cache.semantic.verifier import Verifier, VerifierConfig
 from promptcache.cache.singleflight import SingleFlight
+from promptcache.cache.tasks import stop_task
 
 log = logging.getLogger(__name__)
 
@@ -126,12 +127,7 @@ def _background(stack: contextlib.AsyncExitStack, work: Coroutine[Any, Any, None
     task = asyncio.create_task(work)
 
     async def cancel() -> None:
-        task.cancel()
-        done, _ = await asyncio.wait({task}, timeout=5.0)  # never hang the shutdown
-        if not done:
-            log.warning("background task %r did not stop within 5 s", task)
-        elif not task.cancelled() and task.exception() is not None:
-            log.warning("background task %r had failed: %r", task, task.exception())
+        await stop_task(task)  # never hangs the shutdown
 
     stack.push_async_callback(cancel)
 

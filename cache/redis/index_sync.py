@@ -35,16 +35,9 @@ from promptcache.cache.redis.budget import BudgetStore
 from promptcache.cache.redis.client import as_text
 from promptcache.cache.semantic.record import vector_id
 from promptcache.cache.semantic.tier import SemanticCache
+from promptcache.cache.tasks import raise_if_cancelled
 
 log = logging.getLogger(__name__)
-
-
-def _raise_if_cancelled() -> None:
-    """redis-py's blocking XREAD can swallow a cancel (the call returns or fails once the
-    block times out, and the task goes on): honour a pending cancel after every read."""
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError
 
 
 class IndexSync:
@@ -148,11 +141,11 @@ class IndexSync:
                 last_id = self._last[shard][0]
                 reply = await self.redis.xread({self._log_key(shard): last_id},
                                                count=self.batch, block=self.block_ms)
-                _raise_if_cancelled()
+                raise_if_cancelled()
                 for _stream, events in reply or ():
                     await self._apply(shard, events)
             except (RedisError, OSError) as exc:
-                _raise_if_cancelled()
+                raise_if_cancelled()
                 self.counts["errors"] += 1
                 self._verify_at[shard] = 0.0  # was it restarted? check before the next read
                 log.info("index sync of shard %d paused: %r", shard, exc)

@@ -21,7 +21,6 @@ a memo keyed by a digest of the text and bounded in bytes.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import itertools
 import os
@@ -37,6 +36,7 @@ import numpy as np
 
 from promptcache.cache.errors import ConfigError, EmbedTimeout
 from promptcache.cache.protocols import Embedder
+from promptcache.cache.tasks import stop_task
 
 T = TypeVar("T")
 
@@ -498,11 +498,8 @@ class BatchingEmbedder:
     async def close(self) -> None:
         """Stop the worker and the model thread; callers still waiting are cancelled."""
         jobs = [*self._running.values(), *self._lookups.values(), *self._background.values()]
-        if self._worker is not None:
-            self._worker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._worker
-            self._worker = None
+        await stop_task(self._worker)
+        self._worker = None
         for job in jobs:
             job.future.cancel()
         self._running.clear()

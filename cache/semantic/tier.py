@@ -26,7 +26,6 @@ from Redis at start, and other nodes learn the vector from the change stream.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import math
@@ -47,6 +46,7 @@ from promptcache.cache.semantic.embedding import BatchingEmbedder
 from promptcache.cache.semantic.index import PartitionedIndex
 from promptcache.cache.semantic.record import VectorRecord, vector_id
 from promptcache.cache.semantic.scope import SemanticView
+from promptcache.cache.tasks import raise_if_cancelled, stop_task
 
 log = logging.getLogger(__name__)
 
@@ -233,11 +233,8 @@ class SemanticCache:
 
     async def stop(self) -> None:
         """Stop the worker; entries still queued stay exact-only."""
-        if self._worker is not None:
-            self._worker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._worker
-            self._worker = None
+        await stop_task(self._worker)
+        self._worker = None
 
     async def drain(self) -> None:
         """Wait until every queued entry has its vector attached (or was given up on)."""
@@ -276,6 +273,7 @@ class SemanticCache:
             except Exception:  # never let one batch end the worker
                 self.counts["vector_failed"] += len(batch)
                 log.exception("computing vectors for stored entries failed")
+            raise_if_cancelled()  # a Redis call may have swallowed a cancel
 
     def _take(self, queue: OrderedDict[tuple[str, str], _Queued], n: int) -> list[_Queued]:
         """Up to ``n`` entries of ``queue`` that have not expired yet."""
