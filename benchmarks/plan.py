@@ -33,6 +33,7 @@ import numpy as np
 from promptcache.cache.entry import COMPRESS_MIN_BYTES, Entry
 from promptcache.cache.redis.budget import ENTRY_OVERHEAD_BYTES, stream_share
 from promptcache.cache.redis.layout import CLUSTER_SHARDS, KeyLayout, namespace_id
+from promptcache.cache.semantic.first_stage import CODE_BYTES, FirstStage
 from promptcache.cache.semantic.index import AUTO_HNSW_AT, make_index
 from promptcache.cache.semantic.record import VectorRecord
 
@@ -47,6 +48,8 @@ DIM: Final = 384
 REFS_BYTES_PER_VECTOR: Final = 330
 #: all-MiniLM-L6-v2's parameters and buffers (float32).
 MODEL_BYTES: Final = 90_861_056
+#: The first stage's static model in memory: 30,522 tokens x 256 float16 components.
+STATIC_MODEL_BYTES: Final = 30_522 * 256 * 2
 #: Resident memory of a process with the engine running and the model loaded, less the
 #: model's weights (Python, torch and its allocator, FAISS, Redis client, aiohttp): 542 MB
 #: measured with one text embedded, so about 450 MB.
@@ -71,6 +74,7 @@ class Workload:
     semantic: bool = True
     cluster: bool = False
     compression: float = COMPRESSION
+    first_stage: bool = True
 
 
 @dataclass(frozen=True)
@@ -91,6 +95,8 @@ class Plan:
     index_bytes_per_vector: int
     index_bytes_per_node: int
     model_bytes_per_node: int
+    first_stage_bytes_per_vector: int  # its code, id and id map
+    first_stage_bytes_per_node: int  # the codes and the static model
     process_bytes_per_node: int
     node_bytes: int  # index + model + process, per node
     total_bytes: int  # Redis + every node
@@ -107,11 +113,22 @@ def encoded_entry_bytes(response_bytes: int, compression: float = COMPRESSION) -
     return header + stored + (5 if stored >= 1 << 16 else 3 if stored >= 256 else 2)
 
 
-def vector_record_bytes(request_chars: int) -> int:
-    """A vector record for a final user message of ``request_chars`` (ASCII) characters."""
+def vector_record_bytes(request_chars: int, first_stage: bool = True) -> int:
+    """A vector record for a final user message of ``request_chars`` (ASCII) characters
+    (with its first-stage code when the first stage is on)."""
+    code, code_model = (bytes(CODE_BYTES), "static-" + "0" * 16) if first_stage else (b"", "")
     record = VectorRecord("0" * 32, "x" * request_chars, np.zeros(DIM, np.float32),
-                          namespace_id(""), "0" * 32, "all-MiniLM-L6-v2")
+                          namespace_id(""), "0" * 32, "all-MiniLM-L6-v2", code, code_model)
     return len(record.encode())
+
+
+def first_stage_bytes_per_vector() -> int:
+    """Bytes of one entry in the first stage (code, id, id map), as it reports them."""
+    stage = FirstStage()
+    probe = 4096
+    codes = np.random.default_rng(0).integers(0, 256, (probe, CODE_BYTES), dtype=np.uint8)
+    stage.add_codes("0" * 32, np.arange(probe, dtype=np.int64), codes)
+    return math.ceil(stage.nbytes / probe)
 
 
 def index_bytes_per_vector(kind: str, entries: int) -> tuple[str, int]:
@@ -150,18 +167,22 @@ def plan(w: Workload) -> Plan:
     digest = "0" * 32
     keys = len(layout.entry("", digest)) + (len(layout.vector("", digest)) if w.semantic else 0)
     entry = encoded_entry_bytes(w.avg_response_bytes, w.compression)
-    record = vector_record_bytes(w.avg_request_chars) if w.semantic else 0
+    record = vector_record_bytes(w.avg_request_chars, w.first_stage) if w.semantic else 0
     per_entry = entry + record + keys + ENTRY_OVERHEAD_BYTES
     kind, per_vector = index_bytes_per_vector(w.index, w.entries) if w.semantic else ("none", 0)
     index = per_vector * w.entries
     model = MODEL_BYTES if w.semantic else 0
     process = PROCESS_BYTES if w.semantic else PROCESS_BYTES // 8  # no torch, no model
-    node = index + model + process
+    staged = w.semantic and w.first_stage
+    fs_per_vector = first_stage_bytes_per_vector() if staged else 0
+    fs_node = fs_per_vector * w.entries + (STATIC_MODEL_BYTES if staged else 0)
+    node = index + model + process + fs_node
     redis = per_entry * w.entries
     max_bytes, streams = budget_for(redis, layout.shards)
     return Plan(w, entry, record, keys, ENTRY_OVERHEAD_BYTES, per_entry, redis, streams,
                 max_bytes, math.ceil(max_bytes * REDIS_HEADROOM) + REDIS_BASELINE_BYTES,
-                kind, per_vector, index, model, process, node, max_bytes + node * w.nodes)
+                kind, per_vector, index, model, fs_per_vector, fs_node, process, node,
+                max_bytes + node * w.nodes)
 
 
 def _size(n: int) -> str:
@@ -193,6 +214,8 @@ def report(p: Plan) -> str:
         f"  index              {_size(p.index_bytes_per_node):>12}   "
         f"({p.index_bytes_per_vector:,} B per vector; --index-max-bytes caps it)",
         f"  model              {_size(p.model_bytes_per_node):>12}",
+        f"  first stage        {_size(p.first_stage_bytes_per_node):>12}   "
+        f"({p.first_stage_bytes_per_vector:,} B per vector + the static model)",
         f"  process            {_size(p.process_bytes_per_node):>12}",
         f"  node total         {_size(p.node_bytes):>12}",
         "",
@@ -213,6 +236,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-semantic", action="store_true",
                    help="exact tier only: no vector records, index or model")
     p.add_argument("--cluster", action="store_true", help="keys carry cluster hash tags")
+    p.add_argument("--no-first-stage", action="store_true",
+                   help="the sidecar runs with --first-stage false")
     p.add_argument("--compression", type=float, default=COMPRESSION,
                    help=f"stored/raw size of response bodies >= 1 KiB (default {COMPRESSION}, "
                    "measured on real chat text)")
@@ -223,7 +248,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         p = plan(Workload(args.entries, args.avg_request_chars, args.avg_response_bytes,
                           args.index, args.nodes, not args.no_semantic, args.cluster,
-                          args.compression))
+                          args.compression, not args.no_first_stage))
     except ValueError as exc:
         raise SystemExit(f"promptcache plan: {exc}") from exc
     print(json.dumps(p.as_dict(), indent=1) if args.json else report(p))

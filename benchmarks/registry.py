@@ -19,6 +19,10 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
              "replay real prompts against a sidecar, closed or open loop; latency by X-Cache"),
     "memory": ("promptcache.benchmarks.memory",
                "bytes per entry by tier and per vector by index kind, against the raw size"),
+    "cascade": ("promptcache.benchmarks.cascade",
+                "the first stage against MiniLM: hits kept, lookups that skip it, its index"),
+    "index": ("promptcache.benchmarks.index_upkeep",
+              "index upkeep at scale: insert, re-add, remove, search, the kind switch"),
     "report": ("promptcache.benchmarks.report",
                "gather the latest results into docs/benchmarks.md with tables and plots"),
 }

@@ -16,10 +16,12 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from collections.abc import Coroutine
+import threading
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
 
 from redis.exceptions import RedisError
 
@@ -42,6 +44,12 @@ from promptcache.cache.semantic.embedding import (
     SentenceTransformerEmbedder,
     resolve_tuning,
 )
+from promptcache.cache.semantic.first_stage import (
+    FirstStage,
+    StaticEmbedder,
+    ensure_static_model,
+    find_static_model,
+)
 from promptcache.cache.semantic.index import PartitionedIndex
 from promptcache.cache.semantic.tier import SemanticCache, SemanticPolicy
 from promptcache.cache.semantic.verifier import Verifier, VerifierConfig
@@ -49,6 +57,7 @@ from promptcache.cache.singleflight import SingleFlight
 from promptcache.cache.tasks import stop_task
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(slots=True)
@@ -111,8 +120,17 @@ async def open_engine(options: EngineOptions, stack: contextlib.AsyncExitStack, 
     if options.semantic:
         semantic = await _semantic(options, cache, embedder)
         stack.push_async_callback(semantic.embedder.close)
+        stack.push_async_callback(asyncio.to_thread, semantic.index.close)  # upkeep threads
         semantic.start()  # vectors of new entries, computed off the request path
         stack.push_async_callback(semantic.stop)
+        source = static_source(semantic.embedder.embedder) if options.first_stage else None
+        if source is not None:
+            semantic.first_stage = await asyncio.to_thread(
+                _load_first_stage, options.static_model_dir, source, distil=False)
+            semantic.first_stage_ready = semantic.first_stage is not None
+            if semantic.first_stage is None:  # distilled once, in the background
+                _background(stack, _distil_first_stage(semantic, options.static_model_dir,
+                                                       source))
         sync = await _start_sync(stack, url, options, semantic, store)
     _background(stack, store.reap_forever())
     remote = RemoteFlight(client, layout, lease=options.flight_lease,
@@ -120,6 +138,65 @@ async def open_engine(options: EngineOptions, stack: contextlib.AsyncExitStack, 
     return Engine(options, url, cache, semantic, remote=remote, sync=sync,
                   model_bytes=model_bytes(semantic.embedder.embedder) if semantic else 0,
                   embedded=keeper)
+
+
+def static_source(embedder: Any) -> Path | None:
+    """The model directory a first stage can be distilled from: that of a
+    sentence-transformers embedder; None for another embedder (no first stage)."""
+    path = getattr(embedder, "model_path", None)
+    return Path(path) if isinstance(path, (str, Path)) and Path(path).is_dir() else None
+
+
+def _load_first_stage(static_dir: str | None, source: Path, *, distil: bool
+                      ) -> FirstStage | None:
+    """The first stage over the static model of ``source`` (blocking); None if it is not
+    distilled yet and ``distil`` is false."""
+    path = (ensure_static_model(static_dir, source=source) if distil
+            else find_static_model(static_dir, source=source))
+    return FirstStage(StaticEmbedder(path)) if path is not None else None
+
+
+async def _distil_first_stage(semantic: SemanticCache, static_dir: str | None,
+                              source: Path) -> None:
+    """Distil the static model on a daemon thread (about a minute of CPU; the tier works
+    without a first stage meanwhile), then give the tier its first stage."""
+    log.info("distilling the first stage's static model from %s (once; the semantic tier "
+             "runs without it until then)", source)
+    try:
+        first_stage = await in_daemon_thread(_load_first_stage, static_dir, source,
+                                             distil=True)
+    except Exception:  # the tier goes on without a first stage
+        log.exception("could not distil the first stage's static model")
+        return
+    if first_stage is not None:
+        await semantic.use_first_stage(first_stage)
+        log.info("the first stage is on: %d codes", len(first_stage))
+
+
+async def in_daemon_thread(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """``fn(*args, **kwargs)`` on a new daemon thread: unlike ``asyncio.to_thread``, a
+    long call never holds up the interpreter's exit (nor the default pool)."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: T | None, exc: BaseException | None) -> None:
+        if future.done():
+            return
+        if exc is not None:
+            future.set_exception(exc)
+        else:
+            future.set_result(result)  # type: ignore[arg-type]
+
+    def run() -> None:
+        try:
+            result, exc = fn(*args, **kwargs), None
+        except BaseException as error:  # handed to the awaiting coroutine
+            result, exc = None, error
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+            loop.call_soon_threadsafe(settle, result, exc)
+
+    threading.Thread(target=run, name="promptcache-distil", daemon=True).start()
+    return await future
 
 
 def _background(stack: contextlib.AsyncExitStack, work: Coroutine[Any, Any, None]) -> None:

@@ -48,6 +48,8 @@ class EngineOptions:
     embedding_model: str | None = None
     embedding_tuning: str | None = None
     index_kind: str = "auto"
+    first_stage: bool = True
+    static_model_dir: str | None = None
     verifier_model: str = "default"
     verify_numbers: bool = True
     verify_negation: bool = True

@@ -215,6 +215,11 @@ OPTIONS: tuple[Option, ...] = (
     Option("verify_negation", parse_bool, "reject candidates whose negation differs", "BOOL"),
     Option("verify_entities", parse_bool, "reject candidates whose names, identifiers, "
            "quoted strings, URLs or file names differ", "BOOL"),
+    Option("first_stage", parse_bool, "the cascade's first stage: a static model distilled "
+           "from the embedding model decides in well under a millisecond whether any entry "
+           "could match, so most misses never wait for the transformer", "BOOL"),
+    Option("static_model_dir", _optional_str, "where the first stage's static model is "
+           "distilled (once, about a minute of CPU at first start) and kept", "DIR"),
     Option("embed_window", _number, "seconds a lookup waits to share an embedding batch",
            "SECONDS"),
     Option("embed_max_batch", _int, "most texts embedded in one batch", "N"),

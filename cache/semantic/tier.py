@@ -1,10 +1,14 @@
 """The semantic tier: near-duplicate requests answered from an entry, if a verifier agrees.
 
-On a miss of the exact tier, the final user message is embedded and searched in the
-FAISS partition of its scope (see :mod:`promptcache.cache.semantic.scope`); candidates at or
-above the similarity threshold are fetched from Redis, dropped if their entry is gone
-(expired, evicted or deleted: the index never resurrects one), and passed to the
-verifier; the best one it accepts is served.
+On a miss of the exact tier, the lookup is a cascade. The first stage
+(:class:`~promptcache.cache.semantic.first_stage.FirstStage`, when it is on: a static
+model's binary codes, well under a millisecond) asks whether any entry of the scope could
+plausibly match; when none can, the lookup is a miss without the transformer. Otherwise the
+final user message is embedded by the precise model and searched in the FAISS partition of
+its scope (see :mod:`promptcache.cache.semantic.scope`); candidates at or above the
+similarity threshold are fetched from Redis, dropped if their entry is gone (expired,
+evicted or deleted: the index never resurrects one), and passed to the verifier; the best
+one it accepts is served.
 
 Nothing on a request's path waits for the model when that would cost more than the
 policy's ``wait_budget``: a lookup that would queue longer is skipped (a miss, counted
@@ -43,6 +47,7 @@ from promptcache.cache.exact import ExactCache
 from promptcache.cache.keys import CacheKey
 from promptcache.cache.protocols import CandidateVerifier, Verdict
 from promptcache.cache.semantic.embedding import BatchingEmbedder
+from promptcache.cache.semantic.first_stage import CODE_BYTES, FirstStage
 from promptcache.cache.semantic.index import PartitionedIndex
 from promptcache.cache.semantic.record import VectorRecord, vector_id
 from promptcache.cache.semantic.scope import SemanticView
@@ -52,6 +57,8 @@ log = logging.getLogger(__name__)
 
 #: The counts of work the tier skipped rather than wait for (see the module doc).
 SKIP_REASONS: Final = ("shed", "deadline", "too_long", "exact_only")
+#: Up to this many records are indexed on the loop (O(1) each); more go in bulk on a thread.
+INLINE_ADD = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,14 +112,20 @@ class SemanticCache:
 
     :meth:`start` runs the worker that gives stored entries their vectors (:meth:`stop`
     ends it); ``idle_poll`` is how often it checks whether the model is free.
+    ``first_stage`` (or :meth:`use_first_stage` later) is the cascade's first stage; it
+    filters lookups only once :attr:`first_stage_ready` (every indexed entry has its code).
     """
 
     def __init__(self, exact: ExactCache, embedder: BatchingEmbedder, index: PartitionedIndex,
                  verifier: CandidateVerifier | None, policy: SemanticPolicy | None = None, *,
-                 clock: Callable[[], float] = time.monotonic, idle_poll: float = 0.01) -> None:
+                 clock: Callable[[], float] = time.monotonic, idle_poll: float = 0.01,
+                 first_stage: FirstStage | None = None) -> None:
         self.exact = exact
         self.embedder = embedder
         self.index = index
+        self.first_stage = first_stage
+        #: Whether the first stage holds a code for every indexed entry (so it may filter).
+        self.first_stage_ready = first_stage is not None
         self.verifier = verifier
         self.policy = policy or SemanticPolicy()
         self._refs: dict[int, tuple[str, str]] = {}  # id -> (namespace, digest)
@@ -133,6 +146,20 @@ class SemanticCache:
         """The name of the embedder's vectors; records made by another are re-embedded."""
         return str(getattr(getattr(self.embedder, "embedder", None), "name", ""))
 
+    @property
+    def code_model(self) -> str:
+        """The name of the first stage's static model ("" without one)."""
+        fs = self.first_stage
+        return str(getattr(fs.embedder, "name", "")) if fs is not None else ""
+
+    async def use_first_stage(self, first_stage: FirstStage) -> None:
+        """Start using ``first_stage`` (made after the index was filled, e.g. when its model
+        had to be distilled first): new entries get codes at once, the indexed ones from
+        a pass over the store, after which it filters lookups."""
+        self.first_stage, self.first_stage_ready = first_stage, False
+        await self.rebuild()
+        self.first_stage_ready = self.first_stage is first_stage
+
     async def lookup(self, view: SemanticView, *, threshold: float | None = None
                      ) -> SemanticHit | None:
         """The best verified entry of ``view``'s scope, or None. May raise CacheUnavailable."""
@@ -143,6 +170,12 @@ class SemanticCache:
             return None
         if not self.index.scope_size(view.scope):
             return None
+        fs = self.first_stage
+        if fs is not None and self.first_stage_ready:
+            code = fs.codes([view.text])[0]  # a static model: ~1 ms for 2,000 characters
+            if not fs.plausible_code(view.scope, code):
+                self.counts["first_stage_miss"] += 1  # nothing close: the model is not asked
+                return None
         vector = self.embedder.memoised(view.text)
         if vector is None:
             self._wanted_at = self._clock()
@@ -292,11 +325,14 @@ class SemanticCache:
         yet) if the entry still exists, and index it."""
         missing = [item.view.text for item in batch if item.vector is None]
         computed = iter(await self.embedder.embed_background(missing) if missing else [])
-        for item in batch:
+        fs, code_model = self.first_stage, self.code_model
+        codes = fs.codes([item.view.text for item in batch]) if fs is not None else None
+        for n, item in enumerate(batch):
             key, view = item.key, item.view
             vector = item.vector if item.vector is not None else next(computed)
             record = VectorRecord(view.scope, view.text, vector, key.namespace, key.digest,
-                                  self.model)
+                                  self.model, codes[n].tobytes() if codes is not None else b"",
+                                  code_model)
             try:
                 attached = await self.exact.attach_vector(key.namespace, key.digest,
                                                           record.encode())
@@ -310,14 +346,24 @@ class SemanticCache:
                 self.counts["vector_gone"] += 1
 
     def _index(self, record: VectorRecord, *, count_full: bool = True) -> bool:
-        """Add ``record`` to the index, unless the index is at its bound."""
+        """Add ``record`` to the index (and its code to the first stage), unless the index
+        is at its bound. O(1): the index buffers it (see :mod:`.index`)."""
         id_ = vector_id(record.digest)
         limit = self.policy.max_index_bytes
         if limit and id_ not in self._refs and self.index.nbytes >= limit:
             self.counts["index_full"] += count_full
             return False
-        self.index.add(record.scope, np.array([id_], dtype=np.int64), record.vector[None, :])
+        ids = np.array([id_], dtype=np.int64)
+        self.index.add(record.scope, ids, record.vector[None, :])
         self._refs[id_] = (record.namespace, record.digest)
+        fs = self.first_stage
+        if fs is not None:
+            if len(record.code) == CODE_BYTES and record.code_model == self.code_model:
+                code = np.frombuffer(record.code, np.uint8)
+            else:
+                code = fs.codes([record.text])[0]
+                self.counts["codes_computed"] += 1
+            fs.add_codes(record.scope, ids, code[None, :])
         return True
 
     async def add_records(self, raw: Sequence[bytes | None], *, count_full: bool = True
@@ -330,25 +376,73 @@ class SemanticCache:
         """
         return await self._add_decoded(_decode_records(raw), count_full=count_full)
 
-    async def _add_decoded(self, records: list[VectorRecord], *, count_full: bool = True
-                           ) -> int:
+    async def _add_decoded(self, records: list[VectorRecord], *, count_full: bool = True,
+                           replace: bool = True) -> int:
+        """Index ``records`` in bulk: re-embed those of another model, compute first-stage
+        codes that are missing (both off the loop), and add them per scope on a thread.
+        With ``replace=False`` ids already indexed are left as they are."""
         stale = [n for n, r in enumerate(records) if r.model != self.model]
         if stale:
             vectors = await self.embedder.embed_many([records[n].text for n in stale])
             for n, vector in zip(stale, vectors, strict=True):
                 records[n] = dataclasses.replace(records[n], vector=vector)
             self.counts["reembedded"] += len(stale)
-        return sum(self._index(r, count_full=count_full) for r in records)
+        if len(records) <= INLINE_ADD:  # a change event: O(1) adds, codes stored with them
+            return sum(self._index(r, count_full=count_full) for r in records)
+        limit = self.policy.max_index_bytes
+        if limit:  # room left, in records (a new vector costs at least its floats)
+            room = max(0, limit - self.index.nbytes) // (4 * records[0].vector.size) + 1
+            fresh = [r for r in records if vector_id(r.digest) not in self._refs]
+            if len(fresh) > room:
+                dropped = {id(r) for r in fresh[room:]}
+                records = [r for r in records if id(r) not in dropped]
+                self.counts["index_full"] += count_full * len(dropped)
+        codes = await asyncio.to_thread(self._codes_of, records)
+        by_scope: dict[str, list[int]] = {}
+        for n, record in enumerate(records):
+            by_scope.setdefault(record.scope, []).append(n)
+        for scope, members in by_scope.items():
+            ids = np.array([vector_id(records[n].digest) for n in members], dtype=np.int64)
+            vectors = np.stack([records[n].vector for n in members]).astype(np.float32)
+            await asyncio.to_thread(self.index.add_many, scope, ids, vectors, replace=replace)
+            if codes is not None and self.first_stage is not None:
+                self.first_stage.add_codes(scope, ids, codes[members])
+            for n in members:
+                self._refs[vector_id(records[n].digest)] = (records[n].namespace,
+                                                           records[n].digest)
+        return len(records)
+
+    def _codes_of(self, records: list[VectorRecord]) -> np.ndarray | None:
+        """(n, CODE_BYTES) first-stage codes of ``records``: stored ones if the same static
+        model made them, else computed (blocking: on a thread). None without a first stage."""
+        fs, code_model = self.first_stage, self.code_model
+        if fs is None:
+            return None
+        codes = np.zeros((len(records), CODE_BYTES), np.uint8)
+        missing = []
+        for n, record in enumerate(records):
+            if len(record.code) == CODE_BYTES and record.code_model == code_model:
+                codes[n] = np.frombuffer(record.code, np.uint8)
+            else:
+                missing.append(n)
+        if missing:
+            codes[missing] = fs.codes([records[n].text for n in missing])
+            self.counts["codes_computed"] += len(missing)
+        return codes
 
     def forget_digests(self, digests: Sequence[str]) -> None:
-        ids = [vector_id(d) for d in digests]
-        self.index.remove(np.array(ids, dtype=np.int64))
-        for id_ in ids:
-            self._refs.pop(id_, None)
+        self._forget_ids([vector_id(d) for d in digests])
 
     def forget(self, id_: int) -> None:
-        self.index.remove(np.array([id_], dtype=np.int64))
-        self._refs.pop(id_, None)
+        self._forget_ids([id_])
+
+    def _forget_ids(self, ids: list[int]) -> None:
+        array = np.array(ids, dtype=np.int64)
+        self.index.remove(array)
+        if self.first_stage is not None:
+            self.first_stage.remove(array)
+        for id_ in ids:
+            self._refs.pop(id_, None)
 
     async def rebuild(self, shard: int | None = None, batch: int = 500, *,
                       owns: Callable[[str], bool] | None = None) -> int:
@@ -366,19 +460,20 @@ class SemanticCache:
         async for raw in self.exact.store.vector_batches(shard, batch):
             records = _decode_records(raw)
             found.update(vector_id(r.digest) for r in records)
-            loaded += await self._add_decoded(records)
+            loaded += await self._add_decoded(records, replace=False)
         gone = [i for i in covered if i not in found]
         if gone:
-            self.index.remove(np.array(gone, dtype=np.int64))
-            for id_ in gone:
-                self._refs.pop(id_, None)
+            self._forget_ids(gone)
             self.counts["dropped_at_rebuild"] += len(gone)
         log.info("semantic index rebuilt from Redis: %d vectors loaded, %d dropped",
                  loaded, len(gone))
         return loaded
 
     def stats(self) -> dict[str, Any]:
-        return {**self.index.stats(), **dict(self.counts),
+        fs = self.first_stage
+        first = ({**fs.stats(), "first_stage_bytes": fs.nbytes,
+                  "first_stage_ready": self.first_stage_ready} if fs is not None else {})
+        return {**self.index.stats(), **first, **dict(self.counts),
                 "vector_backlog": len(self._backlog) + len(self._ready),
                 "embed_batches": self.embedder.batches, "embedded": self.embedder.embedded,
                 "embed_memo_hits": self.embedder.memo_hits}

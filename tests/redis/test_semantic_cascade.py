@@ -1,0 +1,83 @@
+"""The cascade on a real Redis with the real model: the first stage lets a novel prompt
+miss without the transformer, keeps paraphrase hits, stores its codes in the vector
+records (a restart indexes them without computing any) and can be switched on after the
+index was filled."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from promptcache.cache.protocols import Embedder
+from promptcache.cache.semantic.first_stage import FirstStage, StaticEmbedder, find_static_model
+from promptcache.clients import AsyncCache
+
+MODEL = "gpt-4o-mini"
+STORED = ["How do I reset my password?", "What is the boiling point of water at sea level?",
+          "Give me a recipe for banana bread."]
+PARAPHRASE = "How can I reset my password?"
+NOVEL = "Explain how a Kalman filter fuses an odometer with GPS readings."
+
+
+def body(text: str) -> dict[str, Any]:
+    return {"model": MODEL, "messages": [{"role": "user", "content": text}]}
+
+
+async def fill(cache: AsyncCache) -> None:
+    for text in STORED:
+        assert await cache.store(body(text), {"answer": text})
+    assert cache.engine.semantic is not None
+    await cache.engine.semantic.drain()
+
+
+async def test_a_novel_prompt_skips_the_transformer_and_a_paraphrase_still_hits(
+        redis_url: str, embedder: Embedder) -> None:
+    async with AsyncCache(redis_url=redis_url, embedder=embedder, embed_timeout=30.0) as cache:
+        await fill(cache)
+        semantic = cache.engine.semantic
+        assert semantic is not None and semantic.first_stage_ready
+        assert semantic.first_stage is not None and len(semantic.first_stage) == len(STORED)
+        embedded = semantic.embedder.embedded
+        assert await cache.lookup(body(NOVEL)) is None
+        assert semantic.counts["first_stage_miss"] == 1
+        assert semantic.embedder.embedded == embedded  # MiniLM never saw the novel prompt
+        hit = await cache.lookup(body(PARAPHRASE))
+        assert hit is not None and hit.response == {"answer": STORED[0]}
+        assert semantic.embedder.embedded == embedded + 1  # the paraphrase went on to MiniLM
+        stats = await cache.stats()
+        assert stats["semantic"]["first_stage_vectors"] == len(STORED)
+        assert 0 < stats["semantic"]["first_stage_bytes"] <= 64 * 1024
+
+
+async def test_records_carry_their_codes_so_a_restart_computes_none(
+        redis_url: str, embedder: Embedder) -> None:
+    async with AsyncCache(redis_url=redis_url, embedder=embedder, embed_timeout=30.0) as cache:
+        await fill(cache)
+    async with AsyncCache(redis_url=redis_url, embedder=embedder, embed_timeout=30.0) as cache:
+        semantic = cache.engine.semantic
+        assert semantic is not None and semantic.first_stage is not None
+        assert len(semantic.first_stage) == len(STORED) and len(semantic.index) == len(STORED)
+        assert semantic.counts["codes_computed"] == 0 and semantic.counts["reembedded"] == 0
+        assert await cache.lookup(body(NOVEL)) is None
+        assert semantic.counts["first_stage_miss"] == 1
+        hit = await cache.lookup(body(PARAPHRASE))
+        assert hit is not None and hit.response == {"answer": STORED[0]}
+
+
+async def test_a_first_stage_switched_on_later_codes_what_is_indexed_before_it_filters(
+        redis_url: str, embedder: Embedder) -> None:
+    async with AsyncCache(redis_url=redis_url, embedder=embedder, embed_timeout=30.0,
+                          first_stage=False) as cache:
+        await fill(cache)
+        semantic = cache.engine.semantic
+        assert semantic is not None and semantic.first_stage is None
+        assert await cache.lookup(body(NOVEL)) is None
+        assert semantic.counts["first_stage_miss"] == 0  # no first stage: MiniLM decided
+        path = find_static_model()
+        assert path is not None  # the session's embedder fixture distilled it
+        await semantic.use_first_stage(FirstStage(StaticEmbedder(path)))
+        assert semantic.first_stage_ready
+        assert semantic.counts["codes_computed"] == len(STORED)
+        assert await cache.lookup(body(NOVEL + " Please be brief.")) is None
+        assert semantic.counts["first_stage_miss"] == 1
+        hit = await cache.lookup(body(PARAPHRASE))
+        assert hit is not None and hit.response == {"answer": STORED[0]}
