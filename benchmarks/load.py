@@ -157,6 +157,15 @@ def _upstream_calls(upstream: str) -> int:
     return int(_get_json(upstream + "/_fake/stats")["calls"].get(CHAT, 0))
 
 
+def _sidecar_stats(url: str) -> dict[str, Any] | None:
+    """The sidecar's /stats after the run (its semantic tier's counts: what was shed, what
+    the first stage answered...); None if it does not answer."""
+    try:
+        return _get_json(url + "/stats")
+    except (OSError, ValueError):
+        return None
+
+
 @contextmanager
 def own_sidecar(args: argparse.Namespace) -> Iterator[tuple[str, str]]:
     """(sidecar URL, fake upstream URL), each in its own process, on a private Redis."""
@@ -198,7 +207,8 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, list[float]
     if args.target:
         url = args.target.rstrip("/")
         outcomes, seconds = asyncio.run(_run_phase(url, bodies, args, "load"))
-        result |= {"target": url, "sidecar": summarise(workload, outcomes, seconds)}
+        result |= {"target": url, "sidecar": summarise(workload, outcomes, seconds),
+                   "sidecar_stats": _sidecar_stats(url)}
         tags = result["sidecar"]["by_status"]
         calls = sum(tags.get(t, {}).get("requests", 0) for t in ("MISS", "BYPASS"))
         result["upstream"] = {"calls": calls, "counted_by": "X-Cache MISS + BYPASS (estimate; "
@@ -208,6 +218,7 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, list[float]
             before = _upstream_calls(upstream)
             outcomes, seconds = asyncio.run(_run_phase(url, bodies, args, "sidecar"))
             calls = _upstream_calls(upstream) - before
+            result["sidecar_stats"] = _sidecar_stats(url)
             result |= {"target": None, "sidecar": summarise(workload, outcomes, seconds),
                        "setup": {"upstream_latency_s": args.upstream_latency,
                                  "answer_words": args.answer_words,

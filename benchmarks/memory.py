@@ -183,12 +183,15 @@ def plan_vs_measured(measured: dict[str, Any]) -> dict[str, Any] | None:
         "planned_redis_bytes_per_entry": predicted.redis_bytes_per_entry,
         "redis_measured_over_planned": round(
             per["used_memory_growth_per_entry"] / predicted.redis_bytes_per_entry, 3)}
-    index = measured.get("sidecar_index")
-    if index and index.get("vectors"):
-        measured_index = index["bytes"] + index["vectors"] * plan.REFS_BYTES_PER_VECTOR
-        out["planned_index_bytes"] = predicted.index_bytes_per_node
-        out["index_measured_over_planned"] = round(
-            measured_index / max(predicted.index_bytes_per_node, 1), 3)
+    index = measured.get("sidecar_index") or {}
+    vectors = index.get("first_stage_vectors") or index.get("vectors")
+    if vectors:  # the precise index (without a first stage) or the first stage's codes
+        measured_index = (index.get("bytes", 0) + index.get("first_stage_bytes", 0)
+                          + vectors * plan.REFS_BYTES_PER_VECTOR)
+        planned = (predicted.index_bytes_per_node
+                   + predicted.first_stage_bytes_per_vector * measured["entries"])
+        out["planned_index_bytes"] = planned
+        out["index_measured_over_planned"] = round(measured_index / max(planned, 1), 3)
     return out
 
 
@@ -224,7 +227,10 @@ def run(args: argparse.Namespace, embedder: Embedder | None = None) -> dict[str,
                 "index": index,
                 "sidecar_stats": {"cache": stats.get("cache")},
                 "sidecar_index": stats.get("semantic") and {
-                    k: stats["semantic"][k] for k in ("vectors", "partitions", "bytes")},
+                    k: stats["semantic"][k] for k in ("vectors", "partitions", "bytes",
+                                                      "first_stage_vectors",
+                                                      "first_stage_bytes")
+                    if k in stats["semantic"]},
             }
             raw_req = statistics.fmean(sent)
             raw_resp = statistics.fmean(got)

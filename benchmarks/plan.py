@@ -169,11 +169,16 @@ def plan(w: Workload) -> Plan:
     entry = encoded_entry_bytes(w.avg_response_bytes, w.compression)
     record = vector_record_bytes(w.avg_request_chars, w.first_stage) if w.semantic else 0
     per_entry = entry + record + keys + ENTRY_OVERHEAD_BYTES
-    kind, per_vector = index_bytes_per_vector(w.index, w.entries) if w.semantic else ("none", 0)
+    staged = w.semantic and w.first_stage
+    if staged:  # the first stage finds candidates; their precise vectors are read from Redis
+        kind, per_vector = "none (first stage)", REFS_BYTES_PER_VECTOR
+    elif w.semantic:
+        kind, per_vector = index_bytes_per_vector(w.index, w.entries)
+    else:
+        kind, per_vector = "none", 0
     index = per_vector * w.entries
     model = MODEL_BYTES if w.semantic else 0
     process = PROCESS_BYTES if w.semantic else PROCESS_BYTES // 8  # no torch, no model
-    staged = w.semantic and w.first_stage
     fs_per_vector = first_stage_bytes_per_vector() if staged else 0
     fs_node = fs_per_vector * w.entries + (STATIC_MODEL_BYTES if staged else 0)
     node = index + model + process + fs_node

@@ -217,8 +217,8 @@ async def _start_sync(stack: contextlib.AsyncExitStack, redis_url: str, options:
                         read_timeout=block_ms / 1000 + options.redis_timeout + 1.0)
     stack.push_async_callback(close_client, tail)
     sync = IndexSync(tail, semantic, store, block_ms=block_ms)
-    try:
-        await sync.start()
+    try:  # the rebuild goes on in the background past the wait: exact hits need no index
+        await sync.start(wait=options.index_warmup_wait)
     except (RedisError, OSError) as exc:  # fail open: start empty, fill as traffic comes
         log.warning("could not rebuild the semantic index from Redis: %r", exc)
     _background(stack, sync.run())
@@ -230,7 +230,8 @@ async def _semantic(options: EngineOptions, cache: ExactCache, embedder: Embedde
     """Load the model (on a thread: it takes seconds); the index is filled by the sync."""
     model: Embedder = embedder if embedder is not None else await asyncio.to_thread(
         partial(SentenceTransformerEmbedder, options.embedding_model,
-                tuning=resolve_tuning(options.embedding_tuning)))
+                tuning=resolve_tuning(options.embedding_tuning),
+                threads=options.embed_threads or None))
     config = VerifierConfig(
         numbers=options.verify_numbers, negation=options.verify_negation,
         entities=options.verify_entities,
@@ -240,7 +241,8 @@ async def _semantic(options: EngineOptions, cache: ExactCache, embedder: Embedde
     semantic = SemanticCache(
         cache,
         BatchingEmbedder(model, window=options.embed_window, max_batch=options.embed_max_batch,
-                         memo_bytes=options.embed_memo_bytes, timeout=options.embed_timeout),
+                         memo_bytes=options.embed_memo_bytes, timeout=options.embed_timeout,
+                         niceness=options.embed_niceness),
         PartitionedIndex(model.dim, options.index_kind),
         verifier,
         SemanticPolicy(threshold=options.similarity_threshold,

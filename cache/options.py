@@ -49,6 +49,7 @@ class EngineOptions:
     embedding_tuning: str | None = None
     index_kind: str = "auto"
     first_stage: bool = True
+    index_warmup_wait: float = 1.0
     static_model_dir: str | None = None
     verifier_model: str = "default"
     verify_numbers: bool = True
@@ -56,6 +57,8 @@ class EngineOptions:
     verify_entities: bool = True
     embed_window: float = 0.001
     embed_max_batch: int = 64
+    embed_threads: int = 1
+    embed_niceness: int = 10
     semantic_wait_budget: float = 0.010
     embed_timeout: float = 1.0
     embed_memo_bytes: int = 16 << 20

@@ -34,7 +34,10 @@ async def healthz(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     sc = request.app[SIDECAR]
     if await sc.cache.ping():
-        return web.json_response({"status": "ready", "cache": "ok"})
+        body = {"status": "ready", "cache": "ok"}
+        if sc.semantic is not None:  # exact hits are served while the index loads
+            body["semantic"] = "warming" if sc.sync is not None and sc.sync.warming else "ok"
+        return web.json_response(body)
     return web.json_response(
         {"status": "degraded", "cache": "unreachable",
          "detail": "requests are passed upstream uncached until the cache is back"},
@@ -47,7 +50,7 @@ async def _refresh_gauges(sc: Sidecar) -> dict[str, Any] | None:
     m.set_gauges(breaker_open=1 if sc.cache.breaker.state != "closed" else 0,
                  evicted=sc.cache.counts["evicted"])
     if sc.semantic is not None:
-        m.set_gauges(index_vectors=len(sc.semantic.index), index_bytes=sc.semantic.index.nbytes,
+        m.set_gauges(index_vectors=len(sc.semantic), index_bytes=sc.semantic.nbytes,
                      vector_backlog=sc.semantic.stats()["vector_backlog"])
         for reason in SKIP_REASONS:
             m.semantic_skipped.labels(reason).set(sc.semantic.counts[reason])
@@ -66,7 +69,7 @@ async def _refresh_gauges(sc: Sidecar) -> dict[str, Any] | None:
 
 
 def _memory(sc: Sidecar) -> dict[str, int]:
-    index = sc.semantic.index.nbytes if sc.semantic is not None else 0
+    index = sc.semantic.nbytes if sc.semantic is not None else 0
     return memory_split(model=sc.model_bytes, index=index)
 
 

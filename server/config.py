@@ -218,11 +218,18 @@ OPTIONS: tuple[Option, ...] = (
     Option("first_stage", parse_bool, "the cascade's first stage: a static model distilled "
            "from the embedding model decides in well under a millisecond whether any entry "
            "could match, so most misses never wait for the transformer", "BOOL"),
+    Option("index_warmup_wait", _number, "seconds start-up waits for the semantic index "
+           "to be loaded from Redis before serving; the rest loads in the background "
+           "(/readyz says warming) while exact hits are served", "SECONDS"),
     Option("static_model_dir", _optional_str, "where the first stage's static model is "
            "distilled (once, about a minute of CPU at first start) and kept", "DIR"),
     Option("embed_window", _number, "seconds a lookup waits to share an embedding batch",
            "SECONDS"),
     Option("embed_max_batch", _int, "most texts embedded in one batch", "N"),
+    Option("embed_threads", _int, "CPU threads the embedding model may use (torch's "
+           "intra-op threads, process-wide; 0 = torch's default, every core)", "N"),
+    Option("embed_niceness", _int, "how much lower than the rest of the sidecar the model "
+           "thread runs (0-19): it takes the CPU that serving leaves", "N"),
     Option("semantic_wait_budget", _number, "seconds the embedding queue may add to a "
            "lookup; when it would add more, the request skips the semantic tier (a miss, "
            "counted) instead of queueing", "SECONDS"),
@@ -384,6 +391,8 @@ def _check_ranges(v: dict[str, Any]) -> None:
         (v["breaker_threshold"] >= 1, "--breaker-threshold must be >= 1"),
         (v["breaker_reset"] > 0, "--breaker-reset must be > 0"),
         (v["embed_max_batch"] >= 1, "--embed-max-batch must be >= 1"),
+        (v["embed_threads"] >= 0, "--embed-threads must be >= 0"),
+        (0 <= v["embed_niceness"] <= 19, "--embed-niceness must be 0-19"),
         (v["embed_timeout"] > 0, "--embed-timeout must be > 0"),
         (v["vector_backlog"] >= 0, "--vector-backlog must be >= 0"),
         (v["upstream_connect_timeout"] > 0, "--upstream-connect-timeout must be > 0"),

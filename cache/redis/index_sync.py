@@ -35,7 +35,7 @@ from promptcache.cache.redis.budget import BudgetStore
 from promptcache.cache.redis.client import as_text
 from promptcache.cache.semantic.record import vector_id
 from promptcache.cache.semantic.tier import SemanticCache
-from promptcache.cache.tasks import raise_if_cancelled
+from promptcache.cache.tasks import raise_if_cancelled, stop_task
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,13 @@ class IndexSync:
         self._run_id: dict[int, str] = {}  # of the server that held the shard at _mark
         self._verify_at: dict[int, float] = {}  # when to check that run id next
         self.counts: Counter[str] = Counter()
+        self._warmup: asyncio.Task[int] | None = None
+
+    @property
+    def warming(self) -> bool:
+        """Whether the start-up rebuild is still loading the index (lookups meanwhile see
+        what it has loaded so far; exact hits are not affected)."""
+        return self._warmup is not None and not self._warmup.done()
 
     def _log_key(self, shard: int) -> str:
         return self.layout.shard_keys(shard).log
@@ -114,19 +121,40 @@ class IndexSync:
         return await self.semantic.rebuild(
             shard, owns=lambda digest: self.layout.shard(digest) == shard)
 
-    async def start(self) -> int:
-        """Note every stream's position, then rebuild the index from Redis. If that fails,
-        each shard's tail rebuilds it once Redis answers."""
+    async def start(self, wait: float | None = None) -> None:
+        """Note every stream's position, then rebuild the index from Redis in the
+        background (:attr:`warming` until done), waiting at most ``wait`` seconds for it
+        (None: until it is done). If marking fails, the error is raised; if the rebuild
+        fails, each shard's tail rebuilds its part once Redis answers."""
         try:
             for shard in range(self.layout.shards):
                 await self._mark(shard)
-            return await self.semantic.rebuild()
         except BaseException:
             self._last.clear()
             raise
+        self._warmup = asyncio.get_running_loop().create_task(
+            self._warm(), name="promptcache-index-warmup")
+        await asyncio.wait({self._warmup}, timeout=wait)
+
+    async def _warm(self) -> int:
+        started = time.monotonic()
+        try:
+            loaded = await self.semantic.rebuild()
+        except (RedisError, OSError) as exc:  # the tails rebuild each shard
+            self._last.clear()
+            log.warning("could not rebuild the semantic index from Redis: %r", exc)
+            return 0
+        self.counts["warmup_ms"] = round((time.monotonic() - started) * 1000)
+        return loaded
 
     async def run(self) -> None:
-        """Tail every shard until cancelled."""
+        """Finish the start-up rebuild, then tail every shard until cancelled."""
+        if self._warmup is not None:
+            try:
+                await self._warmup
+            finally:
+                if not self._warmup.done():  # cancelled while waiting: stop it too
+                    await stop_task(self._warmup)
         await asyncio.gather(*(self._tail(s) for s in range(self.layout.shards)))
 
     async def _tail(self, shard: int) -> None:
@@ -194,4 +222,4 @@ class IndexSync:
                 self.counts["removed"] += len(members)
 
     def stats(self) -> dict[str, Any]:
-        return {"shards": self.layout.shards, **dict(self.counts)}
+        return {"shards": self.layout.shards, "warming": self.warming, **dict(self.counts)}

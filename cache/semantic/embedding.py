@@ -21,6 +21,7 @@ a memo keyed by a digest of the text and bounded in bytes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import itertools
 import os
@@ -194,6 +195,17 @@ class SentenceTransformerEmbedder:
         return np.ascontiguousarray(vectors, dtype=np.float32)
 
 
+def _lower_priority(niceness: int) -> None:
+    """On the model thread: run at ``niceness`` (Linux schedules threads one by one), so
+    the model takes only the CPU that the event loop, and whatever else shares the host,
+    leave; a platform that cannot do it runs the thread as it is."""
+    if niceness > 0 and hasattr(os, "setpriority"):
+        with contextlib.suppress(OSError):
+            current = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(),
+                           min(19, current + niceness))
+
+
 class BatchCost:
     """A running estimate of a batch's seconds as ``fixed + per_text * n``.
 
@@ -250,7 +262,8 @@ class BatchingEmbedder:
     Texts are cut to ``max_chars`` (the embedder's own, else ``DEFAULT_MAX_CHARS``) before
     anything else, so no call costs more than a full window. Vectors are kept in an LRU memo
     keyed by :func:`text_digest`, bounded to ``memo_bytes`` (and ``memo_size`` entries, if
-    given). ``embed`` and ``embed_many`` raise :class:`EmbedTimeout` after ``timeout``
+    given). The model thread runs ``niceness`` steps below the process's priority.
+    ``embed`` and ``embed_many`` raise :class:`EmbedTimeout` after ``timeout``
     seconds (None, the default: no deadline; the engine passes ``embed_timeout``).
     ``clock`` times batches and must be monotonic.
     """
@@ -258,7 +271,7 @@ class BatchingEmbedder:
     def __init__(self, embedder: Embedder, *, window: float = 0.001, max_batch: int = 64,
                  memo_bytes: int = 16 << 20, memo_size: int | None = None,
                  timeout: float | None = None, background_batch: int = 4,
-                 max_chars: int | None = None,
+                 max_chars: int | None = None, niceness: int = 0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.embedder = embedder
         self.window = window
@@ -267,6 +280,7 @@ class BatchingEmbedder:
         self.memo_bytes = memo_bytes
         self.memo_size = memo_size
         self.timeout = timeout
+        self.niceness = niceness
         self.max_chars = int(max_chars or getattr(embedder, "max_chars", 0) or DEFAULT_MAX_CHARS)
         self._max_tokens: int | None = getattr(embedder, "max_tokens", None)
         self._count: Callable[[str], int] | None = getattr(embedder, "count_tokens", None)
@@ -451,7 +465,9 @@ class BatchingEmbedder:
             self._running[job.key] = job
         self._started = self._clock()
         if self._thread is None:  # one thread, so torch's per-thread state stays bounded
-            self._thread = ThreadPoolExecutor(1, thread_name_prefix="promptcache-embed")
+            self._thread = ThreadPoolExecutor(1, thread_name_prefix="promptcache-embed",
+                                              initializer=_lower_priority,
+                                              initargs=(self.niceness,))
         try:
             vectors, seconds = await asyncio.get_running_loop().run_in_executor(
                 self._thread, self._encode, [job.text for job in jobs])

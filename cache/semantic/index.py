@@ -608,6 +608,11 @@ class PartitionedIndex:
     def __contains__(self, id_: int) -> bool:
         return id_ in self._scope_of
 
+    def ids(self) -> np.ndarray:
+        """Every indexed id (a copy)."""
+        with self._lock:
+            return np.fromiter(self._scope_of, dtype=np.int64, count=len(self._scope_of))
+
     def partitions(self) -> Iterator[tuple[str, Partition]]:
         return iter(list(self._parts.items()))
 

@@ -155,10 +155,26 @@ class SemanticCache:
     async def use_first_stage(self, first_stage: FirstStage) -> None:
         """Start using ``first_stage`` (made after the index was filled, e.g. when its model
         had to be distilled first): new entries get codes at once, the indexed ones from
-        a pass over the store, after which it filters lookups."""
+        a pass over the store, after which it filters lookups and the in-process index of
+        precise vectors is emptied (they are read from the candidates' records)."""
         self.first_stage, self.first_stage_ready = first_stage, False
         await self.rebuild()
-        self.first_stage_ready = self.first_stage is first_stage
+        if self.first_stage is first_stage:
+            self.first_stage_ready = True
+            self.index.remove(self.index.ids())
+
+    def __len__(self) -> int:
+        """Entries this node can match (their vectors or codes are indexed)."""
+        return len(self._refs)
+
+    def __contains__(self, id_: int) -> bool:
+        return id_ in self._refs
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of this node's indexes: precise vectors (without a first stage) and codes."""
+        fs = self.first_stage
+        return self.index.nbytes + (fs.nbytes if fs is not None else 0)
 
     async def lookup(self, view: SemanticView, *, threshold: float | None = None
                      ) -> SemanticHit | None:
@@ -168,14 +184,18 @@ class SemanticCache:
         if not self.embedder.fits(view.text):  # never matched on a prefix: exact-only
             self.counts["too_long"] += 1
             return None
-        if not self.index.scope_size(view.scope):
-            return None
-        fs = self.first_stage
-        if fs is not None and self.first_stage_ready:
+        fs = self.first_stage if self.first_stage_ready else None
+        plausible: list[int] = []
+        if fs is not None:
+            if not fs.scope_size(view.scope):
+                return None
             code = fs.codes([view.text])[0]  # a static model: ~1 ms for 2,000 characters
-            if not fs.plausible_code(view.scope, code):
+            plausible = [i for i in fs.plausible_code(view.scope, code) if i in self._refs]
+            if not plausible:
                 self.counts["first_stage_miss"] += 1  # nothing close: the model is not asked
                 return None
+        elif not self.index.scope_size(view.scope):
+            return None
         vector = self.embedder.memoised(view.text)
         if vector is None:
             self._wanted_at = self._clock()
@@ -188,11 +208,15 @@ class SemanticCache:
             except (EmbedTimeout, TimeoutError):
                 self.counts["deadline"] += 1
                 return None
-        found = [(i, s) for i, s in self.index.search(view.scope, vector, self.policy.candidates)
-                 if s >= threshold and i in self._refs]
-        if not found:
-            self.counts["below_threshold"] += 1
-            return None
+        if fs is not None:  # the precise vectors of the plausible few, from their records
+            found = [(i, 1.0) for i in plausible]
+        else:
+            found = [(i, s) for i, s in self.index.search(view.scope, vector,
+                                                          self.policy.candidates)
+                     if s >= threshold and i in self._refs]
+            if not found:
+                self.counts["below_threshold"] += 1
+                return None
         refs = [self._refs[i] for i, _ in found]
         raw = await self.exact.get_with_vectors(refs)
         candidates: list[tuple[float, Entry, VectorRecord]] = []
@@ -202,8 +226,18 @@ class SemanticCache:
                 self.forget(id_)  # gone from Redis: never served again
                 self.counts["stale"] += 1
                 continue
+            if fs is not None:
+                if record.model != self.model or record.vector.shape != vector.shape:
+                    continue  # another model's vector: not comparable
+                similarity = float(np.dot(record.vector, vector))
+                if similarity < threshold:
+                    continue
             candidates.append((similarity, entry, record))
+        if fs is not None:
+            candidates.sort(key=lambda c: -c[0])
+            del candidates[self.policy.candidates:]
         if not candidates:
+            self.counts["below_threshold"] += 1
             return None
         try:
             async with asyncio.timeout(self.policy.embed_timeout):
@@ -350,11 +384,12 @@ class SemanticCache:
         is at its bound. O(1): the index buffers it (see :mod:`.index`)."""
         id_ = vector_id(record.digest)
         limit = self.policy.max_index_bytes
-        if limit and id_ not in self._refs and self.index.nbytes >= limit:
+        if limit and id_ not in self._refs and self.nbytes >= limit:
             self.counts["index_full"] += count_full
             return False
         ids = np.array([id_], dtype=np.int64)
-        self.index.add(record.scope, ids, record.vector[None, :])
+        if not self.first_stage_ready:  # else the first stage finds, the records' vectors rank
+            self.index.add(record.scope, ids, record.vector[None, :])
         self._refs[id_] = (record.namespace, record.digest)
         fs = self.first_stage
         if fs is not None:
@@ -385,13 +420,16 @@ class SemanticCache:
         if stale:
             vectors = await self.embedder.embed_many([records[n].text for n in stale])
             for n, vector in zip(stale, vectors, strict=True):
-                records[n] = dataclasses.replace(records[n], vector=vector)
+                records[n] = dataclasses.replace(records[n], vector=vector, model=self.model)
             self.counts["reembedded"] += len(stale)
+            if self.first_stage is not None:  # lookups read the candidates' records
+                await self._write_back([records[n] for n in stale])
         if len(records) <= INLINE_ADD:  # a change event: O(1) adds, codes stored with them
             return sum(self._index(r, count_full=count_full) for r in records)
         limit = self.policy.max_index_bytes
-        if limit:  # room left, in records (a new vector costs at least its floats)
-            room = max(0, limit - self.index.nbytes) // (4 * records[0].vector.size) + 1
+        if limit:  # room left, in records (a new one costs at least its code or its floats)
+            least = CODE_BYTES if self.first_stage_ready else 4 * records[0].vector.size
+            room = max(0, limit - self.nbytes) // least + 1
             fresh = [r for r in records if vector_id(r.digest) not in self._refs]
             if len(fresh) > room:
                 dropped = {id(r) for r in fresh[room:]}
@@ -404,13 +442,29 @@ class SemanticCache:
         for scope, members in by_scope.items():
             ids = np.array([vector_id(records[n].digest) for n in members], dtype=np.int64)
             vectors = np.stack([records[n].vector for n in members]).astype(np.float32)
-            await asyncio.to_thread(self.index.add_many, scope, ids, vectors, replace=replace)
+            if not self.first_stage_ready:
+                await asyncio.to_thread(self.index.add_many, scope, ids, vectors,
+                                        replace=replace)
             if codes is not None and self.first_stage is not None:
                 self.first_stage.add_codes(scope, ids, codes[members])
             for n in members:
                 self._refs[vector_id(records[n].digest)] = (records[n].namespace,
                                                            records[n].digest)
         return len(records)
+
+    async def _write_back(self, records: list[VectorRecord]) -> None:
+        """Store re-embedded records (with their codes) in place of the old ones, where the
+        entry still exists."""
+        codes = await asyncio.to_thread(self._codes_of, records)
+        for n, record in enumerate(records):
+            if codes is not None:
+                record = dataclasses.replace(record, code=codes[n].tobytes(),
+                                             code_model=self.code_model)
+            try:
+                await self.exact.attach_vector(record.namespace, record.digest,
+                                               record.encode())
+            except CacheUnavailable:
+                self.counts["vector_failed"] += 1
 
     def _codes_of(self, records: list[VectorRecord]) -> np.ndarray | None:
         """(n, CODE_BYTES) first-stage codes of ``records``: stored ones if the same static

@@ -404,7 +404,7 @@ async def test_decorator_answers_a_paraphrase_from_the_semantic_tier(
         redis_url: str, embedder: Embedder) -> None:
     calls: list[str] = []
     async with AsyncCache(redis_url=redis_url, embedder=embedder,
-                          embed_timeout=30.0) as cache:
+                          embed_timeout=30.0, semantic_wait_budget=5.0) as cache:
         @cache.cached()
         async def answer(question: str) -> str:
             calls.append(question)

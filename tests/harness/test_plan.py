@@ -84,8 +84,9 @@ async def test_the_plan_matches_a_filled_cache_within_20_percent(
             usage = await store.usage()
             streams = sum([(await store.stream_totals(s))[0]
                            for s in range(store.layout.shards)])
-            index_bytes = engine.semantic.index.nbytes
-            indexed = len(engine.semantic.index)
+            assert engine.semantic.first_stage is not None
+            index_bytes = engine.semantic.index.nbytes + engine.semantic.first_stage.nbytes
+            indexed = len(engine.semantic)
         used = int((await client.info("memory"))["used_memory"]) - before
     finally:
         await client.aclose()
@@ -97,16 +98,20 @@ async def test_the_plan_matches_a_filled_cache_within_20_percent(
         ("budget bytes of the entries", usage.bytes - streams, predicted.redis_bytes),
         ("redis used_memory", used, predicted.redis_bytes + streams),
         ("index bytes", index_bytes + n * plan.REFS_BYTES_PER_VECTOR,
-         predicted.index_bytes_per_node),
+         predicted.index_bytes_per_node + n * predicted.first_stage_bytes_per_vector),
     ):
         assert 0.8 <= measured / expected <= 1.2, (name, measured, expected)
 
 
 def test_plan_scales_with_entries_and_nodes_and_counts_every_tier() -> None:
-    small = plan.plan(plan.Workload(1000, 500, 2000))
-    big = plan.plan(plan.Workload(100_000, 500, 2000, nodes=3))
+    small = plan.plan(plan.Workload(1000, 500, 2000, first_stage=False))
+    big = plan.plan(plan.Workload(100_000, 500, 2000, nodes=3, first_stage=False))
     assert big.redis_bytes == 100 * small.redis_bytes
     assert big.index_kind == "hnsw" and small.index_kind == "flat"  # auto switches at 20k
+    staged = plan.plan(plan.Workload(1_000_000, 500, 2000))  # the default: a first stage
+    assert staged.first_stage_bytes_per_vector <= 64  # the bound, codes and ids
+    assert staged.index_bytes_per_vector == plan.REFS_BYTES_PER_VECTOR  # no precise vectors
+    assert staged.vector_record_bytes > small.vector_record_bytes  # the code rides along
     assert big.total_bytes == big.max_bytes + 3 * big.node_bytes
     for p in (small, big, plan.plan(plan.Workload(1000, 500, 2000, cluster=True))):
         # --max-bytes = the entries + each shard's change stream at the share it will get
@@ -116,7 +121,7 @@ def test_plan_scales_with_entries_and_nodes_and_counts_every_tier() -> None:
         assert p.stream_bytes == shards * stream_share(p.max_bytes // shards, shards)
     assert small.redis_bytes_per_entry == (small.entry_bytes + small.vector_record_bytes
                                            + small.key_bytes + small.bookkeeping_bytes)
-    sq8 = plan.plan(plan.Workload(1000, 500, 2000, index="sq8"))
+    sq8 = plan.plan(plan.Workload(1000, 500, 2000, index="sq8", first_stage=False))
     assert sq8.index_bytes_per_vector < small.index_bytes_per_vector
     exact_only = plan.plan(plan.Workload(1000, 500, 2000, semantic=False))
     assert exact_only.vector_record_bytes == 0 and exact_only.index_bytes_per_node == 0

@@ -92,7 +92,7 @@ async def test_a_full_index_stops_indexing_on_that_node_but_entries_still_hit(
     await ask(http, sc, chat("What is the boiling point of water at sea level?"))
     await ask(http, sc, chat("Who painted the ceiling of the Sistine Chapel?"))
     semantic = sc.state.semantic
-    assert semantic is not None and len(semantic.index) == 1
+    assert semantic is not None and len(semantic) == 1
     assert semantic.counts["index_full"] == 1
     h, _ = await ask(http, sc, chat("Who painted the ceiling of the Sistine Chapel?"))
     assert h["X-Cache"] == "HIT"

@@ -1,7 +1,8 @@
 """The cascade on a real Redis with the real model: the first stage lets a novel prompt
-miss without the transformer, keeps paraphrase hits, stores its codes in the vector
-records (a restart indexes them without computing any) and can be switched on after the
-index was filled."""
+miss without the transformer, keeps paraphrase hits (ranked by the precise vectors of its
+candidates' records: none is held in the process), stores its codes in the vector records
+(a restart indexes them without computing any) and can be switched on after the index was
+filled."""
 
 from __future__ import annotations
 
@@ -31,11 +32,13 @@ async def fill(cache: AsyncCache) -> None:
 
 async def test_a_novel_prompt_skips_the_transformer_and_a_paraphrase_still_hits(
         redis_url: str, embedder: Embedder) -> None:
-    async with AsyncCache(redis_url=redis_url, embedder=embedder, embed_timeout=30.0) as cache:
+    async with AsyncCache(redis_url=redis_url, embedder=embedder, embed_timeout=30.0,
+                          semantic_wait_budget=5.0) as cache:
         await fill(cache)
         semantic = cache.engine.semantic
         assert semantic is not None and semantic.first_stage_ready
         assert semantic.first_stage is not None and len(semantic.first_stage) == len(STORED)
+        assert len(semantic.index) == 0  # the candidates' precise vectors are read from Redis
         embedded = semantic.embedder.embedded
         assert await cache.lookup(body(NOVEL)) is None
         assert semantic.counts["first_stage_miss"] == 1
@@ -50,12 +53,15 @@ async def test_a_novel_prompt_skips_the_transformer_and_a_paraphrase_still_hits(
 
 async def test_records_carry_their_codes_so_a_restart_computes_none(
         redis_url: str, embedder: Embedder) -> None:
-    async with AsyncCache(redis_url=redis_url, embedder=embedder, embed_timeout=30.0) as cache:
+    async with AsyncCache(redis_url=redis_url, embedder=embedder, embed_timeout=30.0,
+                          semantic_wait_budget=5.0) as cache:
         await fill(cache)
-    async with AsyncCache(redis_url=redis_url, embedder=embedder, embed_timeout=30.0) as cache:
+    async with AsyncCache(redis_url=redis_url, embedder=embedder, embed_timeout=30.0,
+                          semantic_wait_budget=5.0) as cache:
         semantic = cache.engine.semantic
         assert semantic is not None and semantic.first_stage is not None
-        assert len(semantic.first_stage) == len(STORED) and len(semantic.index) == len(STORED)
+        assert len(semantic.first_stage) == len(semantic) == len(STORED)
+        assert len(semantic.index) == 0  # precise vectors stay in Redis
         assert semantic.counts["codes_computed"] == 0 and semantic.counts["reembedded"] == 0
         assert await cache.lookup(body(NOVEL)) is None
         assert semantic.counts["first_stage_miss"] == 1
@@ -66,10 +72,12 @@ async def test_records_carry_their_codes_so_a_restart_computes_none(
 async def test_a_first_stage_switched_on_later_codes_what_is_indexed_before_it_filters(
         redis_url: str, embedder: Embedder) -> None:
     async with AsyncCache(redis_url=redis_url, embedder=embedder, embed_timeout=30.0,
+                          semantic_wait_budget=5.0,
                           first_stage=False) as cache:
         await fill(cache)
         semantic = cache.engine.semantic
         assert semantic is not None and semantic.first_stage is None
+        assert len(semantic.index) == len(STORED)  # without a first stage: all in process
         assert await cache.lookup(body(NOVEL)) is None
         assert semantic.counts["first_stage_miss"] == 0  # no first stage: MiniLM decided
         path = find_static_model()
@@ -77,6 +85,7 @@ async def test_a_first_stage_switched_on_later_codes_what_is_indexed_before_it_f
         await semantic.use_first_stage(FirstStage(StaticEmbedder(path)))
         assert semantic.first_stage_ready
         assert semantic.counts["codes_computed"] == len(STORED)
+        assert len(semantic.index) == 0 and len(semantic) == len(STORED)
         assert await cache.lookup(body(NOVEL + " Please be brief.")) is None
         assert semantic.counts["first_stage_miss"] == 1
         hit = await cache.lookup(body(PARAPHRASE))

@@ -83,3 +83,26 @@ async def test_a_node_behind_a_trimmed_stream_rebuilds_from_redis(
         with pytest.raises(asyncio.CancelledError):
             await task
     assert sync.counts["gaps"] == 1 and sync.counts["rebuilds"] == 1
+
+
+async def test_a_large_index_loads_in_the_background_while_start_up_goes_on(
+        client: aioredis.Redis) -> None:
+    """start(wait=0) returns at once with the rebuild under way (warming); the node's
+    lookups meanwhile see what is loaded; run() finishes it, then follows the stream."""
+    writer = BudgetStore(client, LAYOUT, node="writer")
+    for i in range(3000):
+        await writer.put("", digest(i), b"entry", record(i), None)
+    semantic, sync = reader(client)
+    await sync.start(wait=0)
+    assert sync.warming and sync.stats()["warming"] is True
+    assert len(semantic.index) < 3000
+    task = asyncio.create_task(sync.run())
+    try:
+        await eventually(lambda: not sync.warming, within=30)
+        assert len(semantic.index) == 3000 and sync.counts["warmup_ms"] >= 0
+        await writer.put("", digest(9999), b"entry", record(9999), None)  # followed after
+        await eventually(lambda: len(semantic.index) == 3001, within=5)
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task

@@ -115,7 +115,7 @@ async def test_a_semantic_hit_stored_through_one_node_is_served_by_another(
 ) -> None:
     a, b = await nodes(2, fake, deployment_url, sidecars, embedder=embedder)
     await ask(http, a, chat(Q))
-    index_b = b.state.semantic.index  # type: ignore[union-attr]
+    index_b = b.state.semantic  # type: ignore[union-attr]
     await eventually(lambda: len(index_b) == 1, within=5)  # learnt from the change stream
     h, _ = await ask(http, b, chat(PARAPHRASE))
     assert h["X-Cache"] == "SEMANTIC-HIT" and fake.calls[CHAT] == 1
@@ -240,7 +240,7 @@ async def test_evictions_disappear_from_every_nodes_index(
     live = await live_ids()
     assert 10 < len(live) < 120
     for node in (a, b):
-        index = node.state.semantic.index  # type: ignore[union-attr]
+        index = node.state.semantic  # type: ignore[union-attr]
         await eventually(lambda index=index: {i for i in live if i in index} == live
                          and len(index) == len(live), within=5)
 
@@ -282,7 +282,7 @@ async def test_ttl_expiry_leaves_the_accounting_exact_on_every_node(
     # the expiries are logged to the change streams, so only the entries' part is as before
     await eventually(lambda: _entries_are(direct, layout, kept), within=15, step=0.1)
     for node in (a, b):
-        index = node.state.semantic.index  # type: ignore[union-attr]
+        index = node.state.semantic  # type: ignore[union-attr]
         await eventually(lambda index=index: len(index) == 1, within=5)
     after = await accounted(direct, layout)
     assert after.streams > before.streams, "the expiries were logged and counted"

@@ -45,6 +45,14 @@ async def ask(http: aiohttp.ClientSession, sc: RunningSidecar, body: dict[str, A
     return h, json.loads(raw)
 
 
+async def test_readyz_says_the_semantic_index_is_loaded(
+    semantic_sidecar: RunningSidecar, http: aiohttp.ClientSession
+) -> None:
+    async with http.get(semantic_sidecar.url + "/readyz") as r:
+        assert r.status == 200
+        assert await r.json() == {"status": "ready", "cache": "ok", "semantic": "ok"}
+
+
 async def test_a_paraphrase_gets_the_cached_answer(
     semantic_sidecar: RunningSidecar, fake: FakeUpstream, http: aiohttp.ClientSession
 ) -> None:
@@ -179,7 +187,7 @@ async def test_a_restarted_sidecar_serves_the_same_semantic_hits(
     await first.stop()
     second = await start_sidecar(fake.url, redis_url, embedder=embedder)
     sidecars.append(second)
-    assert len(second.state.semantic.index) == 1  # type: ignore[union-attr]
+    assert len(second.state.semantic) == 1  # type: ignore[union-attr]
     h, _ = await ask(http, second, chat(PARAPHRASE))
     assert h["X-Cache"] == "SEMANTIC-HIT" and fake.calls[CHAT] == 1
 
@@ -229,10 +237,10 @@ async def test_entries_gone_from_redis_never_come_back_through_the_index(
     finally:
         r.close()
     semantic = semantic_sidecar.state.semantic
-    assert semantic is not None and len(semantic.index) == 1
+    assert semantic is not None and len(semantic) == 1
     h2, _ = await ask(http, semantic_sidecar, chat(PARAPHRASE), **{"Cache-Control": "no-store"})
     assert h2["X-Cache"] == "MISS"
-    assert len(semantic.index) == 0, "a stale candidate is dropped from the index"
+    assert len(semantic) == 0, "a stale candidate is dropped from the index"
 
 
 async def test_64_concurrent_lookups_are_batched_and_each_gets_its_own_vector(

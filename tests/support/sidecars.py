@@ -43,6 +43,11 @@ async def start_sidecar(upstream: str, redis_url: str, *, embedder: Embedder | N
     overrides.setdefault("redis_timeout", 2.0)
     # Likewise one embedding can take a second there: tests of deadlines set their own.
     overrides.setdefault("embed_timeout", 30.0)
+    # And a lookup must not be shed because the shared machine made the last batch slow:
+    # tests of shedding set their own budget.
+    overrides.setdefault("semantic_wait_budget", 5.0)
+    # Tests that restart a sidecar expect its index loaded when it starts serving.
+    overrides.setdefault("index_warmup_wait", 60.0)
     settings = replace(Settings(upstream=upstream), port=0, redis_url=redis_url, **overrides)
     app = create_app(settings, embedder=embedder)
     runner = web.AppRunner(app, access_log=None)
