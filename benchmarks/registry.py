@@ -23,6 +23,10 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
                 "the first stage against MiniLM: hits kept, lookups that skip it, its index"),
     "index": ("promptcache.benchmarks.index_upkeep",
               "index upkeep at scale: insert, re-add, remove, search, the kind switch"),
+    "hostile": ("promptcache.benchmarks.hostile",
+                "3.5 MB and look-alike long prompts beside exact hits: p99 A/B, wrong shares"),
+    "warmup": ("promptcache.benchmarks.warmup",
+               "a restarted node loading its semantic index from Redis: time to serve"),
     "report": ("promptcache.benchmarks.report",
                "gather the latest results into docs/benchmarks.md with tables and plots"),
 }

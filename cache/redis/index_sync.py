@@ -74,6 +74,11 @@ class IndexSync:
         what it has loaded so far; exact hits are not affected)."""
         return self._warmup is not None and not self._warmup.done()
 
+    async def warmed(self) -> None:
+        """Wait until the start-up rebuild is done (at once if there is none)."""
+        if self._warmup is not None:
+            await asyncio.wait({self._warmup})
+
     def _log_key(self, shard: int) -> str:
         return self.layout.shard_keys(shard).log
 
