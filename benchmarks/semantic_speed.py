@@ -99,6 +99,18 @@ async def sidecar_run(url: str, base: list[str], lookups: list[str], single: lis
     return {"c1": c1.summary(), "c32": c32.summary()}
 
 
+def _wait_for_vectors(sidecar: str, within: float = 300.0) -> None:
+    """Until the stored prompts have their vectors (computed off the request path, when
+    the model is idle): the lookups measure semantic hits, not a backlog."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        with urllib.request.urlopen(sidecar + "/stats") as r:
+            if not json.load(r)["semantic"].get("vector_backlog"):
+                return
+        time.sleep(0.2)
+    raise RuntimeError(f"the sidecar's vector backlog did not drain within {within:g} s")
+
+
 def sidecar_figures(args: argparse.Namespace, base: list[str], lookups: list[str],
                     single: list[str]) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="pc-bench-") as tmp, \
@@ -115,6 +127,7 @@ def sidecar_figures(args: argparse.Namespace, base: list[str], lookups: list[str
                                              headers={"Content-Type": "application/json",
                                                       **HEADERS})
                 urllib.request.urlopen(req).close()
+            _wait_for_vectors(sidecar)
             result = asyncio.run(sidecar_run(sidecar, base, lookups, single))
             with urllib.request.urlopen(sidecar + "/stats") as r:
                 result["stats"] = json.load(r)["semantic"]

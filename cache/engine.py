@@ -230,8 +230,7 @@ async def _semantic(options: EngineOptions, cache: ExactCache, embedder: Embedde
     """Load the model (on a thread: it takes seconds); the index is filled by the sync."""
     model: Embedder = embedder if embedder is not None else await asyncio.to_thread(
         partial(SentenceTransformerEmbedder, options.embedding_model,
-                tuning=resolve_tuning(options.embedding_tuning),
-                threads=options.embed_threads or None))
+                tuning=resolve_tuning(options.embedding_tuning)))
     config = VerifierConfig(
         numbers=options.verify_numbers, negation=options.verify_negation,
         entities=options.verify_entities,
@@ -242,7 +241,8 @@ async def _semantic(options: EngineOptions, cache: ExactCache, embedder: Embedde
         cache,
         BatchingEmbedder(model, window=options.embed_window, max_batch=options.embed_max_batch,
                          memo_bytes=options.embed_memo_bytes, timeout=options.embed_timeout,
-                         niceness=options.embed_niceness),
+                         niceness=options.embed_niceness,
+                         background_threads=options.embed_threads or None),
         PartitionedIndex(model.dim, options.index_kind),
         verifier,
         SemanticPolicy(threshold=options.similarity_threshold,

@@ -226,8 +226,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("embed_window", _number, "seconds a lookup waits to share an embedding batch",
            "SECONDS"),
     Option("embed_max_batch", _int, "most texts embedded in one batch", "N"),
-    Option("embed_threads", _int, "CPU threads the embedding model may use (torch's "
-           "intra-op threads, process-wide; 0 = torch's default, every core)", "N"),
+    Option("embed_threads", _int, "CPU threads the model uses for the vectors of new "
+           "entries (computed in the background; lookups use every core); 0 = every core",
+           "N"),
     Option("embed_niceness", _int, "how much lower than the rest of the sidecar the model "
            "thread runs (0-19): it takes the CPU that serving leaves", "N"),
     Option("semantic_wait_budget", _number, "seconds the embedding queue may add to a "

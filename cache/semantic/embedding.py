@@ -143,6 +143,9 @@ class SentenceTransformerEmbedder:
 
         if threads:
             torch.set_num_threads(threads)
+        #: torch's intra-op threads as loaded: what a lookup's batch runs with.
+        self.default_threads = torch.get_num_threads()
+        self._threads = self.default_threads
         self.model_path = Path(model_path) if model_path else default_model_path()
         self.model: Any = SentenceTransformer(str(self.model_path), device="cpu",
                                               local_files_only=True)
@@ -175,6 +178,15 @@ class SentenceTransformerEmbedder:
         base = ("all-MiniLM-L6-v2" if self.model_path == default_model_path()
                 else self.model_path.name)
         return f"{base}+{self.tuning_meta['fingerprint']}" if self.tuning else base
+
+    def use_threads(self, threads: int) -> None:
+        """Run the next forward passes on ``threads`` CPU threads (torch's intra-op
+        threads: process-wide; call it from the model's thread only)."""
+        if threads != self._threads:
+            import torch
+
+            torch.set_num_threads(threads)
+            self._threads = threads
 
     def count_tokens(self, text: str) -> int:
         """The tokens the model would see of ``text`` untruncated (special ones included),
@@ -262,7 +274,8 @@ class BatchingEmbedder:
     Texts are cut to ``max_chars`` (the embedder's own, else ``DEFAULT_MAX_CHARS``) before
     anything else, so no call costs more than a full window. Vectors are kept in an LRU memo
     keyed by :func:`text_digest`, bounded to ``memo_bytes`` (and ``memo_size`` entries, if
-    given). The model thread runs ``niceness`` steps below the process's priority.
+    given). The model thread runs ``niceness`` steps below the process's priority, and
+    batches for storage only on ``background_threads`` CPU threads (None: as lookups).
     ``embed`` and ``embed_many`` raise :class:`EmbedTimeout` after ``timeout``
     seconds (None, the default: no deadline; the engine passes ``embed_timeout``).
     ``clock`` times batches and must be monotonic.
@@ -272,6 +285,7 @@ class BatchingEmbedder:
                  memo_bytes: int = 16 << 20, memo_size: int | None = None,
                  timeout: float | None = None, background_batch: int = 4,
                  max_chars: int | None = None, niceness: int = 0,
+                 background_threads: int | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.embedder = embedder
         self.window = window
@@ -281,6 +295,7 @@ class BatchingEmbedder:
         self.memo_size = memo_size
         self.timeout = timeout
         self.niceness = niceness
+        self.background_threads = background_threads
         self.max_chars = int(max_chars or getattr(embedder, "max_chars", 0) or DEFAULT_MAX_CHARS)
         self._max_tokens: int | None = getattr(embedder, "max_tokens", None)
         self._count: Callable[[str], int] | None = getattr(embedder, "count_tokens", None)
@@ -470,7 +485,8 @@ class BatchingEmbedder:
                                               initargs=(self.niceness,))
         try:
             vectors, seconds = await asyncio.get_running_loop().run_in_executor(
-                self._thread, self._encode, [job.text for job in jobs])
+                self._thread, self._encode, [job.text for job in jobs],
+                any(job.lookups for job in jobs))
             if vectors.shape != (len(jobs), self.dim):
                 raise ValueError(f"the embedder returned {vectors.shape} for {len(jobs)} texts")
         except Exception as exc:  # a model failure fails these callers, not the worker
@@ -491,8 +507,14 @@ class BatchingEmbedder:
             if not job.future.done():
                 job.future.set_result(vector)
 
-    def _encode(self, texts: list[str]) -> tuple[np.ndarray, float]:
-        """On the model thread: the vectors, and the seconds they took."""
+    def _encode(self, texts: list[str], lookup: bool = True) -> tuple[np.ndarray, float]:
+        """On the model thread: the vectors, and the seconds they took. A batch nobody
+        looks up with runs on ``background_threads`` CPU threads (if the embedder can be
+        told), a lookup's on the model's own number."""
+        use = getattr(self.embedder, "use_threads", None)
+        if self.background_threads and use is not None:
+            use(getattr(self.embedder, "default_threads", 1) if lookup
+                else self.background_threads)
         started = self._clock()
         vectors = np.asarray(self.embedder.encode(texts), dtype=np.float32)
         return vectors, self._clock() - started

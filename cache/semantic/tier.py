@@ -498,7 +498,7 @@ class SemanticCache:
         for id_ in ids:
             self._refs.pop(id_, None)
 
-    async def rebuild(self, shard: int | None = None, batch: int = 500, *,
+    async def rebuild(self, shard: int | None = None, batch: int = 4096, *,
                       owns: Callable[[str], bool] | None = None) -> int:
         """Make the index hold what the store holds (of one shard, or all): load every
         vector record found, and drop the indexed vectors that were not found (their
