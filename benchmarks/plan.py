@@ -217,7 +217,9 @@ def report(p: Plan) -> str:
         "",
         "Each node",
         f"  index              {_size(p.index_bytes_per_node):>12}   "
-        f"({p.index_bytes_per_vector:,} B per vector; --index-max-bytes caps it)",
+        + (f"(the id map, {p.index_bytes_per_vector:,} B per vector: precise vectors "
+           "stay in Redis)" if w.semantic and w.first_stage else
+           f"({p.index_bytes_per_vector:,} B per vector; --index-max-bytes caps it)"),
         f"  model              {_size(p.model_bytes_per_node):>12}",
         f"  first stage        {_size(p.first_stage_bytes_per_node):>12}   "
         f"({p.first_stage_bytes_per_vector:,} B per vector + the static model)",

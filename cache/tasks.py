@@ -30,10 +30,13 @@ def raise_if_cancelled() -> None:
 
 
 async def stop_task(task: asyncio.Task[Any] | None, *, within: float = 5.0,
-                    every: float = 0.05) -> bool:
+                    every: float = 1.0) -> bool:
     """Cancel ``task`` and wait for it to end, cancelling it again every ``every`` seconds
     (a cancel can be swallowed, see the module doc); give up after ``within`` seconds and
-    log it. Whether it stopped. A failure of the task is logged, not raised."""
+    log it. Whether it stopped. A failure of the task is logged, not raised.
+
+    ``every`` is long next to any clean-up: a second cancel that lands while the task
+    closes a connection after the first would leave that connection open."""
     if task is None:
         return True
     loop = asyncio.get_running_loop()

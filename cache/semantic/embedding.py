@@ -218,6 +218,23 @@ def _lower_priority(niceness: int) -> None:
                            min(19, current + niceness))
 
 
+def _can_leave_idle() -> bool:
+    """Whether this thread, once under SCHED_IDLE, may return to SCHED_OTHER at its nice
+    value: Linux allows it with CAP_SYS_NICE, or when RLIMIT_NICE covers that value."""
+    try:
+        import resource
+
+        nice = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        limit = resource.getrlimit(resource.RLIMIT_NICE)[0]
+        if limit == resource.RLIM_INFINITY or 20 - nice <= limit:
+            return True
+        with open("/proc/self/status") as f:
+            caps = next((line for line in f if line.startswith("CapEff:")), "CapEff: 0")
+        return bool(int(caps.split()[1], 16) >> 23 & 1)  # CAP_SYS_NICE
+    except (OSError, ValueError, AttributeError, ImportError):
+        return False
+
+
 class BatchCost:
     """A running estimate of a batch's seconds as ``fixed + per_text * n``.
 
@@ -296,6 +313,8 @@ class BatchingEmbedder:
         self.timeout = timeout
         self.niceness = niceness
         self.background_threads = background_threads
+        self._idle = False  # whether the model thread runs under SCHED_IDLE now
+        self._idle_ok: bool | None = None  # whether it may (known on the model thread)
         self.max_chars = int(max_chars or getattr(embedder, "max_chars", 0) or DEFAULT_MAX_CHARS)
         self._max_tokens: int | None = getattr(embedder, "max_tokens", None)
         self._count: Callable[[str], int] | None = getattr(embedder, "count_tokens", None)
@@ -515,9 +534,28 @@ class BatchingEmbedder:
         if self.background_threads and use is not None:
             use(getattr(self.embedder, "default_threads", 1) if lookup
                 else self.background_threads)
+        if self.background_threads:
+            self._idle_priority(not lookup)
         started = self._clock()
         vectors = np.asarray(self.embedder.encode(texts), dtype=np.float32)
         return vectors, self._clock() - started
+
+    def _idle_priority(self, idle: bool) -> None:
+        """On the model thread: a batch only for storage runs under SCHED_IDLE (Linux),
+        so it takes no CPU anything else wants; a lookup's batch runs at the thread's
+        normal (niced) priority. Where the policy cannot be changed, nothing changes."""
+        if idle == self._idle or not hasattr(os, "sched_setscheduler"):
+            return
+        if self._idle_ok is None:
+            self._idle_ok = _can_leave_idle()
+        if not self._idle_ok:  # it could go idle, but never come back for a lookup
+            return
+        policy = os.SCHED_IDLE if idle else os.SCHED_OTHER
+        try:
+            os.sched_setscheduler(0, policy, os.sched_param(0))
+        except OSError:
+            return
+        self._idle = idle
 
     def _remember(self, key: bytes, vector: np.ndarray) -> None:
         size = vector.nbytes + MEMO_ENTRY_OVERHEAD
