@@ -36,7 +36,6 @@ import argparse
 import asyncio
 import gzip
 import json
-import os
 import random
 import re
 import statistics
@@ -52,7 +51,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from promptcache.benchmarks.procs import free_port, python_process
+from promptcache.benchmarks.procs import cpu_seconds, free_port, python_process
 from promptcache.benchmarks.progress import add_quiet, progress
 from promptcache.benchmarks.results import command, publish
 from promptcache.benchmarks.workload import DEFAULT_PROMPTS
@@ -312,13 +311,6 @@ async def hostile_client(http: aiohttp.ClientSession, url: str, texts: Texts,
             phase.pairs[kind] += 1
             phase.shared[kind] += b.x_cache == "SEMANTIC-HIT"
         turn += 1
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of ``pid`` so far (Linux /proc). (``procs.cpu_seconds``
-    leaves its file for the collector to close, a ResourceWarning under pytest.)"""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def loop_lag(until: float, out: list[float], step: float = 0.01) -> None:

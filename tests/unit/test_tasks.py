@@ -11,7 +11,7 @@ async def _swallows_one_cancel(stalled: asyncio.Event) -> None:
     """Like a task whose Redis write swallowed its cancel (Python 3.11's wait_for), then
     waits for work that never comes."""
     try:
-        await asyncio.sleep(3600)
+        await asyncio.Event().wait()  # never set: waits until cancelled
     except asyncio.CancelledError:
         pass  # the swallow
     stalled.set()
@@ -30,7 +30,7 @@ async def test_stop_task_gives_up_on_a_task_that_never_stops_and_says_so() -> No
     async def stubborn() -> None:
         while True:
             try:
-                await asyncio.sleep(3600)
+                await asyncio.Event().wait()  # never set: waits until cancelled
             except asyncio.CancelledError:
                 continue
 
@@ -47,7 +47,7 @@ async def test_raise_if_cancelled_honours_a_cancel_that_was_swallowed() -> None:
     async def loop_with_check() -> None:
         while True:
             try:
-                await asyncio.sleep(3600)
+                await asyncio.Event().wait()  # never set: waits until cancelled
             except asyncio.CancelledError:
                 pass  # swallowed by a call that "returned"
             reached.append(True)
