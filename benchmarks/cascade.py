@@ -304,7 +304,7 @@ def index_scale(base: np.ndarray, real: dict[str, Any], chat_codes: np.ndarray,
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import faiss
 
-    from promptcache.cache.semantic.embedding import SentenceTransformerEmbedder
+    from promptcache.cache.semantic.embedding import load_embedder
 
     faiss.omp_set_num_threads(1)  # as the sidecar: one thread a search
     started = time.perf_counter()
@@ -312,7 +312,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     ensured = time.perf_counter() - started
     static = StaticEmbedder(model_dir)
     config = json.loads((model_dir / "config.json").read_text())
-    precise = SentenceTransformerEmbedder()
+    precise = load_embedder("onnx", threads=0)
     sets = datasets(args)
     results = {name: evaluate(name, cached, queries, precise, static, args.threshold,
                               args.quiet) for name, (cached, queries) in sets.items()}

@@ -150,7 +150,8 @@ def _single_cost(verifier: Verifier, lookups: Lookups, n: int = 200) -> float:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from promptcache.cache.semantic.embedding import SentenceTransformerEmbedder, resolve_tuning
+    from promptcache.cache.protocols import Embedder
+    from promptcache.cache.semantic.embedding import load_embedder, resolve_tuning
 
     timings: dict[str, float] = {}
     started = time.perf_counter()
@@ -160,7 +161,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     texts = {t for p in (*cal_pairs, *test_pairs) for t in (p.a, p.b)}
     size = max(len(test_pairs), 1)
 
-    def lookups(embedder: SentenceTransformerEmbedder, label: str) -> tuple[Lookups, Lookups]:
+    def lookups(embedder: Embedder, label: str) -> tuple[Lookups, Lookups]:
         vectors: dict[str, np.ndarray] = {}
         ordered = sorted(texts, key=len)
         with progress(len(ordered), label, quiet=args.quiet, unit="text") as bar:
@@ -169,11 +170,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 bar.update(len(ordered[i:i + 2048]))
         return sharded_lookups(cal_pairs, vectors, size), cache_lookups(test_pairs, vectors)
 
-    base_train, base_test = lookups(SentenceTransformerEmbedder(), "embedding (base)")
+    base_train, base_test = lookups(load_embedder("onnx", threads=0), "embedding (base)")
     timings["embed_s"] = time.perf_counter() - started
     timings["texts_per_s"] = len(texts) / max(timings["embed_s"], 1e-9)
     tuned_with = resolve_tuning(args.embedding_tuning)
-    train, test = lookups(SentenceTransformerEmbedder(tuning=tuned_with),
+    train, test = lookups(load_embedder("onnx", tuning=tuned_with, threads=0),
                           "embedding (tuned)") if tuned_with else (base_train, base_test)
     if args.tune_limit and len(train.query) > args.tune_limit:
         keep = random.Random(0).sample(range(len(train.query)), args.tune_limit)

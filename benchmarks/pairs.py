@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from promptcache.cache.semantic.embedding import SentenceTransformerEmbedder
+    from promptcache.cache.protocols import Embedder
 
 
 @dataclass(frozen=True)
@@ -145,7 +145,7 @@ def sharded_lookups(pairs: Sequence[Pair], vectors: dict[str, np.ndarray], size:
     return Lookups.concat([cache_lookups(b, vectors) for b in buckets])
 
 
-def embed_texts(embedder: SentenceTransformerEmbedder, texts: Iterable[str],
+def embed_texts(embedder: Embedder, texts: Iterable[str],
                 batch: int = 256) -> dict[str, np.ndarray]:
     """Each distinct text's vector, batched (shortest first, which pads least)."""
     unique = sorted(set(texts), key=len)

@@ -33,8 +33,9 @@ from promptcache.benchmarks.loadgen import closed_loop
 from promptcache.benchmarks.procs import free_port, python_process
 from promptcache.benchmarks.results import command, publish
 from promptcache.benchmarks.workload import load_prompts
+from promptcache.cache.protocols import Embedder
 from promptcache.cache.redis.embedded import EmbeddedRedis
-from promptcache.cache.semantic.embedding import SentenceTransformerEmbedder
+from promptcache.cache.semantic.embedding import load_embedder
 from promptcache.cache.semantic.index import make_index
 
 CHAT = "/v1/chat/completions"
@@ -71,7 +72,7 @@ def body(text: str) -> bytes:
                        "messages": [{"role": "user", "content": text}]}).encode()
 
 
-def model_baseline(embedder: SentenceTransformerEmbedder, texts: list[str]) -> dict[str, Any]:
+def model_baseline(embedder: Embedder, texts: list[str]) -> dict[str, Any]:
     embedder.encode(texts[:64])  # warm up
     started = time.perf_counter()
     for i in range(0, len(texts), 64):
@@ -182,7 +183,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     lookups = [b + v for v in VARIANTS[1:] for b in base][: args.requests]
     single = [b + "  ." for b in base][:200]
     assert len(set(lookups)) == len(lookups), "every lookup text must be distinct"
-    embedder = SentenceTransformerEmbedder()
+    embedder = load_embedder("onnx")  # as the sidecar runs it
     model = model_baseline(embedder, [b + " ;" for b in base] * 4)
     vectors = embedder.encode(base + lookups)
     del embedder

@@ -21,8 +21,8 @@ import redis
 from redis.asyncio.connection import AbstractConnection
 
 from promptcache.cache.protocols import Embedder
-from promptcache.cache.semantic.embedding import SentenceTransformerEmbedder
 from promptcache.cache.semantic.first_stage import ensure_static_model
+from promptcache.cache.semantic.onnx_embedder import OnnxEmbedder
 from promptcache.testing import FakeUpstream, running_fake_upstream
 from tests.support.redis_servers import RedisClusterServers, RedisServer
 from tests.support.sidecars import RunningSidecar, start_sidecar
@@ -104,12 +104,12 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
 
 
 @pytest.fixture(scope="session")
-def embedder() -> SentenceTransformerEmbedder:
+def embedder() -> OnnxEmbedder:
     """The sidecar's default embedder: the bundled model, untuned; its first stage's static
     model is distilled now if it is not yet (once per machine), so that every engine of
     the session starts with the first stage on, as a deployed sidecar runs."""
     ensure_static_model()
-    return SentenceTransformerEmbedder()
+    return OnnxEmbedder()
 
 
 @pytest.fixture

