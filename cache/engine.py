@@ -16,8 +16,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
-import threading
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -38,16 +37,12 @@ from promptcache.cache.redis.health import check_eviction_policy
 from promptcache.cache.redis.index_sync import IndexSync
 from promptcache.cache.redis.layout import KeyLayout
 from promptcache.cache.redis.remote_flight import RemoteFlight
-from promptcache.cache.resident import model_bytes
-from promptcache.cache.semantic.embedding import (
-    BatchingEmbedder,
-    SentenceTransformerEmbedder,
-    resolve_tuning,
-)
+from promptcache.cache.resident import MemoryGuard, model_bytes
+from promptcache.cache.semantic.embedding import BatchingEmbedder, load_embedder, resolve_tuning
 from promptcache.cache.semantic.first_stage import (
     FirstStage,
     StaticEmbedder,
-    ensure_static_model,
+    distil_in_subprocess,
     find_static_model,
 )
 from promptcache.cache.semantic.index import PartitionedIndex
@@ -73,6 +68,17 @@ class Engine:
     sync: IndexSync | None = None  # keeps the semantic index in step with other nodes
     model_bytes: int = 0  # the embedding model's weights, for the memory report
     embedded: RedisKeeper | None = None  # the private redis-server, when there is one
+    guard: MemoryGuard | None = None  # --max-rss, when set
+
+    def memory(self) -> dict[str, int]:
+        """The parts of this process's memory the engine knows it holds, in bytes."""
+        parts = {"model": self.model_bytes}
+        if self.semantic is not None:
+            fs = self.semantic.first_stage
+            parts["static_model"] = fs.embedder_bytes if fs is not None else 0
+            parts["index"] = self.semantic.nbytes
+            parts["memo"] = self.semantic.embedder.memo_bytes_used
+        return parts
 
     def tenant(self, credential: str | None) -> str:
         return tenant_id(credential, shared=self.options.shared_cache)
@@ -126,7 +132,7 @@ async def open_engine(options: EngineOptions, stack: contextlib.AsyncExitStack, 
         source = static_source(semantic.embedder.embedder) if options.first_stage else None
         if source is not None:
             semantic.first_stage = await asyncio.to_thread(
-                _load_first_stage, options.static_model_dir, source, distil=False)
+                _load_first_stage, options.static_model_dir, source)
             semantic.first_stage_ready = semantic.first_stage is not None
             if semantic.first_stage is None:  # distilled once, in the background
                 _background(stack, _distil_first_stage(semantic, options.static_model_dir,
@@ -135,68 +141,61 @@ async def open_engine(options: EngineOptions, stack: contextlib.AsyncExitStack, 
     _background(stack, store.reap_forever())
     remote = RemoteFlight(client, layout, lease=options.flight_lease,
                           timeout=options.redis_timeout) if options.flight_lease else None
-    return Engine(options, url, cache, semantic, remote=remote, sync=sync,
-                  model_bytes=model_bytes(semantic.embedder.embedder) if semantic else 0,
+    guard = _memory_guard(stack, options.max_rss, semantic) if options.max_rss else None
+    return Engine(options, url, cache, semantic, remote=remote, sync=sync, guard=guard,
+                  model_bytes=(model_bytes(semantic.embedder.embedder) if semantic is not None
+                               else 0),
                   embedded=keeper)
+
+
+def _memory_guard(stack: contextlib.AsyncExitStack, limit: int,
+                  semantic: SemanticCache | None) -> MemoryGuard:
+    """``--max-rss``: shed the semantic tier (and its model) past ``limit``."""
+
+    async def shed() -> None:
+        if semantic is not None:
+            await semantic.shed_memory()
+
+    async def resume() -> None:
+        if semantic is not None:
+            await semantic.resume_memory()
+
+    guard = MemoryGuard(limit, shed=shed, resume=resume)
+    _background(stack, guard.run())
+    return guard
 
 
 def static_source(embedder: Any) -> Path | None:
     """The model directory a first stage can be distilled from: that of a
-    sentence-transformers embedder; None for another embedder (no first stage)."""
+    sentence-transformers model directory (either backend); None for another embedder
+    (no first stage)."""
     path = getattr(embedder, "model_path", None)
     return Path(path) if isinstance(path, (str, Path)) and Path(path).is_dir() else None
 
 
-def _load_first_stage(static_dir: str | None, source: Path, *, distil: bool
-                      ) -> FirstStage | None:
+def _load_first_stage(static_dir: str | None, source: Path) -> FirstStage | None:
     """The first stage over the static model of ``source`` (blocking); None if it is not
-    distilled yet and ``distil`` is false."""
-    path = (ensure_static_model(static_dir, source=source) if distil
-            else find_static_model(static_dir, source=source))
+    distilled yet."""
+    path = find_static_model(static_dir, source=source)
     return FirstStage(StaticEmbedder(path)) if path is not None else None
 
 
 async def _distil_first_stage(semantic: SemanticCache, static_dir: str | None,
                               source: Path) -> None:
-    """Distil the static model on a daemon thread (about a minute of CPU; the tier works
-    without a first stage meanwhile), then give the tier its first stage."""
+    """Distil the static model in a child process (half a minute of CPU at low priority,
+    and its memory is the child's; the tier works without a first stage meanwhile), then
+    give the tier its first stage."""
     log.info("distilling the first stage's static model from %s (once; the semantic tier "
              "runs without it until then)", source)
     try:
-        first_stage = await in_daemon_thread(_load_first_stage, static_dir, source,
-                                             distil=True)
+        await distil_in_subprocess(static_dir, source)
+        first_stage = await asyncio.to_thread(_load_first_stage, static_dir, source)
     except Exception:  # the tier goes on without a first stage
         log.exception("could not distil the first stage's static model")
         return
     if first_stage is not None:
         await semantic.use_first_stage(first_stage)
         log.info("the first stage is on: %d codes", len(first_stage))
-
-
-async def in_daemon_thread(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """``fn(*args, **kwargs)`` on a new daemon thread: unlike ``asyncio.to_thread``, a
-    long call never holds up the interpreter's exit (nor the default pool)."""
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future[T] = loop.create_future()
-
-    def settle(result: T | None, exc: BaseException | None) -> None:
-        if future.done():
-            return
-        if exc is not None:
-            future.set_exception(exc)
-        else:
-            future.set_result(result)  # type: ignore[arg-type]
-
-    def run() -> None:
-        try:
-            result, exc = fn(*args, **kwargs), None
-        except BaseException as error:  # handed to the awaiting coroutine
-            result, exc = None, error
-        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
-            loop.call_soon_threadsafe(settle, result, exc)
-
-    threading.Thread(target=run, name="promptcache-distil", daemon=True).start()
-    return await future
 
 
 def _background(stack: contextlib.AsyncExitStack, work: Coroutine[Any, Any, None]) -> None:
@@ -229,8 +228,9 @@ async def _semantic(options: EngineOptions, cache: ExactCache, embedder: Embedde
                     ) -> SemanticCache:
     """Load the model (on a thread: it takes seconds); the index is filled by the sync."""
     model: Embedder = embedder if embedder is not None else await asyncio.to_thread(
-        partial(SentenceTransformerEmbedder, options.embedding_model,
-                tuning=resolve_tuning(options.embedding_tuning)))
+        partial(load_embedder, options.embed_backend, options.embedding_model,
+                tuning=resolve_tuning(options.embedding_tuning),
+                threads=options.embed_threads, model_dir=options.static_model_dir))
     config = VerifierConfig(
         numbers=options.verify_numbers, negation=options.verify_negation,
         entities=options.verify_entities,

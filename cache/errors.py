@@ -11,7 +11,8 @@
      +-- CacheUnavailable           the cache backend is down, slow, or its circuit is open
      |                              (callers degrade to pass-through; never shown to a client)
      +-- EmbedTimeout               an embedding not ready within its deadline (``embed_timeout``);
-     |                              the semantic lookup is a miss, the cache itself is fine
+     |    |                         the semantic lookup is a miss, the cache itself is fine
+     |    +-- ModelPaused           the model is released while memory is over ``--max-rss``
      +-- EntryFormatError           stored bytes that are not an entry or vector record of a
      |                              known format (also a ValueError; read as a miss)
      +-- ClientError                raised by promptcache.clients
@@ -72,6 +73,10 @@ class CacheUnavailable(PromptCacheError):
 
 class EmbedTimeout(PromptCacheError):
     """An embedding was not ready within its deadline; the lookup that wanted it is a miss."""
+
+
+class ModelPaused(EmbedTimeout):
+    """The embedding model is released (memory over ``--max-rss``): no embedding now."""
 
 
 class EntryFormatError(PromptCacheError, ValueError):

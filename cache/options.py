@@ -47,6 +47,7 @@ class EngineOptions:
     semantic_max_temperature: float = 1.0
     embedding_model: str | None = None
     embedding_tuning: str | None = None
+    embed_backend: str = "onnx"
     index_kind: str = "auto"
     first_stage: bool = True
     index_warmup_wait: float = 1.0
@@ -62,5 +63,6 @@ class EngineOptions:
     semantic_wait_budget: float = 0.010
     embed_timeout: float = 1.0
     embed_memo_bytes: int = 16 << 20
+    max_rss: int = 0
     vector_backlog: int = 4096
     key_prefix: str = "pc:"

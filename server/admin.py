@@ -55,9 +55,12 @@ async def _refresh_gauges(sc: Sidecar) -> dict[str, Any] | None:
         for reason in SKIP_REASONS:
             m.semantic_skipped.labels(reason).set(sc.semantic.counts[reason])
     memory = _memory(sc)
-    m.set_gauges(rss=memory["rss_bytes"])
-    for part in ("model", "index", "other"):
-        m.memory.labels(part).set(memory[f"{part}_bytes"])
+    m.set_gauges(rss=memory["rss_bytes"], memory_shed=int(memory.get("shedding", False)),
+                 memory_sheds=memory.get("sheds", 0))
+    for key, value in memory.items():
+        if key.endswith("_bytes") and key not in ("rss_bytes", "max_rss_bytes",
+                                                  "peak_rss_bytes"):
+            m.memory.labels(key.removesuffix("_bytes")).set(value)
     try:
         info = await sc.cache.info()
     except CacheUnavailable:
@@ -68,9 +71,9 @@ async def _refresh_gauges(sc: Sidecar) -> dict[str, Any] | None:
     return info
 
 
-def _memory(sc: Sidecar) -> dict[str, int]:
-    index = sc.semantic.nbytes if sc.semantic is not None else 0
-    return memory_split(model=sc.model_bytes, index=index)
+def _memory(sc: Sidecar) -> dict[str, Any]:
+    guard = sc.engine.guard
+    return {**memory_split(**sc.engine.memory()), **(guard.stats() if guard is not None else {})}
 
 
 async def metrics(request: web.Request) -> web.Response:

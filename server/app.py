@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -15,6 +16,8 @@ from aiohttp import web
 from promptcache.cache.api import ENDPOINTS
 from promptcache.cache.engine import open_engine
 from promptcache.cache.protocols import Embedder
+from promptcache.cache.resident import bound_allocator, trim_forever
+from promptcache.cache.tasks import stop_task
 from promptcache.server import admin
 from promptcache.server.config import Settings, redact_url
 from promptcache.server.handlers import cached_route
@@ -23,6 +26,8 @@ from promptcache.server.proxy import Upstream
 from promptcache.server.state import SIDECAR, Sidecar
 
 log = logging.getLogger("promptcache")
+#: Set on the app when it runs in a process of its own whose allocator it may tune.
+BOUNDED = web.AppKey("bounded", bool)
 
 
 async def _resources(settings: Settings, embedder: Embedder | None,
@@ -35,6 +40,9 @@ async def _resources(settings: Settings, embedder: Embedder | None,
             trust_env=True,
         ))
         app[SIDECAR] = Sidecar(settings, engine, Upstream(settings, session), Metrics())
+        if app.get(BOUNDED):  # a process of its own (serve): freed pages go back regularly
+            trimmer = asyncio.create_task(trim_forever())
+            stack.push_async_callback(stop_task, trimmer)
         yield
 
 
@@ -80,10 +88,12 @@ def serve(settings: Settings, *, print_fn: Callable[..., None] = print) -> int:
     faiss.omp_set_num_threads(1)
     if settings.redis_url is None:  # the embedded Redis, in the resolved data directory
         settings = replace(settings, data_dir=str(settings.resolved_data_dir))
+    app = create_app(settings)
+    app[BOUNDED] = bound_allocator()  # the model's buffers never fragment this process's heap
     log.info("caching %s on http://%s:%s", redact_url(settings.upstream), settings.host,
              settings.port)
     web.run_app(
-        create_app(settings),
+        app,
         host=settings.host,
         port=settings.port,
         print=print_fn,

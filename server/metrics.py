@@ -24,6 +24,10 @@ GAUGES: Final = {
                 "Entries this node evicted to make room"),
     "rss": ("promptcache_resident_bytes",
             "Resident memory (RSS) of this sidecar process"),
+    "memory_shed": ("promptcache_memory_shed",
+                    "1 while RSS is over --max-rss and the semantic tier is shed"),
+    "memory_sheds": ("promptcache_memory_sheds",
+                     "Times RSS passed --max-rss since start (the tier was shed each time)"),
     "bytes_stored": ("promptcache_redis_used_memory_bytes",
                      "Redis used_memory (read at scrape time)"),
     "index_vectors": ("promptcache_index_vectors",
@@ -87,8 +91,10 @@ class Metrics:
             ["reason"], registry=r,
         )
         self.memory = Gauge(
-            "promptcache_memory_bytes", "This sidecar's memory by part: model (weights), "
-            "index (vector index estimate), other (RSS minus both)", ["part"], registry=r,
+            "promptcache_memory_bytes", "This sidecar's memory by part: anon and file (RSS's "
+            "anonymous and file-backed pages), model (weights), static_model, index (vector "
+            "index and first-stage codes), memo (embedding memos), other (RSS minus the "
+            "named parts)", ["part"], registry=r,
         )
 
     def set_gauges(self, **values: float) -> None:

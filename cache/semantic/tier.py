@@ -14,7 +14,9 @@ Nothing on a request's path waits for the model when that would cost more than t
 policy's ``wait_budget``: a lookup that would queue longer is skipped (a miss, counted
 ``shed``), a text longer than the model's window is never matched on a prefix (the request
 is exact-only, counted ``too_long``), and an embed or verify call that passes its deadline
-makes the lookup a miss (counted ``deadline``).
+makes the lookup a miss (counted ``deadline``). While the process is over ``--max-rss``
+(:meth:`SemanticCache.shed_memory`), the model is released and every lookup and store is
+exact-only (counted ``memory``) until :meth:`SemanticCache.resume_memory`.
 
 Storing writes the exact entry at once and queues its text on a bounded backlog (past the
 bound the entry stays exact-only, counted ``exact_only``). The tier's background worker
@@ -56,7 +58,7 @@ from promptcache.cache.tasks import raise_if_cancelled, stop_task
 log = logging.getLogger(__name__)
 
 #: The counts of work the tier skipped rather than wait for (see the module doc).
-SKIP_REASONS: Final = ("shed", "deadline", "too_long", "exact_only")
+SKIP_REASONS: Final = ("shed", "deadline", "too_long", "exact_only", "memory")
 #: Up to this many records are indexed on the loop (O(1) each); more go in bulk on a thread.
 INLINE_ADD = 32
 
@@ -140,6 +142,8 @@ class SemanticCache:
         self._drained.set()
         self._worker: asyncio.Task[None] | None = None
         self._wanted_at = -math.inf  # when a lookup last wanted the model
+        #: Whether the tier is shed for memory (see :meth:`shed_memory`).
+        self.memory_shed = False
 
     @property
     def model(self) -> str:
@@ -181,6 +185,9 @@ class SemanticCache:
         """The best verified entry of ``view``'s scope, or None. May raise CacheUnavailable."""
         threshold = self.policy.threshold if threshold is None else threshold
         self.counts["lookups"] += 1
+        if self.memory_shed:
+            self.counts["memory"] += 1
+            return None
         if not self.embedder.fits(view.text):  # never matched on a prefix: exact-only
             self.counts["too_long"] += 1
             return None
@@ -273,7 +280,9 @@ class SemanticCache:
         """Store the entry now; queue it for its vector record (computed, attached and
         indexed by the worker), unless its text is too long to match. Bytes written, or 0."""
         written = await self.exact.put(key, entry, ttl=ttl)
-        if written and self.embedder.fits(view.text):
+        if written and self.memory_shed:
+            self.counts["memory"] += 1
+        elif written and self.embedder.fits(view.text):
             ttl_ms = self.exact.ttl_ms(ttl)
             expires = self._clock() + ttl_ms / 1000 if ttl_ms else math.inf
             self._enqueue(_Queued(key, view, expires, self.embedder.memoised(view.text)))
@@ -289,6 +298,21 @@ class SemanticCache:
         (self._backlog if item.vector is None else self._ready)[ref] = item
         self._drained.clear()
         self._queued.set()
+
+    async def shed_memory(self) -> None:
+        """Memory is over its limit: lookups and stores become exact-only, the entries
+        waiting for vectors stay exact-only, and the model is released (its memory and
+        the memos go back to the system). The index is kept, to resume with."""
+        self.memory_shed = True
+        self.counts["memory"] += len(self._backlog) + len(self._ready)
+        self._backlog.clear()
+        self._ready.clear()
+        await self.embedder.pause()
+
+    async def resume_memory(self) -> None:
+        """Memory is back under its limit: load the model, then match and index again."""
+        await self.embedder.resume()
+        self.memory_shed = False
 
     # -- the vector worker ---------------------------------------------------------------
 
@@ -417,7 +441,10 @@ class SemanticCache:
         codes that are missing (both off the loop), and add them per scope on a thread.
         With ``replace=False`` ids already indexed are left as they are."""
         stale = [n for n, r in enumerate(records) if r.model != self.model]
-        if stale:
+        if stale and self.memory_shed:  # no model to embed them with: not indexed
+            self.counts["memory"] += len(stale)
+            records = [r for r in records if r.model == self.model]
+        elif stale:
             vectors = await self.embedder.embed_many([records[n].text for n in stale])
             for n, vector in zip(stale, vectors, strict=True):
                 records[n] = dataclasses.replace(records[n], vector=vector, model=self.model)
