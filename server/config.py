@@ -155,9 +155,9 @@ OPTIONS: tuple[Option, ...] = (
            "(entries with their vector records, keys and bookkeeping, and the change "
            "streams) across every sidecar on this Redis; least recently used entries are "
            "evicted to stay within it; 0 means unbounded", "SIZE"),
-    Option("index_max_bytes", parse_size, "bound of this node's vector index; when full, "
-           "new vectors are not indexed here (they still answer exact matches); 0 means "
-           "unbounded", "SIZE"),
+    Option("index_max_bytes", parse_size, "bound of this node's index (codes or vectors, "
+           "and the map from ids to entries); when full, new vectors are not indexed "
+           "here (they still answer exact matches); 0 means unbounded", "SIZE"),
     Option("flight_lease", _number, "seconds a sidecar holds the Redis lease that makes "
            "identical misses on other sidecars wait for its answer; 0 turns cross-node "
            "single flight off", "SECONDS"),

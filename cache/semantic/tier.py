@@ -57,6 +57,9 @@ from promptcache.cache.tasks import raise_if_cancelled, stop_task
 
 log = logging.getLogger(__name__)
 
+#: What one indexed entry costs in the tier's id -> (namespace, digest) map: a dict entry
+#: and a tuple of two strings, measured with tracemalloc over 100k vectors.
+REF_BYTES: Final = 330
 #: The counts of work the tier skipped rather than wait for (see the module doc).
 SKIP_REASONS: Final = ("shed", "deadline", "too_long", "exact_only", "memory")
 #: Up to this many records are indexed on the loop (O(1) each); more go in bulk on a thread.
@@ -72,7 +75,7 @@ class SemanticPolicy:
     candidates: int = 4
     #: Bound of this node's index (0 = none). When reached, new vectors are not indexed
     #: here (their entries still answer exact matches) until removals make room.
-    max_index_bytes: int = 0
+    max_index_bytes: int = 0  # bounds ``SemanticCache.nbytes``: vectors or codes, and refs
     #: Seconds the embedder's queue may add to a lookup; a lookup that would wait longer
     #: is skipped (a miss) rather than queued.
     wait_budget: float = 0.010
@@ -176,9 +179,11 @@ class SemanticCache:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of this node's indexes: precise vectors (without a first stage) and codes."""
+        """Bytes of this node's indexes: precise vectors (without a first stage), codes, and
+        the map from ids to entries."""
         fs = self.first_stage
-        return self.index.nbytes + (fs.nbytes if fs is not None else 0)
+        return (self.index.nbytes + (fs.nbytes if fs is not None else 0)
+                + len(self._refs) * REF_BYTES)
 
     async def lookup(self, view: SemanticView, *, threshold: float | None = None
                      ) -> SemanticHit | None:
@@ -455,7 +460,8 @@ class SemanticCache:
             return sum(self._index(r, count_full=count_full) for r in records)
         limit = self.policy.max_index_bytes
         if limit:  # room left, in records (a new one costs at least its code or its floats)
-            least = CODE_BYTES if self.first_stage_ready else 4 * records[0].vector.size
+            least = REF_BYTES + (CODE_BYTES if self.first_stage_ready
+                                 else 4 * records[0].vector.size)
             room = max(0, limit - self.nbytes) // least + 1
             fresh = [r for r in records if vector_id(r.digest) not in self._refs]
             if len(fresh) > room:

@@ -13,6 +13,7 @@ from typing import Any
 
 from promptcache.cache.protocols import Embedder
 from promptcache.cache.semantic.first_stage import FirstStage, StaticEmbedder, find_static_model
+from promptcache.cache.semantic.tier import REF_BYTES
 from promptcache.clients import AsyncCache
 
 MODEL = "gpt-4o-mini"
@@ -112,3 +113,19 @@ async def test_a_missing_static_model_is_distilled_in_a_child_process_then_switc
         assert find_static_model(tmp_path) is not None
         assert await cache.lookup(body(NOVEL)) is None
         assert semantic.counts["first_stage_miss"] == 1
+
+
+async def test_the_index_bound_counts_the_map_from_ids_to_entries(
+        redis_url: str, embedder: Embedder) -> None:
+    limit = 4 * REF_BYTES  # room for a few entries' refs and codes, not for ten
+    async with AsyncCache(redis_url=redis_url, embedder=embedder, embed_timeout=30.0,
+                          semantic_wait_budget=5.0, index_max_bytes=limit) as cache:
+        semantic = cache.engine.semantic
+        assert semantic is not None and semantic.first_stage_ready
+        for n in range(10):
+            assert await cache.store(body(f"Question number {n}: what is {n} squared?"),
+                                     {"answer": n * n})
+        await semantic.drain()
+        assert 1 <= len(semantic) < 10 and semantic.counts["index_full"] == 10 - len(semantic)
+        assert semantic.nbytes >= len(semantic) * REF_BYTES
+        assert semantic.nbytes <= limit + REF_BYTES + 64  # at most one entry past the bound
