@@ -13,9 +13,13 @@
   budget whose entries' part holds N entries. Redis's own ``maxmemory`` should leave room
   above it for client buffers and fragmentation (:data:`REDIS_HEADROOM`) and for Redis's
   own memory (:data:`REDIS_BASELINE_BYTES`).
-- **Each node**: the vector index (bytes per vector by kind, as ``/stats`` reports them, plus
-  the per-vector map from ids to entries), the embedding model's weights, and the rest of
-  the process (Python, torch, aiohttp, buffers) measured with the model loaded.
+- **Each node** (the sidecar process, as ``bench soak`` measures it under sustained traffic):
+  the vector index (bytes per vector by kind, as ``/stats`` reports them, plus the
+  per-vector map from ids to entries), the first stage (codes and static model), the
+  embedding model (its weights file, mapped, plus ONNX Runtime and its packed copies of the
+  weights), the embedding memo (``--embed-memo-bytes``, full under sustained traffic), and
+  the rest of the process (Python, aiohttp, redis-py, FAISS, buffers) measured exact-only.
+  ``node = process + model + model runtime + memo + index + first stage``.
 
 The estimate is checked against a real filled cache in ``tests/harness/test_plan.py`` (within 20%).
 """
@@ -36,6 +40,7 @@ from promptcache.cache.redis.layout import CLUSTER_SHARDS, KeyLayout, namespace_
 from promptcache.cache.semantic.first_stage import CODE_BYTES, FirstStage
 from promptcache.cache.semantic.index import AUTO_HNSW_AT, make_index
 from promptcache.cache.semantic.record import VectorRecord
+from promptcache.cache.semantic.tier import REF_BYTES
 
 #: zlib (level 1) size / raw size of chat-completion JSON bodies >= 1 KiB whose content is
 #: real chat text (the 769 such bodies made from ../shared/datasets/chat_prompts: mean 0.465,
@@ -45,15 +50,24 @@ COMPRESSION: Final = 0.47
 DIM: Final = 384
 #: The node's map from vector ids to entries (a dict entry and a tuple of two strings per
 #: vector), measured with tracemalloc over 100k vectors: about 330 bytes.
-REFS_BYTES_PER_VECTOR: Final = 330
-#: all-MiniLM-L6-v2's parameters and buffers (float32).
-MODEL_BYTES: Final = 90_861_056
+REFS_BYTES_PER_VECTOR: Final = REF_BYTES
+#: all-MiniLM-L6-v2's weights file as the ONNX backend maps it (float32): every page is
+#: resident once traffic has used the layers and a wide enough vocabulary.
+MODEL_BYTES: Final = 90_258_432
 #: The first stage's static model in memory: 30,522 tokens x 256 float16 components.
 STATIC_MODEL_BYTES: Final = 30_522 * 256 * 2
-#: Resident memory of a process with the engine running and the model loaded, less the
-#: model's weights (Python, torch and its allocator, FAISS, Redis client, aiohttp): 542 MB
-#: measured with one text embedded, so about 450 MB.
-PROCESS_BYTES: Final = 451_000_000
+#: ONNX Runtime with the model's session, less the weights file: the runtime's code, its
+#: packed copies of the matrix weights, the tokenizers and per-call buffers. Measured with
+#: the embedder alone fed the 4,207 real chat prompts twice over (1-4 a batch, allocator
+#: bounded as the sidecar bounds it): RSS 20 MB before the runtime was imported, 179 MB at
+#: its plateau, less the 90 MB of weights: 69 MB.
+MODEL_RUNTIME_BYTES: Final = 69_000_000
+#: The sidecar process without the semantic tier, under sustained traffic (Python, aiohttp,
+#: redis-py, FAISS, msgpack, buffers): ``bench soak --minutes 5 --semantic false``'s steady
+#: state, 77.7 MB (11,294 requests, 8 clients).
+PROCESS_BYTES: Final = 77_700_000
+#: The embedding memo's default bound (``--embed-memo-bytes``).
+MEMO_BYTES: Final = 16 << 20
 #: Redis ``maxmemory`` over the planned ``--max-bytes``: client buffers (20-60 KB per open
 #: connection) and allocator fragmentation.
 REDIS_HEADROOM: Final = 1.25
@@ -75,6 +89,7 @@ class Workload:
     cluster: bool = False
     compression: float = COMPRESSION
     first_stage: bool = True
+    memo_bytes: int = MEMO_BYTES
 
 
 @dataclass(frozen=True)
@@ -94,11 +109,13 @@ class Plan:
     index_kind: str
     index_bytes_per_vector: int
     index_bytes_per_node: int
-    model_bytes_per_node: int
+    model_bytes_per_node: int  # the weights file
+    model_runtime_bytes_per_node: int  # ONNX Runtime, packed weights, tokenizers, buffers
+    memo_bytes_per_node: int
     first_stage_bytes_per_vector: int  # its code, id and id map
     first_stage_bytes_per_node: int  # the codes and the static model
     process_bytes_per_node: int
-    node_bytes: int  # index + model + process, per node
+    node_bytes: int  # process + model + runtime + memo + index + first stage, per node
     total_bytes: int  # Redis + every node
 
     def as_dict(self) -> dict[str, Any]:
@@ -178,15 +195,17 @@ def plan(w: Workload) -> Plan:
         kind, per_vector = "none", 0
     index = per_vector * w.entries
     model = MODEL_BYTES if w.semantic else 0
-    process = PROCESS_BYTES if w.semantic else PROCESS_BYTES // 8  # no torch, no model
+    runtime = MODEL_RUNTIME_BYTES if w.semantic else 0
+    memo = w.memo_bytes if w.semantic else 0
     fs_per_vector = first_stage_bytes_per_vector() if staged else 0
     fs_node = fs_per_vector * w.entries + (STATIC_MODEL_BYTES if staged else 0)
-    node = index + model + process + fs_node
+    node = index + model + runtime + memo + PROCESS_BYTES + fs_node
     redis = per_entry * w.entries
     max_bytes, streams = budget_for(redis, layout.shards)
     return Plan(w, entry, record, keys, ENTRY_OVERHEAD_BYTES, per_entry, redis, streams,
                 max_bytes, math.ceil(max_bytes * REDIS_HEADROOM) + REDIS_BASELINE_BYTES,
-                kind, per_vector, index, model, fs_per_vector, fs_node, process, node,
+                kind, per_vector, index, model, runtime, memo, fs_per_vector, fs_node,
+                PROCESS_BYTES, node,
                 max_bytes + node * w.nodes)
 
 
@@ -220,10 +239,14 @@ def report(p: Plan) -> str:
         + (f"(the id map, {p.index_bytes_per_vector:,} B per vector: precise vectors "
            "stay in Redis)" if w.semantic and w.first_stage else
            f"({p.index_bytes_per_vector:,} B per vector; --index-max-bytes caps it)"),
-        f"  model              {_size(p.model_bytes_per_node):>12}",
+        f"  model              {_size(p.model_bytes_per_node):>12}   (weights, mapped)",
+        f"  model runtime      {_size(p.model_runtime_bytes_per_node):>12}   (ONNX Runtime, "
+        "packed weights, tokenizers)",
+        f"  memo               {_size(p.memo_bytes_per_node):>12}   (--embed-memo-bytes)",
         f"  first stage        {_size(p.first_stage_bytes_per_node):>12}   "
         f"({p.first_stage_bytes_per_vector:,} B per vector + the static model)",
-        f"  process            {_size(p.process_bytes_per_node):>12}",
+        f"  process            {_size(p.process_bytes_per_node):>12}   (the sidecar "
+        "without the semantic tier)",
         f"  node total         {_size(p.node_bytes):>12}",
         "",
         f"Deployment total     {_size(p.total_bytes):>12}",
@@ -245,6 +268,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cluster", action="store_true", help="keys carry cluster hash tags")
     p.add_argument("--no-first-stage", action="store_true",
                    help="the sidecar runs with --first-stage false")
+    p.add_argument("--embed-memo-bytes", type=int, default=MEMO_BYTES,
+                   help=f"the sidecar's --embed-memo-bytes (default {MEMO_BYTES})")
     p.add_argument("--compression", type=float, default=COMPRESSION,
                    help=f"stored/raw size of response bodies >= 1 KiB (default {COMPRESSION}, "
                    "measured on real chat text)")
@@ -255,7 +280,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         p = plan(Workload(args.entries, args.avg_request_chars, args.avg_response_bytes,
                           args.index, args.nodes, not args.no_semantic, args.cluster,
-                          args.compression, not args.no_first_stage))
+                          args.compression, not args.no_first_stage, args.embed_memo_bytes))
     except ValueError as exc:
         raise SystemExit(f"promptcache plan: {exc}") from exc
     print(json.dumps(p.as_dict(), indent=1) if args.json else report(p))

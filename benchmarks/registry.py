@@ -27,6 +27,8 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
                 "3.5 MB and look-alike long prompts beside exact hits: p99 A/B, wrong shares"),
     "warmup": ("promptcache.benchmarks.warmup",
                "a restarted node loading its semantic index from Redis: time to serve"),
+    "soak": ("promptcache.benchmarks.soak",
+             "mixed traffic for minutes against its own sidecar: RSS and its parts over time"),
     "report": ("promptcache.benchmarks.report",
                "gather the latest results into docs/benchmarks.md with tables and plots"),
 }

@@ -4,9 +4,10 @@
 safetensors weights, by :mod:`~promptcache.cache.semantic.onnx_graph`: a second or two, no
 torch) into ``onnx-<digest of the model, tuning and recipe>`` under the model cache
 directory. :class:`OnnxEmbedder` runs it: the vectors are those of
-``SentenceTransformer.encode(normalize_embeddings=True)`` to within 1e-6 (the same
-tokenizer, truncation, mean pooling and normalisation), at about a quarter of torch's CPU
-time for a short text, in about a third of its memory (no torch runtime).
+``SentenceTransformer.encode(normalize_embeddings=True)`` to within 1e-5 (the same
+tokenizer, truncation, stripping, mean pooling and normalisation), at 0.38x torch's CPU time
+for a short text (0.86x near the 256-token window), and the sidecar idles at 188 MB
+instead of 525 MB (no torch runtime).
 
 Memory stays bounded whatever the traffic: the session runs on the caller's thread only
 (``threads=1``) or on a fixed pool, without ONNX Runtime's growing memory arena; a batch's

@@ -125,7 +125,18 @@ def test_plan_scales_with_entries_and_nodes_and_counts_every_tier() -> None:
     assert sq8.index_bytes_per_vector < small.index_bytes_per_vector
     exact_only = plan.plan(plan.Workload(1000, 500, 2000, semantic=False))
     assert exact_only.vector_record_bytes == 0 and exact_only.index_bytes_per_node == 0
-    assert exact_only.model_bytes_per_node == 0
+    assert exact_only.model_bytes_per_node == exact_only.model_runtime_bytes_per_node == 0
+    assert exact_only.memo_bytes_per_node == 0
+    assert exact_only.node_bytes == plan.PROCESS_BYTES
+    # a node with the tier: the process, the model and its runtime, the memo, the index
+    # and the first stage, each as the planner states it
+    assert small.node_bytes == (plan.PROCESS_BYTES + small.model_bytes_per_node
+                                + small.model_runtime_bytes_per_node
+                                + small.memo_bytes_per_node + small.index_bytes_per_node
+                                + small.first_stage_bytes_per_node)
+    smaller_memo = plan.plan(plan.Workload(1000, 500, 2000, first_stage=False,
+                                           memo_bytes=1 << 20))
+    assert small.node_bytes - smaller_memo.node_bytes == plan.MEMO_BYTES - (1 << 20)
     compressed = plan.plan(plan.Workload(1000, 500, 20_000))
     assert compressed.entry_bytes < 0.6 * 20_000  # large bodies are stored deflated
 
