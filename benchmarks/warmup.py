@@ -49,7 +49,7 @@ from promptcache.cache.semantic.first_stage import (
 )
 from promptcache.cache.semantic.index import PartitionedIndex
 from promptcache.cache.semantic.record import VectorRecord
-from promptcache.cache.semantic.tier import SemanticCache
+from promptcache.cache.semantic.tier import REF_BYTES, SemanticCache
 
 DIM = 384
 MODEL = "bench-stand-in"
@@ -120,7 +120,10 @@ async def _load(url: str, layout: KeyLayout, first_stage: FirstStage | None) -> 
                 "vectors": vectors, "per_second": round(vectors / loaded),
                 "codes_computed": semantic.counts["codes_computed"],
                 "reembedded": semantic.counts["reembedded"],
-                "index_bytes_per_vector": round(semantic.nbytes / max(vectors, 1), 1)}
+                # the codes (or vectors) and ids; the id -> entry map adds REF_BYTES each
+                "index_bytes_per_vector": round(
+                    (semantic.nbytes - vectors * REF_BYTES) / max(vectors, 1), 1),
+                "map_bytes_per_vector": REF_BYTES}
     finally:
         await asyncio.to_thread(semantic.index.close)
         await close_client(client)
