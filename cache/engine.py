@@ -20,7 +20,7 @@ from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from redis.exceptions import RedisError
 
@@ -52,9 +52,6 @@ from promptcache.cache.singleflight import SingleFlight
 from promptcache.cache.tasks import stop_task
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
-
-
 @dataclass(slots=True)
 class Engine:
     """A running cache: what one sidecar or one in-process cache owns."""
@@ -182,7 +179,7 @@ def _load_first_stage(static_dir: str | None, source: Path) -> FirstStage | None
 
 async def _distil_first_stage(semantic: SemanticCache, static_dir: str | None,
                               source: Path) -> None:
-    """Distil the static model in a child process (half a minute of CPU at low priority,
+    """Distil the static model in a child process (about 15 s of CPU at low priority,
     and its memory is the child's; the tier works without a first stage meanwhile), then
     give the tier its first stage."""
     log.info("distilling the first stage's static model from %s (once; the semantic tier "
