@@ -153,7 +153,7 @@ def _get_json(url: str) -> dict[str, Any]:
         return dict(json.load(r))
 
 
-def _upstream_calls(upstream: str) -> int:
+def upstream_calls(upstream: str) -> int:
     return int(_get_json(upstream + "/_fake/stats")["calls"].get(CHAT, 0))
 
 
@@ -215,9 +215,9 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, list[float]
                               "coalesced followers also say MISS)"}
     else:
         with own_sidecar(args) as (url, upstream):
-            before = _upstream_calls(upstream)
+            before = upstream_calls(upstream)
             outcomes, seconds = asyncio.run(_run_phase(url, bodies, args, "sidecar"))
-            calls = _upstream_calls(upstream) - before
+            calls = upstream_calls(upstream) - before
             result["sidecar_stats"] = _sidecar_stats(url)
             result |= {"target": None, "sidecar": summarise(workload, outcomes, seconds),
                        "setup": {"upstream_latency_s": args.upstream_latency,

@@ -6,6 +6,7 @@ pyplot state shared between calls), from the same dicts the benchmarks write as 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -128,4 +129,39 @@ def memory_bars(result: Mapping[str, Any], path: str | Path, *, title: str = "")
                         ha="center", va="bottom", fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
+
+
+def soak_memory(r: Mapping[str, Any], path: str | Path) -> Path:
+    """RSS over minutes with its parts (``/proc`` and ``/stats``), the end of warm-up and
+    the ``--max-rss`` limit; the growth in the title."""
+    fig = _figure(8.0, 4.5)
+    ax = fig.add_subplot()
+    samples, s = r["samples"], r["setup"]
+    t = [x["t_s"] / 60 for x in samples]
+
+    def line(values: list[float], label: str, **style: Any) -> None:
+        ax.plot(t, [v / 1e6 for v in values], label=label, **style)
+
+    line([x["vm_rss_bytes"] for x in samples], "RSS (VmRSS)", color="black", linewidth=2)
+    for key, label in (("rss_anon_bytes", "RssAnon"), ("rss_file_bytes", "RssFile")):
+        line([x.get(key, math.nan) for x in samples], label, linestyle="--", linewidth=1)
+    drawn = {"rss_bytes", "max_rss_bytes"}  # VmRSS again, and the limit (a line below)
+    parts = sorted({k for x in samples for k in (x["memory"] or {})
+                    if k.endswith("_bytes") and k not in drawn})
+    for key in parts:
+        line([(x["memory"] or {}).get(key, math.nan) for x in samples],
+             f"/stats {key.removesuffix('_bytes')}", linewidth=1)
+    ax.axvline(s["warmup_minutes"], color="grey", linestyle=":", label="end of warm-up")
+    if s["max_rss_bytes"]:
+        ax.axhline(s["max_rss_bytes"] / 1e6, color="crimson", linestyle="--",
+                   label=f"--max-rss {s['max_rss_bytes'] / 1e6:.1f} MB")
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("minutes since the sidecar answered")
+    ax.set_ylabel("MB")
+    ax.set_title(f"bench soak: RSS growth after warm-up {r['memory']['growth']:+.1%} "
+                 f"({s['minutes']:g} min, {s['clients']} clients, semantic "
+                 f"{'on' if s['semantic'] else 'off'})", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     return _save(fig, path)

@@ -52,7 +52,7 @@ from typing import Any, overload
 import aiohttp
 
 from promptcache.benchmarks import plots
-from promptcache.benchmarks.load import CHAT, HEADERS, _upstream_calls
+from promptcache.benchmarks.load import CHAT, HEADERS, upstream_calls
 from promptcache.benchmarks.loadgen import Outcome, replay
 from promptcache.benchmarks.procs import free_port, python_process, wait_http
 from promptcache.benchmarks.progress import add_quiet, progress
@@ -367,7 +367,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     date = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
     with own_sidecar(args) as stack:
         samples, tally, seconds, exited = asyncio.run(soak(stack, traffic, args))
-        upstream_calls = _upstream_calls(stack.upstream)
+        calls = upstream_calls(stack.upstream)
     warmup_s = args.warmup_minutes * 60
     result: dict[str, Any] = {
         "benchmark": "soak", "date": date,
@@ -387,7 +387,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                      "by_kind": {k: dict(v) for k, v in sorted(tally.by_kind.items())},
                      "fresh_reused": traffic.fresh_reused,
                      "throughput_rps": round(tally.answered / seconds, 2)},
-        "upstream_calls": upstream_calls,
+        "upstream_calls": calls,
         "memory": figures(samples, warmup_s), "samples": samples}
     result["plan"] = against_plan(samples, warmup_s, result["memory"]["steady_mean_rss_bytes"],
                                   prompts, args.semantic)
@@ -450,45 +450,10 @@ def report(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def draw(r: dict[str, Any], path: str | Path) -> Path:
-    """RSS over minutes with its parts (``/proc`` and ``/stats``), the end of warm-up and
-    the ``--max-rss`` limit; the growth in the title."""
-    fig = plots._figure(8.0, 4.5)
-    ax = fig.add_subplot()
-    samples, s = r["samples"], r["setup"]
-    t = [x["t_s"] / 60 for x in samples]
-
-    def line(values: list[float], label: str, **style: Any) -> None:
-        ax.plot(t, [v / MB for v in values], label=label, **style)
-
-    line([x["vm_rss_bytes"] for x in samples], "RSS (VmRSS)", color="black", linewidth=2)
-    for key, label in (("rss_anon_bytes", "RssAnon"), ("rss_file_bytes", "RssFile")):
-        line([x.get(key, math.nan) for x in samples], label, linestyle="--", linewidth=1)
-    drawn = {"rss_bytes", "max_rss_bytes"}  # VmRSS again, and the limit (a line below)
-    parts = sorted({k for x in samples for k in (x["memory"] or {})
-                    if k.endswith("_bytes") and k not in drawn})
-    for key in parts:
-        line([(x["memory"] or {}).get(key, math.nan) for x in samples],
-             f"/stats {key.removesuffix('_bytes')}", linewidth=1)
-    ax.axvline(s["warmup_minutes"], color="grey", linestyle=":", label="end of warm-up")
-    if s["max_rss_bytes"]:
-        ax.axhline(s["max_rss_bytes"] / MB, color="crimson", linestyle="--",
-                   label=f"--max-rss {_mb(s['max_rss_bytes'])}")
-    ax.set_ylim(bottom=0)
-    ax.set_xlabel("minutes since the sidecar answered")
-    ax.set_ylabel("MB")
-    ax.set_title(f"bench soak: RSS growth after warm-up {r['memory']['growth']:+.1%} "
-                 f"({s['minutes']:g} min, {s['clients']} clients, semantic "
-                 f"{'on' if s['semantic'] else 'off'})", fontsize=10)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
-    return plots._save(fig, path)
-
-
 def main(args: argparse.Namespace) -> int:
     result = run(args)
     result["plot"] = "soak.png"
-    draw(result, Path(args.out) / "soak.png")
+    plots.soak_memory(result, Path(args.out) / "soak.png")
     result["command"] = command(args)
     publish(result, args.out, "soak", report(result))
     return 0

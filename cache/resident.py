@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import functools
 import logging
 import os
 import resource
@@ -77,6 +78,11 @@ ARENAS = 2
 TRIM_EVERY = 30.0
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL("libc.so.6")
+
+
 def bound_allocator(threshold: int = MMAP_THRESHOLD, arenas: int = ARENAS) -> bool:
     """Make glibc serve allocations of ``threshold`` bytes or more with pages of their own,
     returned to the system when freed (``mallopt(M_MMAP_THRESHOLD)``; fixing it also stops
@@ -88,8 +94,7 @@ def bound_allocator(threshold: int = MMAP_THRESHOLD, arenas: int = ARENAS) -> bo
     between 115 and 169 MB. For a process of its own (the sidecar); an application embedding
     the cache keeps its allocator as it is. True if glibc took both settings."""
     try:
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(-3, threshold)) and bool(libc.mallopt(-8, arenas))
+        return bool(_libc().mallopt(-3, threshold)) and bool(_libc().mallopt(-8, arenas))
     except (OSError, AttributeError):
         return False
 
@@ -97,7 +102,7 @@ def bound_allocator(threshold: int = MMAP_THRESHOLD, arenas: int = ARENAS) -> bo
 def return_freed_memory() -> None:
     """Ask glibc to hand freed heap memory back to the system (a no-op elsewhere)."""
     with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        _libc().malloc_trim(0)
 
 
 async def trim_forever(every: float = TRIM_EVERY) -> None:

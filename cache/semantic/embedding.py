@@ -41,16 +41,16 @@ import numpy as np
 
 from promptcache.cache.errors import ConfigError, EmbedTimeout, ModelPaused
 from promptcache.cache.protocols import Embedder
-from promptcache.cache.semantic.model_files import clean_text, default_model_path, load_tuning
+from promptcache.cache.semantic.model_files import (
+    CHARS_PER_TOKEN,
+    clean_text,
+    default_model_path,
+    load_tuning,
+)
 from promptcache.cache.tasks import stop_task
 
 T = TypeVar("T")
 
-#: Characters given to the model per token of its window: a text longer than
-#: ``max_tokens * CHARS_PER_TOKEN`` never fits, and is cut there before it is tokenised.
-#: Measured on the 4,207 real chat prompts of ../shared/datasets: 5.9 characters a token at
-#: the 99th percentile, and no prompt that fits MiniLM's 256 tokens is over 1,489 characters.
-CHARS_PER_TOKEN = 8
 #: What ``BatchingEmbedder`` cuts texts to for an embedder that does not say what it reads.
 DEFAULT_MAX_CHARS = 1 << 16
 #: Bytes a memo entry costs besides its vector: the digest, the array's header, the dict slot.

@@ -56,11 +56,6 @@ _SPECIAL = re.compile(r"\[\w+\]")
 
 # --- the static model: distilled once, loaded without torch ----------------------------------
 
-def default_static_dir() -> Path:
-    """Where distilled models live unless told otherwise: beside the embedded Redis's data."""
-    return default_cache_dir()
-
-
 def source_key(source: Path) -> str:
     """A digest of the source model's files (names and content) and of the recipe."""
     return files_key(source, RECIPE)
@@ -74,16 +69,16 @@ def find_static_model(dest_dir: str | Path | None = None, *,
 
 
 def _static_target(dest_dir: str | Path | None, source: str | Path | None) -> Path:
-    parent = Path(dest_dir) if dest_dir is not None else default_static_dir()
+    parent = Path(dest_dir) if dest_dir is not None else default_cache_dir()
     return parent / f"static-{source_key(Path(source or default_model_path()))}"
 
 
 def ensure_static_model(dest_dir: str | Path | None = None, *,
                         source: str | Path | None = None) -> Path:
     """The directory of the static model distilled from ``source`` (default: the bundled
-    MiniLM), under ``dest_dir`` (default: :func:`default_static_dir`) as ``static-<key>``.
+    MiniLM), under ``dest_dir`` (default: the user cache dir) as ``static-<key>``.
 
-    An existing directory is reused; otherwise the model is distilled (about half a minute
+    An existing directory is reused; otherwise the model is distilled (about 15 s
     of CPU, on ONNX Runtime: no torch) and written once (:func:`build_once`).
     """
     src = Path(source or default_model_path())

@@ -29,6 +29,7 @@ import numpy as np
 
 from promptcache.cache.errors import ConfigError
 from promptcache.cache.semantic.model_files import (
+    CHARS_PER_TOKEN,
     build_once,
     clean_text,
     default_cache_dir,
@@ -43,8 +44,6 @@ ONNX_RECIPE = "promptcache-onnx/1"
 PAD_MULTIPLE = 16
 #: The most (texts x tokens^2) one forward pass may have: 8 texts of 256 tokens.
 MAX_CHUNK_CELLS = 8 * 256 * 256
-#: Characters given to the model per token of its window (as ``embedding.CHARS_PER_TOKEN``).
-CHARS_PER_TOKEN = 8
 
 
 def onnx_target(dest_dir: str | Path | None, source: Path, tuning: Path | None) -> Path:
