@@ -10,6 +10,7 @@ the modules a module loads by name with :mod:`importlib`.
 from __future__ import annotations
 
 import ast
+import gc
 import graphlib
 import json
 import subprocess
@@ -42,6 +43,25 @@ LIGHT_BENCHMARK_MODULES = {"promptcache.benchmarks", "promptcache.benchmarks.reg
 
 #: The fake upstream's old home; it is :mod:`promptcache.testing` now.
 OLD_FAKE_UPSTREAM = "promptcache.benchmarks.fake_upstream"
+
+
+def parse(path: Path) -> ast.Module:
+    """``ast.parse`` with the garbage collector held off.
+
+    On Python 3.11 a collection during ``ast.parse`` can run pytest's unraisable-exception
+    hook (a Redis connection left in a cycle by an earlier test, see the README's Development
+    section), which formats a traceback, which calls ``ast.parse`` itself for its carets. The
+    nested call resets the interpreter-wide depth counter of the outer one, and the outer
+    one fails with ``SystemError: AST constructor recursion depth mismatch`` (CPython
+    gh-106905; seen once in CI on 2026-11-30).
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return ast.parse(path.read_text(), str(path))
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def within(name: str, package: str) -> bool:
@@ -86,7 +106,7 @@ def imports(module: str, path: Path, *, type_checking: bool = True) -> Iterator[
                 yield from ([f"{base}.{alias.name}", base] for alias in node.names)
             yield from walk(ast.iter_child_nodes(node))
 
-    yield from walk(ast.parse(path.read_text(), str(path)).body)
+    yield from walk(parse(path).body)
 
 
 def _is_type_checking(test: ast.expr) -> bool:
@@ -115,7 +135,7 @@ def import_graph() -> dict[str, set[str]]:
         statements = list(imports(module, path, type_checking=False))
         targets = {next((n for n in names if n in modules), None) for names in statements}
         if any(within(n, "importlib") for names in statements for n in names):
-            targets |= {node.value for node in ast.walk(ast.parse(path.read_text()))
+            targets |= {node.value for node in ast.walk(parse(path))
                         if isinstance(node, ast.Constant) and node.value in modules}
         graph[module] = {t for t in targets if t is not None and t != module}
     return graph
@@ -185,7 +205,7 @@ def test_tests_and_benchmarks_take_the_fake_upstream_from_promptcache_testing() 
     for module, path in (modules_of_tests() | benchmarks).items():
         names = [n for ns in imports(module, path) for n in ns]
         if path != Path(__file__).resolve():  # this file names the module, to look for it
-            names += [node.value for node in ast.walk(ast.parse(path.read_text()))
+            names += [node.value for node in ast.walk(parse(path))
                       if isinstance(node, ast.Constant) and isinstance(node.value, str)]
         if any(within(n, OLD_FAKE_UPSTREAM) for n in names):
             offenders.append(str(path.relative_to(ROOT)))
@@ -246,7 +266,7 @@ def test_every_public_class_has_a_docstring() -> None:
     missing = []
     for directory in ("cache", "server", "clients", "benchmarks", "promptcache"):
         for path in sorted((ROOT / directory).rglob("*.py")):
-            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            for node in ast.walk(parse(path)):
                 if (isinstance(node, ast.ClassDef) and not node.name.startswith("_")
                         and not ast.get_docstring(node)):
                     missing.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}")
