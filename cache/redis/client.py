@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextvars import ContextVar
-from typing import Any, Final, cast
+from typing import Any, Final, TypeVar, cast
 from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
@@ -25,6 +25,10 @@ from redis.asyncio.cluster import ClusterPipeline, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import MaxConnectionsError, RedisClusterException
+
+from promptcache.cache.redis.lane import GetLane, LaneBusy, lane_for
+
+T = TypeVar("T")
 
 #: URL schemes that name a Redis Cluster (any one node of it; the rest is discovered).
 CLUSTER_SCHEMES: Final = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
@@ -67,24 +71,25 @@ class ConnectionGate:
         self.limit, self.wait = limit, wait
         self._slots = asyncio.Semaphore(limit)
 
-    @contextlib.asynccontextmanager
-    async def slot(self) -> AsyncIterator[None]:
-        """Hold one slot for the block (a task that holds one already passes through)."""
+    async def run(self, call: Callable[[], Awaitable[T]]) -> T:
+        """Await ``call()`` holding one slot (a task that holds one already passes through).
+
+        A plain method rather than a context manager: every Redis command passes here, and
+        an async context manager costs more than the command's own bookkeeping."""
         if _HOLDING.get():
-            yield
-            return
-        await self._acquire()
+            return await call()
+        if self._slots.locked():
+            await self._wait()
+        else:
+            await self._slots.acquire()  # free: returns at once
         token = _HOLDING.set(True)
         try:
-            yield
+            return await call()
         finally:
             _HOLDING.reset(token)
             self._slots.release()
 
-    async def _acquire(self) -> None:
-        if not self._slots.locked():
-            await self._slots.acquire()  # free: returns at once
-            return
+    async def _wait(self) -> None:
         with _deadline_paused():
             try:
                 async with asyncio.timeout(self.wait):
@@ -116,15 +121,28 @@ def _deadline_paused() -> Iterator[None]:
 
 
 class _GatedRedis(aioredis.Redis):
-    """A Redis client whose commands pass its :class:`ConnectionGate`."""
+    """A Redis client whose commands pass its :class:`ConnectionGate`, and whose GETs take
+    its :class:`~promptcache.cache.redis.lane.GetLane` where it has one."""
 
     gate: ConnectionGate | None = None
+    lane: GetLane | None = None
+
+    async def get(self, name: Any) -> Any:
+        if self.lane is not None:
+            with contextlib.suppress(LaneBusy):
+                return await self.lane.get(name)
+        return await super().get(name)
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        if self.lane is not None:
+            await self.lane.aclose()
+        await super().aclose(close_connection_pool)
 
     async def execute_command(self, *args: Any, **options: Any) -> Any:
         if self.gate is None:
             return await super().execute_command(*args, **options)
-        async with self.gate.slot():
-            return await super().execute_command(*args, **options)
+        return await self.gate.run(lambda: super(_GatedRedis, self).execute_command(
+            *args, **options))
 
 
 class _GatedCluster(RedisCluster):
@@ -136,8 +154,8 @@ class _GatedCluster(RedisCluster):
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
         if self.gate is None:
             return await super().execute_command(*args, **kwargs)
-        async with self.gate.slot():
-            return await super().execute_command(*args, **kwargs)
+        return await self.gate.run(lambda: super(_GatedCluster, self).execute_command(
+            *args, **kwargs))
 
     def pipeline(self, transaction: Any | None = None, shard_hint: Any | None = None
                  ) -> ClusterPipeline:
@@ -152,8 +170,8 @@ class _GatedPipeline(ClusterPipeline):
         gate = getattr(self.cluster_client, "gate", None)
         if gate is None:
             return await super().execute(raise_on_error, allow_redirections)
-        async with gate.slot():
-            return await super().execute(raise_on_error, allow_redirections)
+        return await gate.run(lambda: super(_GatedPipeline, self).execute(
+            raise_on_error, allow_redirections))
 
 
 def redis_client(url: str, *, timeout: float, max_connections: int = 256,
@@ -186,6 +204,8 @@ def redis_client(url: str, *, timeout: float, max_connections: int = 256,
             health_check_interval=30,
         ))
     client.gate = ConnectionGate(max_connections, timeout)
+    if isinstance(client, _GatedRedis) and not client.get_encoder().decode_responses:
+        client.lane = lane_for(client, timeout)
     return client
 
 

@@ -87,11 +87,33 @@ async def test_a_wait_for_a_connection_that_runs_out_passes_the_cache_by_without
 
     for _ in range(2 * cache.breaker.failure_threshold):
         with pytest.raises(CacheUnavailable, match="no free cache connection"):
-            await cache.lookup(KEY)
+            await cache.put(KEY, ENTRY)  # a script: it needs a pooled connection
 
     assert cache.breaker.state == "closed" and cache.breaker.trips == 0
     await asyncio.gather(*busy)
-    assert await cache.lookup(KEY) is not None
+    assert await cache.put(KEY, ENTRY)
+
+
+async def test_on_one_redis_lookups_take_the_lane_and_never_wait_for_the_pool(
+    redis_url: str,
+) -> None:
+    """An exact lookup is one GET, pipelined on the lane's own connection: a pool held
+    by slow commands does not hold lookups up (a cluster has no lane)."""
+    client = redis_client(redis_url, timeout=0.2, read_timeout=5.0, max_connections=1)
+    cache = ExactCache(BudgetStore(client, KeyLayout.for_url(redis_url, "pc:")),
+                       CachePolicy(op_timeout=2.0))
+    try:
+        assert await cache.put(KEY, ENTRY)
+        busy = hold_connections(cache, 1, seconds=1)
+        await asyncio.sleep(0)
+
+        found = await asyncio.gather(*(cache.lookup(KEY) for _ in range(100)))
+
+        assert all(entry is not None and entry.body == ENTRY.body for entry in found)
+        assert not busy[0].done()  # all that happened while the pool's one connection was held
+        await asyncio.gather(*busy)
+    finally:
+        await close_client(client)
 
 
 async def test_time_waiting_for_a_connection_does_not_count_against_the_operation_timeout(
@@ -104,9 +126,9 @@ async def test_time_waiting_for_a_connection_does_not_count_against_the_operatio
     busy = hold_connections(cache, 1, seconds=1)
     await asyncio.sleep(0)
 
-    entry = await cache.lookup(KEY)
+    stored = await cache.put(KEY, ENTRY)  # a script: it waits for the pooled connection
 
-    assert entry is not None and busy[0].done()
+    assert stored and busy[0].done()
     assert cache.breaker.trips == 0
 
 
