@@ -18,8 +18,16 @@
   per-vector map from ids to entries), the first stage (codes and static model), the
   embedding model (its weights file, mapped, plus ONNX Runtime and its packed copies of the
   weights), the embedding memo (``--embed-memo-bytes``, full under sustained traffic), and
-  the rest of the process (Python, aiohttp, redis-py, FAISS, buffers) measured exact-only.
-  ``node = process + model + model runtime + memo + index + first stage``.
+  the rest of the process (Python, aiohttp, redis-py, FAISS, buffers) measured exact-only,
+  and the exact-hit path's memos at their bounds: the near cache (``--near-cache-bytes``;
+  automatic: 64 MiB or a sixteenth of the planned ``--max-bytes``) and the memo of prepared
+  requests (:data:`~promptcache.cache.request.MEMO_BYTES`).
+  ``node = process + model + model runtime + memo + index + first stage + hot path``.
+- **Workers** (``--workers N``, as ``serve --workers N`` runs): every worker is a process of
+  its own with its own engine, so each of those parts but the model's weights counts N
+  times; the weights are a file the workers map read-only, whose pages they share (each
+  worker's RSS shows them, the machine holds them once). ``worker`` is one worker's RSS,
+  what its ``--max-rss`` applies to. The supervisor (about 25 MB) is left out.
 
 The estimate is checked against a real filled cache in ``tests/harness/test_plan.py`` (within 20%).
 """
@@ -37,6 +45,8 @@ import numpy as np
 from promptcache.cache.entry import COMPRESS_MIN_BYTES, Entry
 from promptcache.cache.redis.budget import ENTRY_OVERHEAD_BYTES, stream_share
 from promptcache.cache.redis.layout import CLUSTER_SHARDS, KeyLayout, namespace_id
+from promptcache.cache.redis.near import near_cache_bytes
+from promptcache.cache.request import MEMO_BYTES as REQUEST_MEMO_BYTES
 from promptcache.cache.semantic.first_stage import CODE_BYTES, FirstStage
 from promptcache.cache.semantic.index import AUTO_HNSW_AT, make_index
 from promptcache.cache.semantic.record import VectorRecord
@@ -90,6 +100,8 @@ class Workload:
     compression: float = COMPRESSION
     first_stage: bool = True
     memo_bytes: int = MEMO_BYTES
+    workers: int = 1  # processes per node (serve --workers)
+    near_cache_bytes: int | None = None  # --near-cache-bytes; None: automatic
 
 
 @dataclass(frozen=True)
@@ -115,8 +127,10 @@ class Plan:
     first_stage_bytes_per_vector: int  # its code, id and id map
     first_stage_bytes_per_node: int  # the codes and the static model
     process_bytes_per_node: int
-    node_bytes: int  # process + model + runtime + memo + index + first stage, per node
+    hot_path_bytes_per_node: int  # the near cache and the memo of prepared requests
+    node_bytes: int  # process + model + runtime + memo + index + first stage + hot path
     total_bytes: int  # Redis + every node
+    worker_bytes: int  # one worker process (its RSS, the mapped weights included)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -178,8 +192,9 @@ def budget_for(entry_bytes: int, shards: int) -> tuple[int, int]:
 
 
 def plan(w: Workload) -> Plan:
-    if w.entries < 0 or w.avg_request_chars < 0 or w.avg_response_bytes < 0 or w.nodes < 1:
-        raise ValueError("entries, sizes and nodes must be positive")
+    if (w.entries < 0 or w.avg_request_chars < 0 or w.avg_response_bytes < 0 or w.nodes < 1
+            or w.workers < 1):
+        raise ValueError("entries, sizes, nodes and workers must be positive")
     layout = KeyLayout("pc:", CLUSTER_SHARDS if w.cluster else 1)
     digest = "0" * 32
     keys = len(layout.entry("", digest)) + (len(layout.vector("", digest)) if w.semantic else 0)
@@ -194,19 +209,22 @@ def plan(w: Workload) -> Plan:
     else:
         kind, per_vector = "none", 0
     index = per_vector * w.entries
-    model = MODEL_BYTES if w.semantic else 0
+    model = MODEL_BYTES if w.semantic else 0  # mapped: the workers share its pages
     runtime = MODEL_RUNTIME_BYTES if w.semantic else 0
     memo = w.memo_bytes if w.semantic else 0
     fs_per_vector = first_stage_bytes_per_vector() if staged else 0
-    fs_node = fs_per_vector * w.entries + (STATIC_MODEL_BYTES if staged else 0)
-    node = index + model + runtime + memo + PROCESS_BYTES + fs_node
+    fs_worker = fs_per_vector * w.entries + (STATIC_MODEL_BYTES if staged else 0)
     redis = per_entry * w.entries
     max_bytes, streams = budget_for(redis, layout.shards)
+    hot = near_cache_bytes(w.near_cache_bytes, max_bytes) + REQUEST_MEMO_BYTES
+    worker = index + model + runtime + memo + PROCESS_BYTES + fs_worker + hot
+    n = w.workers  # each worker holds its own of every part but the mapped weights
+    node = model + n * (index + runtime + memo + PROCESS_BYTES + fs_worker + hot)
     return Plan(w, entry, record, keys, ENTRY_OVERHEAD_BYTES, per_entry, redis, streams,
                 max_bytes, math.ceil(max_bytes * REDIS_HEADROOM) + REDIS_BASELINE_BYTES,
-                kind, per_vector, index, model, runtime, memo, fs_per_vector, fs_node,
-                PROCESS_BYTES, node,
-                max_bytes + node * w.nodes)
+                kind, per_vector, n * index, model, n * runtime, n * memo, fs_per_vector,
+                n * fs_worker, n * PROCESS_BYTES, n * hot, node,
+                max_bytes + node * w.nodes, worker)
 
 
 def _size(n: int) -> str:
@@ -221,7 +239,8 @@ def report(p: Plan) -> str:
     w = p.workload
     lines = [
         f"{w.entries:,} entries, requests of {w.avg_request_chars:,} chars, responses of "
-        f"{w.avg_response_bytes:,} B, {w.nodes} node(s), index {p.index_kind}"
+        f"{w.avg_response_bytes:,} B, {w.nodes} node(s)"
+        + (f" of {w.workers} workers" if w.workers > 1 else "") + f", index {p.index_kind}"
         + (", Redis Cluster" if w.cluster else ""),
         "",
         "Redis (all nodes together)",
@@ -247,7 +266,11 @@ def report(p: Plan) -> str:
         f"({p.first_stage_bytes_per_vector:,} B per vector + the static model)",
         f"  process            {_size(p.process_bytes_per_node):>12}   (the sidecar "
         "without the semantic tier)",
-        f"  node total         {_size(p.node_bytes):>12}",
+        f"  hot path           {_size(p.hot_path_bytes_per_node):>12}   (--near-cache-bytes "
+        "and the memo of prepared requests, at their bounds)",
+        f"  node total         {_size(p.node_bytes):>12}"
+        + (f"   (every line but the model for each of {w.workers} workers; one worker "
+           f"{_size(p.worker_bytes)}, what its --max-rss applies to)" if w.workers > 1 else ""),
         "",
         f"Deployment total     {_size(p.total_bytes):>12}",
     ]
@@ -263,6 +286,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--index", default="auto", choices=("auto", "flat", "sq8", "hnsw"),
                    help="vector index kind (default auto: flat, HNSW from 20k vectors)")
     p.add_argument("--nodes", type=int, default=1, help="sidecars (default 1)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="processes per sidecar (serve --workers): each holds its own index, "
+                   "model runtime, memo, first stage and process; the model's mapped weights "
+                   "are shared (default 1)")
     p.add_argument("--no-semantic", action="store_true",
                    help="exact tier only: no vector records, index or model")
     p.add_argument("--cluster", action="store_true", help="keys carry cluster hash tags")
@@ -270,6 +297,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the sidecar runs with --first-stage false")
     p.add_argument("--embed-memo-bytes", type=int, default=MEMO_BYTES,
                    help=f"the sidecar's --embed-memo-bytes (default {MEMO_BYTES})")
+    p.add_argument("--near-cache-bytes", type=int, default=None,
+                   help="the sidecar's --near-cache-bytes (default: automatic, 64 MiB or a "
+                   "sixteenth of the planned --max-bytes)")
     p.add_argument("--compression", type=float, default=COMPRESSION,
                    help=f"stored/raw size of response bodies >= 1 KiB (default {COMPRESSION}, "
                    "measured on real chat text)")
@@ -280,7 +310,8 @@ def main(args: argparse.Namespace) -> int:
     try:
         p = plan(Workload(args.entries, args.avg_request_chars, args.avg_response_bytes,
                           args.index, args.nodes, not args.no_semantic, args.cluster,
-                          args.compression, not args.no_first_stage, args.embed_memo_bytes))
+                          args.compression, not args.no_first_stage, args.embed_memo_bytes,
+                          args.workers, args.near_cache_bytes))
     except ValueError as exc:
         raise SystemExit(f"promptcache plan: {exc}") from exc
     print(json.dumps(p.as_dict(), indent=1) if args.json else report(p))

@@ -5,9 +5,9 @@ in-process cache (``promptcache.clients``) construct the cache.
 :class:`~promptcache.cache.options.EngineOptions`: the Redis client (of ``redis_url``, whose
 eviction settings are checked at start-up, or of a private embedded Redis that is supervised
 and restarted if it dies), :class:`ExactCache`, the semantic tier with its embedder, index
-and verifier, the byte budget and its reaper, the index sync with other nodes and the
-cross-node single flight; it registers their cleanup on the caller's
-:class:`~contextlib.AsyncExitStack`.
+and verifier, the byte budget and its reaper, the near cache of hot entries with its
+tracking connections, the index sync with other nodes and the cross-node single flight; it
+registers their cleanup on the caller's :class:`~contextlib.AsyncExitStack`.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from promptcache.cache.redis.embedded_owner import RedisKeeper, start_embedded
 from promptcache.cache.redis.health import check_eviction_policy
 from promptcache.cache.redis.index_sync import IndexSync
 from promptcache.cache.redis.layout import KeyLayout
+from promptcache.cache.redis.near import NearCache, NearTracking, near_cache_bytes
 from promptcache.cache.redis.remote_flight import RemoteFlight
 from promptcache.cache.resident import MemoryGuard, model_bytes
 from promptcache.cache.semantic.embedding import BatchingEmbedder, load_embedder, resolve_tuning
@@ -66,10 +67,12 @@ class Engine:
     model_bytes: int = 0  # the embedding model's weights, for the memory report
     embedded: RedisKeeper | None = None  # the private redis-server, when there is one
     guard: MemoryGuard | None = None  # --max-rss, when set
+    near: NearCache = field(default_factory=lambda: NearCache(0))  # hot entries, in process
+    tracking: NearTracking | None = None  # keeps ``near`` coherent, when it is on
 
     def memory(self) -> dict[str, int]:
         """The parts of this process's memory the engine knows it holds, in bytes."""
-        parts = {"model": self.model_bytes}
+        parts = {"model": self.model_bytes, "near": self.near.bytes}
         if self.semantic is not None:
             fs = self.semantic.first_stage
             parts["static_model"] = fs.embedder_bytes if fs is not None else 0
@@ -110,7 +113,10 @@ async def open_engine(options: EngineOptions, stack: contextlib.AsyncExitStack, 
         else:
             log.info("Redis's maxmemory-policy was not checked: Redis did not answer")
     layout = KeyLayout.for_url(url, options.key_prefix)
-    store = BudgetStore(client, layout, max_bytes=options.max_bytes, node=secrets.token_hex(6))
+    near = NearCache(near_cache_bytes(options.near_cache_bytes, options.max_bytes))
+    store = BudgetStore(client, layout, max_bytes=options.max_bytes, node=secrets.token_hex(6),
+                        near=near)
+    tracking = await _start_near(stack, client, layout, near, store, options)
     cache = ExactCache(
         store,
         CachePolicy(default_ttl=options.default_ttl or None,
@@ -138,22 +144,48 @@ async def open_engine(options: EngineOptions, stack: contextlib.AsyncExitStack, 
     _background(stack, store.reap_forever())
     remote = RemoteFlight(client, layout, lease=options.flight_lease,
                           timeout=options.redis_timeout) if options.flight_lease else None
-    guard = _memory_guard(stack, options.max_rss, semantic) if options.max_rss else None
+    guard = (_memory_guard(stack, options.max_rss, semantic, near) if options.max_rss
+             else None)
     return Engine(options, url, cache, semantic, remote=remote, sync=sync, guard=guard,
                   model_bytes=(model_bytes(semantic.embedder.embedder) if semantic is not None
                                else 0),
-                  embedded=keeper)
+                  embedded=keeper, near=near, tracking=tracking)
+
+
+async def _start_near(stack: contextlib.AsyncExitStack, client: Any, layout: KeyLayout,
+                      near: NearCache, store: BudgetStore, options: EngineOptions
+                      ) -> NearTracking | None:
+    """Track the entry keys (one connection per master) so that ``near`` may serve; wait
+    briefly for tracking to be on or refused, and say which in one line."""
+    if near.max_bytes <= 0:
+        log.info("near cache off: --near-cache-bytes is 0")
+        return None
+    tracking = NearTracking(client, layout, near, timeout=options.redis_timeout)
+    _background(stack, tracking.run())
+    if options.max_bytes:  # the LRU learns of near hits, batched
+        _background(stack, store.flush_touches_forever())
+    await tracking.settled(within=max(2.0, 4 * options.redis_timeout))
+    if near.on:
+        log.info("near cache on: up to %d bytes, tracking %d master(s)", near.max_bytes,
+                 len(tracking.client_ids))
+    elif near.state != "off":  # "off" was logged with its reason
+        log.info("near cache waiting for client tracking (%s): off until it is on",
+                 near.reason or near.state)
+    return tracking
 
 
 def _memory_guard(stack: contextlib.AsyncExitStack, limit: int,
-                  semantic: SemanticCache | None) -> MemoryGuard:
-    """``--max-rss``: shed the semantic tier (and its model) past ``limit``."""
+                  semantic: SemanticCache | None, near: NearCache) -> MemoryGuard:
+    """``--max-rss``: shed the semantic tier (and its model) and empty the near cache past
+    ``limit``."""
 
     async def shed() -> None:
+        near.pause()
         if semantic is not None:
             await semantic.shed_memory()
 
     async def resume() -> None:
+        near.resume()
         if semantic is not None:
             await semantic.resume_memory()
 

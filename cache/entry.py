@@ -29,10 +29,11 @@ class Entry:
     content_type: str
     created: float  # unix seconds, for the Age header
     api: str
+    deflated: bool = False  # ``body`` is zlib-deflated (``decode(..., inflate=False)``)
 
     def encode(self) -> bytes:
-        body, deflated = self.body, False
-        if len(body) >= COMPRESS_MIN_BYTES:
+        body, deflated = self.body, self.deflated
+        if not deflated and len(body) >= COMPRESS_MIN_BYTES:
             packed = zlib.compress(body, 1)
             if len(packed) < len(body):
                 body, deflated = packed, True
@@ -42,14 +43,17 @@ class Entry:
         )
 
     @classmethod
-    def decode(cls, data: bytes) -> Entry:
+    def decode(cls, data: bytes, *, inflate: bool = True) -> Entry:
+        """The entry in ``data``; with ``inflate=False`` a deflated body stays deflated (for
+        a caller that accepts ``Content-Encoding: deflate``: zlib's format is HTTP's)."""
         try:
             fmt, status, ctype, created, api, deflated, body = msgpack.unpackb(data, raw=False)
             if fmt != _FORMAT:
                 raise EntryFormatError(f"unknown entry format {fmt!r}")
-            if deflated:
-                body = zlib.decompress(body)
-            return cls(int(status), bytes(body), str(ctype), float(created), str(api))
+            if deflated and inflate:
+                body, deflated = zlib.decompress(body), False
+            return cls(int(status), bytes(body), str(ctype), float(created), str(api),
+                       bool(deflated))
         except (ValueError, TypeError, zlib.error, msgpack.UnpackException) as exc:
             raise EntryFormatError(str(exc)) from exc
 
@@ -61,3 +65,8 @@ class Answer:
     status: int
     body: bytes
     content_type: str
+    deflated: bool = False  # ``body`` is zlib-deflated (only an exact hit's, see flow.served)
+
+    def inflated(self) -> bytes:
+        """The body as the upstream sent it."""
+        return zlib.decompress(self.body) if self.deflated else self.body

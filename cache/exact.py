@@ -85,12 +85,19 @@ class ExactCache:
         self.breaker.record_success()
         return result
 
-    async def lookup(self, key: CacheKey) -> Entry | None:
-        raw = await self._call(lambda: self.store.get(key.namespace, key.digest))
+    async def lookup(self, key: CacheKey, *, inflate: bool = True) -> Entry | None:
+        """The entry under ``key``; ``inflate=False`` leaves a deflated body deflated.
+
+        An entry this process holds (the near cache, kept coherent by Redis) is served
+        without a backend call, so past the breaker and the timeout too."""
+        raw = self.store.held(key.namespace, key.digest)
+        if raw is None:
+            raw = await self._call(lambda: self.store.get(key.namespace, key.digest,
+                                                          held_checked=True))
         if raw is None:
             return None
         try:
-            return Entry.decode(raw)
+            return Entry.decode(raw, inflate=inflate)
         except EntryFormatError:
             log.warning("unreadable entry %s treated as a miss", key.digest)
             return None

@@ -145,10 +145,11 @@ async def lookup(engine: Engine, req: Prepared, metrics: FlowMetrics | None = No
 async def _exact(engine: Engine, req: Prepared) -> Found | None:
     """The request's own entry, if there is one young enough for it; CacheUnavailable if
     the cache failed."""
-    entry = await engine.cache.lookup(req.key)
+    entry = await engine.cache.lookup(req.key, inflate=not req.accepts_deflate)
     if entry is None or not req.control.accepts_age(age := engine.cache.age(entry)):
         return None
-    return Found(Answer(entry.status, entry.body, entry.content_type), "HIT", age)
+    return Found(Answer(entry.status, entry.body, entry.content_type, entry.deflated), "HIT",
+                 age)
 
 
 async def _semantic_lookup(engine: Engine, req: Prepared, metrics: FlowMetrics
@@ -406,8 +407,11 @@ def served(req: Prepared, answer: Answer, outcome: Outcome) -> Served:
     headers = cache_headers(req, outcome)
     if not (req.streaming and 200 <= answer.status < 300):
         headers["Content-Type"] = answer.content_type
-        return Served(answer.status, headers, answer.body)
+        if answer.deflated and req.accepts_deflate:  # the stored bytes, as stored
+            headers["Content-Encoding"] = "deflate"
+            return Served(answer.status, headers, answer.body)
+        return Served(answer.status, headers, answer.inflated())
     headers["Content-Type"] = "text/event-stream; charset=utf-8"
     headers["Cache-Control"] = "no-cache"
-    frames = replay(req.api, json.loads(answer.body), include_usage=req.include_usage)
+    frames = replay(req.api, json.loads(answer.inflated()), include_usage=req.include_usage)
     return Served(answer.status, headers, frames=frames)

@@ -64,5 +64,6 @@ class EngineOptions:
     embed_timeout: float = 1.0
     embed_memo_bytes: int = 16 << 20
     max_rss: int = 0
+    near_cache_bytes: int | None = None  # None: min(64 MiB, max_bytes / 16)
     vector_backlog: int = 4096
     key_prefix: str = "pc:"

@@ -60,8 +60,15 @@ class EntryStore(Protocol):
     Every method may raise the backend's errors; the exact cache turns them into misses.
     """
 
-    async def get(self, namespace: str, digest: str) -> bytes | None:
-        """The entry's bytes; a hit refreshes its recency."""
+    def held(self, namespace: str, digest: str) -> bytes | None:
+        """The entry's bytes if this process holds them (a near cache), without I/O; None
+        if it does not (then :meth:`get` asks the backend)."""
+        ...
+
+    async def get(self, namespace: str, digest: str, *, held_checked: bool = False
+                  ) -> bytes | None:
+        """The entry's bytes; a hit refreshes its recency. ``held_checked``: :meth:`held`
+        was asked already and said None."""
         ...
 
     async def touch(self, namespace: str, digest: str) -> None:

@@ -9,6 +9,7 @@ cache's own request headers, which never reach the upstream.
 
 from __future__ import annotations
 
+import collections
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
@@ -101,6 +102,9 @@ class Prepared:
     view: SemanticView | None = None  # set when the request may be stored for semantic hits
     semantic_lookup: bool = False  # the cache mode is not "exact"
     threshold: float | None = None  # the request's threshold, raised to the configured one
+    #: The caller takes ``Content-Encoding: deflate`` and does not stream: an exact hit on
+    #: a deflated entry is sent as stored.
+    accepts_deflate: bool = False
 
     @property
     def include_usage(self) -> bool:
@@ -108,31 +112,96 @@ class Prepared:
         return isinstance(opts, dict) and opts.get("include_usage") is True
 
 
+#: Raw bytes of request bodies a :class:`PreparedMemo` keeps at most (default), ...
+MEMO_BYTES: Final = 4 << 20
+#: ... counted as this many times their length (the parsed body, key and view beside them),
+#: plus :data:`MEMO_ENTRY_BYTES` each; a body longer than :data:`MEMO_MAX_BODY` is not kept.
+MEMO_BODY_FACTOR: Final = 4
+MEMO_ENTRY_BYTES: Final = 1024
+MEMO_MAX_BODY: Final = 32 * 1024
+
+
+class PreparedMemo:
+    """Requests prepared lately, by everything :func:`prepare` reads: a request repeated
+    byte for byte (the hot prompts an exact hit serves) skips parsing, validation and
+    keying. Bounded by bytes (see :data:`MEMO_BYTES`), least recently used out first; only
+    requests that prepared without error are kept, and a :class:`Prepared` is never changed
+    after :func:`prepare`, so one may serve many requests."""
+
+    def __init__(self, max_bytes: int = MEMO_BYTES) -> None:
+        self.max_bytes = max_bytes
+        self.nbytes = 0
+        self.hits = 0
+        self._items: collections.OrderedDict[tuple[Any, ...], tuple[Prepared, int]] = (
+            collections.OrderedDict())
+
+    def get(self, key: tuple[Any, ...]) -> Prepared | None:
+        found = self._items.get(key)
+        if found is None:
+            return None
+        self._items.move_to_end(key)
+        self.hits += 1
+        return found[0]
+
+    def put(self, key: tuple[Any, ...], prepared: Prepared, body_bytes: int) -> None:
+        cost = body_bytes * MEMO_BODY_FACTOR + MEMO_ENTRY_BYTES
+        if body_bytes > MEMO_MAX_BODY or cost > self.max_bytes or key in self._items:
+            return
+        self._items[key] = (prepared, cost)
+        self.nbytes += cost
+        while self.nbytes > self.max_bytes:
+            _, (_, gone) = self._items.popitem(last=False)
+            self.nbytes -= gone
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
 def prepare(engine: Engine, api: Api, endpoint: str, body_bytes: bytes, *,
             credential: str | None, namespace: str = "", cache_control: Iterable[str] = (),
-            mode: str | None = None, threshold: str | None = None, variant: str = ""
-            ) -> Prepared:
+            mode: str | None = None, threshold: str | None = None, variant: str = "",
+            accepts_deflate: bool = False, memo: PreparedMemo | None = None) -> Prepared:
     """Parse, validate and key a request body; RequestError (a 4xx) on bad input.
 
     ``namespace``, ``cache_control``, ``mode`` and ``threshold`` are the values of the
     ``X-Cache-Namespace``, ``Cache-Control``, ``X-Cache-Mode`` and ``X-Cache-Threshold``
     headers (see the README's Per-request control); ``variant`` is :func:`variant_of`.
+    ``accepts_deflate`` says the caller takes a deflated body. With a ``memo``, a request
+    prepared before (same body bytes, caller and controls) is answered from it.
 
     A request without a credential is not cached (it passes through as BYPASS) unless the
     options allow an anonymous tenant. ``max-age`` may only shorten the configured TTL
     (:func:`retention`).
     """
+    tenant = ANONYMOUS_TENANT if credential is None else engine.tenant(credential)
+    memo_key: tuple[Any, ...] = ()
+    if memo is not None:
+        cache_control = tuple(cache_control)
+        memo_key = (endpoint, credential is None, tenant, namespace, cache_control, mode,
+                    threshold, variant, accepts_deflate, body_bytes)
+        found = memo.get(memo_key)
+        if found is not None:
+            return found
+    prepared = _prepare(engine, api, endpoint, body_bytes, tenant=tenant,
+                        anonymous=credential is None, namespace=namespace,
+                        cache_control=cache_control, mode=mode, threshold=threshold,
+                        variant=variant)
+    prepared.accepts_deflate = accepts_deflate and not prepared.streaming
+    if memo is not None:
+        memo.put(memo_key, prepared, len(body_bytes))
+    return prepared
+
+
+def _prepare(engine: Engine, api: Api, endpoint: str, body_bytes: bytes, *, tenant: str,
+             anonymous: bool, namespace: str, cache_control: Iterable[str], mode: str | None,
+             threshold: str | None, variant: str) -> Prepared:
     body = parse_body(body_bytes)
     validate_body(api, body)
     namespace = check_namespace(namespace)
     options = engine.options
     control = CacheControl.parse(cache_control)
-    if credential is None:
-        tenant = ANONYMOUS_TENANT
-        if not options.anonymous_tenant:
-            control = CacheControl(no_cache=True, no_store=True)
-    else:
-        tenant = engine.tenant(credential)
+    if anonymous and not options.anonymous_tenant:
+        control = CacheControl(no_cache=True, no_store=True)
     control = retention(control, options.default_ttl, options.max_ttl)
     key = request_key(endpoint, body, tenant=tenant, namespace=namespace, variant=variant,
                       normalised=True)
@@ -162,7 +231,8 @@ def retention(control: CacheControl, default_ttl: float, max_ttl: float) -> Cach
 
 
 def prepare_http(engine: Engine, endpoint: str, body_bytes: bytes, headers: RequestHeaders,
-                 query: Iterable[tuple[str, str]] = ()) -> Prepared:
+                 query: Iterable[tuple[str, str]] = (), *, memo: PreparedMemo | None = None
+                 ) -> Prepared:
     """:func:`prepare` for an HTTP request to ``endpoint`` (one of the cached routes) with
     query parameters ``query``: the credential (the options' credential headers and
     parameters), the variant and the controls come from ``headers`` and ``query``."""
@@ -174,7 +244,27 @@ def prepare_http(engine: Engine, endpoint: str, body_bytes: bytes, headers: Requ
                    variant=variant_of(headers, query, params=options.credential_params),
                    namespace=headers.get("x-cache-namespace") or "",
                    cache_control=headers.getall("cache-control", []),
-                   mode=headers.get("x-cache-mode"), threshold=headers.get("x-cache-threshold"))
+                   mode=headers.get("x-cache-mode"), threshold=headers.get("x-cache-threshold"),
+                   accepts_deflate=accepts_deflate(headers.get("accept-encoding")), memo=memo)
+
+
+def accepts_deflate(accept_encoding: str | None) -> bool:
+    """Whether an ``Accept-Encoding`` value takes ``deflate`` (named, or ``*``, and not
+    with ``q=0``)."""
+    if not accept_encoding:
+        return False
+    for item in accept_encoding.lower().split(","):
+        coding, _, params = item.partition(";")
+        if coding.strip() not in ("deflate", "*"):
+            continue
+        q = params.strip()
+        if q.startswith("q="):
+            try:
+                return float(q[2:]) > 0
+            except ValueError:
+                return False
+        return True
+    return False
 
 
 def _threshold(raw: str | None) -> float:

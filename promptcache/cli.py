@@ -102,10 +102,16 @@ def _serve_arguments(p: argparse.ArgumentParser, _rest: Sequence[str] | None) ->
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from promptcache.server.app import serve
     from promptcache.server.config import build_settings
 
-    return serve(build_settings(vars(args) | {"command": None}, os.environ))
+    settings = build_settings(vars(args) | {"command": None}, os.environ)
+    if settings.workers > 1:  # the supervisor never loads the app, its engine or FAISS
+        from promptcache.server.workers import supervise
+
+        return supervise(settings)
+    from promptcache.server.app import serve
+
+    return serve(settings)
 
 
 def _reconcile_arguments(p: argparse.ArgumentParser, _rest: Sequence[str] | None) -> None:

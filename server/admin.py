@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import os
 import time
 from typing import Any
 
@@ -25,6 +26,10 @@ from promptcache.cache.resident import memory_split
 from promptcache.cache.semantic.tier import SKIP_REASONS
 from promptcache.cache.strict_json import parse_json_object
 from promptcache.server.state import SIDECAR, Sidecar
+
+#: Which process of ``--workers N`` this app runs in (``index``, ``pid``, ``workers``), set by
+#: the worker; a single-process sidecar is worker 0 of 1.
+WORKER = web.AppKey("worker", dict)
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -54,6 +59,7 @@ async def _refresh_gauges(sc: Sidecar) -> dict[str, Any] | None:
                      vector_backlog=sc.semantic.stats()["vector_backlog"])
         for reason in SKIP_REASONS:
             m.semantic_skipped.labels(reason).set(sc.semantic.counts[reason])
+    m.set_near(sc.engine.near.stats())
     memory = _memory(sc)
     m.set_gauges(rss=memory["rss_bytes"], memory_shed=int(memory.get("shedding", False)),
                  memory_sheds=memory.get("sheds", 0))
@@ -103,6 +109,9 @@ async def stats(request: web.Request) -> web.Response:
     return web.json_response(
         {
             "uptime_seconds": round(time.time() - sc.started, 3),
+            # Each worker answers for its own engine: this says which one did.
+            "worker": request.app.get(WORKER) or {"index": 0, "pid": os.getpid(),
+                                                  "workers": 1},
             "requests": counts,
             "hit_ratio": round(hits / lookups, 4) if lookups else None,
             "cache": {
@@ -114,6 +123,7 @@ async def stats(request: web.Request) -> web.Response:
             "semantic": sc.semantic.stats() if sc.semantic is not None else None,
             "index_sync": sc.sync.stats() if sc.sync is not None else None,
             "memory": _memory(sc),
+            "near_cache": sc.engine.near.stats(),
             "flights_in_progress": len(sc.flights),
             "remote_flights": sc.remote.stats() if sc.remote is not None else None,
             "embedded_redis": (sc.engine.embedded.stats() if sc.engine.embedded is not None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from functools import partial
@@ -15,6 +16,7 @@ from aiohttp import web
 
 from promptcache.cache.api import ENDPOINTS
 from promptcache.cache.engine import open_engine
+from promptcache.cache.errors import ConfigError
 from promptcache.cache.protocols import Embedder
 from promptcache.cache.resident import bound_allocator, trim_forever
 from promptcache.cache.tasks import stop_task
@@ -26,6 +28,8 @@ from promptcache.server.proxy import Upstream
 from promptcache.server.state import SIDECAR, Sidecar
 
 log = logging.getLogger("promptcache")
+#: aiohttp's shutdown timeout: how long a stopping sidecar lets requests in flight finish.
+DRAIN_SECONDS = 60.0
 #: Set on the app when it runs in a process of its own whose allocator it may tune.
 BOUNDED = web.AppKey("bounded", bool)
 
@@ -78,11 +82,21 @@ def create_app(settings: Settings, *, embedder: Embedder | None = None) -> web.A
     return app
 
 
-def serve(settings: Settings, *, print_fn: Callable[..., None] = print) -> int:
-    """Run the sidecar until SIGINT/SIGTERM; without ``redis_url`` it owns (and always stops)
-    an embedded Redis."""
+def serve(settings: Settings, *, print_fn: Callable[..., None] | None = print,
+          sock: socket.socket | None = None, worker: dict[str, int] | None = None) -> int:
+    """Run one sidecar process until SIGINT/SIGTERM; without ``redis_url`` it owns (and
+    always stops) an embedded Redis.
+
+    With ``--workers N`` the command line runs :func:`promptcache.server.workers.supervise`
+    instead (which never imports this module: the supervisor stays small), and each of its
+    workers runs this on the listening socket ``sock`` it inherited, ``worker`` saying which
+    worker it is (shown in ``/stats``)."""
+    if worker is None and settings.workers > 1:
+        raise ConfigError("serve() runs one process: --workers N is run by "
+                          "promptcache.server.workers.supervise")
+    tag = f" [worker {worker['index']}]" if worker is not None else ""
     logging.basicConfig(level=settings.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+                        format=f"%(asctime)s %(levelname)s %(name)s{tag}: %(message)s")
     # Searches here are one query at a time: FAISS's OpenMP threads only add contention
     # with the embedding model and the event loop.
     faiss.omp_set_num_threads(1)
@@ -90,13 +104,18 @@ def serve(settings: Settings, *, print_fn: Callable[..., None] = print) -> int:
         settings = replace(settings, data_dir=str(settings.resolved_data_dir))
     app = create_app(settings)
     app[BOUNDED] = bound_allocator()  # the model's buffers never fragment this process's heap
-    log.info("caching %s on http://%s:%s", redact_url(settings.upstream), settings.host,
-             settings.port)
+    if worker is not None:
+        app[admin.WORKER] = worker
+    else:
+        log.info("caching %s on http://%s:%s", redact_url(settings.upstream), settings.host,
+                 settings.port)
     web.run_app(
         app,
-        host=settings.host,
-        port=settings.port,
-        print=print_fn,
+        host=None if sock is not None else settings.host,
+        port=None if sock is not None else settings.port,
+        sock=sock,
+        shutdown_timeout=DRAIN_SECONDS,
+        print=print_fn if worker is None else None,
         access_log=log if settings.log_level.lower() == "debug" else None,
     )
     return 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import re
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
@@ -78,6 +79,19 @@ def _unit(value: Any) -> float:
     return number
 
 
+def usable_cores() -> int:
+    """The CPUs this process may run on (its affinity mask), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # no sched_getaffinity (macOS)
+        return os.cpu_count() or 1
+
+
+def _workers(value: Any) -> int:
+    """``auto`` (the usable cores) or a number of worker processes."""
+    return usable_cores() if value == "auto" else _int(value)
+
+
 def _index_kind(value: Any) -> str:
     if _str(value) not in ("auto", "flat", "sq8", "hnsw"):
         raise ValueError(f"expected auto, flat, sq8 or hnsw, got {value!r}")
@@ -105,6 +119,11 @@ def _redis_url(value: Any) -> str:
         raise ValueError(f"not a redis://, rediss://, unix://, redis+cluster:// or "
                          f"rediss+cluster:// URL: {value!r}")
     return value
+
+
+def _optional_size(value: Any) -> int | None:
+    """A size, or ``auto`` (None: the option's default is worked out at start-up)."""
+    return None if value is None or value == "auto" else parse_size(value)
 
 
 def _optional_str(value: Any) -> str | None:
@@ -143,6 +162,9 @@ OPTIONS: tuple[Option, ...] = (
            "https://api.openai.com or http://localhost:8000/v1 (required)", "URL"),
     Option("host", _str, "address to listen on", "ADDR"),
     Option("port", _int, "port to listen on", "PORT"),
+    Option("workers", _workers, "processes serving the port, each with its own engine (and "
+           "model: memory and --max-rss are per worker) on one shared Redis; auto = the "
+           "usable cores; 1 = a single process, no supervisor", "N"),
     Option("redis_url", _redis_url, "use this Redis (redis://, rediss://, unix://, "
            "with password) instead of starting the embedded one; redis+cluster://HOST:PORT "
            "(or rediss+cluster://) names a Redis Cluster by any one of its nodes", "URL"),
@@ -247,11 +269,16 @@ OPTIONS: tuple[Option, ...] = (
            "counted) instead of queueing", "SECONDS"),
     Option("embed_timeout", _number, "deadline of one embedding or verification; past it "
            "the lookup is a miss", "SECONDS"),
-    Option("max_rss", parse_size, "hard limit on this process's resident memory: past "
+    Option("max_rss", parse_size, "hard limit on this process's resident memory (each "
+           "worker's, with --workers): past "
            "it the semantic tier is shed (exact hits and pass-through go on) and memos are "
            "dropped, until RSS is back under nine tenths of it; 0 = no limit", "SIZE"),
     Option("embed_memo_bytes", parse_size, "bytes of recent embeddings kept in memory "
            "(keyed by a digest of the text)", "SIZE"),
+    Option("near_cache_bytes", _optional_size, "bytes of hot entries this node keeps in "
+           "memory, kept coherent by Redis client tracking, so an exact hit on one needs no "
+           "Redis round trip; unset (or auto) = the lesser of 64MiB and a sixteenth of "
+           "--max-bytes; 0 = off", "SIZE"),
     Option("vector_backlog", _int, "new entries waiting for their vector (computed off the "
            "request path when the model is idle); past it, entries stay exact-only "
            "(counted)", "N"),
@@ -269,6 +296,7 @@ class Settings(EngineOptions):
     upstream: str
     host: str = "127.0.0.1"
     port: int = 8080
+    workers: int = 1
     max_body_bytes: int = 10 << 20
     max_response_bytes: int = 64 << 20
     pass_credentials: bool = True
@@ -392,6 +420,7 @@ def build_settings(
 def _check_ranges(v: dict[str, Any]) -> None:
     checks: Sequence[tuple[bool, str]] = (
         (0 <= v["port"] <= 65535, "--port must be 0..65535"),
+        (v["workers"] >= 1, "--workers must be >= 1 (or auto)"),
         (v["default_ttl"] >= 0, "--default-ttl must be >= 0"),
         (v["max_entry_bytes"] > 0, "--max-entry-bytes must be > 0"),
         (v["max_body_bytes"] > 0, "--max-body-bytes must be > 0"),

@@ -56,6 +56,8 @@ async def read_body(request: web.Request, limit: int, seconds: float) -> bytes:
         raise BodyTooLarge(f"request body of {request.content_length} bytes is over the "
                            f"limit of {limit} bytes", param="body")
     try:
+        if request.content.is_eof():  # all of it arrived with the headers: nothing to wait for
+            return await request.read()
         async with asyncio.timeout(seconds):
             return await request.read()
     except web.HTTPRequestEntityTooLarge as exc:
@@ -77,9 +79,10 @@ async def cached_route(request: web.Request) -> web.StreamResponse:
     route = request.path
     try:
         body = await read_body(request, sc.settings.max_body_bytes, sc.settings.body_timeout)
-        req = prepare_http(sc.engine, route, body, request.headers, request.query.items())
+        req = prepare_http(sc.engine, route, body, request.headers, request.query.items(),
+                           memo=sc.prepared)
     except RequestError as exc:
-        sc.metrics.requests.labels(route, "ERROR").inc()
+        sc.metrics.request_counter(route, "ERROR").inc()
         kind = _ERROR_KINDS.get(exc.status, "invalid_request_error")
         resp = error_response(ENDPOINTS[route], exc.status, exc.message, kind=kind,
                               param=exc.param)

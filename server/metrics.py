@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Any, Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -39,6 +39,27 @@ GAUGES: Final = {
                        "answer exact matches meanwhile)"),
     "breaker_open": ("promptcache_cache_circuit_open",
                      "1 while the cache circuit breaker is open"),
+    "near_bytes": ("promptcache_near_cache_bytes",
+                   "Bytes held by this node's near cache (keys, values and a fixed overhead "
+                   "an entry)"),
+    "near_max_bytes": ("promptcache_near_cache_max_bytes",
+                       "Bound of this node's near cache (--near-cache-bytes; 0 = off)"),
+    "near_entries": ("promptcache_near_cache_entries", "Entries in this node's near cache"),
+    "near_enabled": ("promptcache_near_cache_enabled",
+                     "1 while the near cache serves (client tracking is on)"),
+}
+
+#: The near cache's counters (read from its stats at scrape time): key -> (name, help).
+NEAR_COUNTERS: Final = {
+    "hits": ("promptcache_near_cache_hits", "Exact lookups served from this node's near "
+             "cache, without a Redis round trip"),
+    "misses": ("promptcache_near_cache_misses", "Exact lookups the near cache did not have "
+               "while on (read from Redis)"),
+    "fills": ("promptcache_near_cache_fills", "Entries read from Redis into the near cache"),
+    "invalidations": ("promptcache_near_cache_invalidations", "Keys invalidated by Redis "
+                      "client tracking (or by this node's own writes)"),
+    "flushes": ("promptcache_near_cache_flushes", "Times the near cache was emptied (a "
+                "FLUSHALL, or a tracking connection lost or restored)"),
 }
 
 
@@ -82,6 +103,10 @@ class Metrics:
             "(single flight)", registry=r,
         )
         self.gauges = {key: Gauge(name, doc, registry=r) for key, (name, doc) in GAUGES.items()}
+        self.near = {key: Counter(name, doc, registry=r)
+                     for key, (name, doc) in NEAR_COUNTERS.items()}
+        self._near_seen: dict[str, int] = {}
+        self._requests: dict[tuple[str, str], Any] = {}
         self.semantic_skipped = Gauge(
             "promptcache_semantic_skipped", "Semantic work this node skipped, by reason "
             "(read at scrape time): shed (a lookup that would have waited past "
@@ -92,10 +117,22 @@ class Metrics:
         )
         self.memory = Gauge(
             "promptcache_memory_bytes", "This sidecar's memory by part: anon and file (RSS's "
-            "anonymous and file-backed pages), model (weights), static_model, index (vector "
-            "index and first-stage codes), memo (embedding memos), other (RSS minus the "
+            "anonymous and file-backed pages), model (weights), near (the near cache), "
+            "static_model, index (vector index and first-stage codes), memo (embedding "
+            "memos), other (RSS minus the "
             "named parts)", ["part"], registry=r,
         )
+
+    def set_near(self, stats: dict[str, Any]) -> None:
+        """The near cache's figures from its :meth:`stats` (counters advance by what they
+        grew since the last scrape)."""
+        self.set_gauges(near_bytes=stats["bytes"], near_max_bytes=stats["max_bytes"],
+                        near_entries=stats["entries"], near_enabled=int(stats["enabled"]))
+        for key, counter in self.near.items():
+            grew = stats[key] - self._near_seen.get(key, 0)
+            if grew > 0:
+                counter.inc(grew)
+            self._near_seen[key] = stats[key]
 
     def set_gauges(self, **values: float) -> None:
         """Set gauges of :data:`GAUGES` by key (read at scrape time)."""
@@ -118,7 +155,15 @@ class Metrics:
         self.not_stored.labels(reason).inc()
 
     def on_outcome(self, endpoint: str, status: str) -> None:
-        self.requests.labels(endpoint, status).inc()
+        self.request_counter(endpoint, status).inc()
+
+    def request_counter(self, route: str, status: str) -> Any:
+        """The requests counter's child for (route, status), looked up once: a label lookup
+        costs more than the increment, and every request makes one."""
+        child = self._requests.get((route, status))
+        if child is None:
+            child = self._requests[(route, status)] = self.requests.labels(route, status)
+        return child
 
     def on_bypass(self) -> None:
         self.bypasses.inc()

@@ -12,6 +12,7 @@ from promptcache.cache.entry import Answer
 from promptcache.cache.exact import ExactCache
 from promptcache.cache.redis.index_sync import IndexSync
 from promptcache.cache.redis.remote_flight import RemoteFlight
+from promptcache.cache.request import PreparedMemo
 from promptcache.cache.semantic.tier import SemanticCache
 from promptcache.cache.singleflight import SingleFlight
 from promptcache.server.config import Settings
@@ -28,6 +29,8 @@ class Sidecar:
     upstream: Upstream
     metrics: Metrics
     started: float = field(default_factory=time.time)
+    #: Requests prepared lately: a repeated request skips parsing and keying.
+    prepared: PreparedMemo = field(default_factory=PreparedMemo)
 
     @property
     def remote(self) -> RemoteFlight | None:

@@ -30,6 +30,14 @@ runs the same scripts, evicts nothing and keeps the stream within
 
 Eviction policy lives in the script rather than in a Python object with
 ``touch``/``evict_next``: only a script can make check-and-evict atomic across nodes.
+
+With a :class:`~promptcache.cache.redis.near.NearCache` (``near=``), :meth:`BudgetStore.get`
+serves hot entries from this process: a near miss reads the entry and its PTTL in one script
+(:data:`~.scripts.GET_TTL`, which also refreshes recency as a plain hit would) and fills the near
+cache; a near hit is queued, and :meth:`BudgetStore.flush_touches_forever` tells each
+shard's LRU about the queued hits every ``touch_interval`` in one ``ZADD XX``. This node's
+own writes and deletes drop their keys from its near cache at once; every node's tracking
+connection (:mod:`.near`) drops them within milliseconds.
 """
 
 from __future__ import annotations
@@ -47,6 +55,8 @@ from promptcache.cache.protocols import PutResult, Usage
 from promptcache.cache.redis import scripts
 from promptcache.cache.redis.client import as_text
 from promptcache.cache.redis.layout import KeyLayout
+from promptcache.cache.redis.near import NearCache
+from promptcache.cache.tasks import raise_if_cancelled
 
 #: Bookkeeping bytes counted per entry on top of payload, vector record and key names:
 #: Redis's main-dict and expiry-dict entries for two keys, an LRU and an expiry ZSET
@@ -73,7 +83,8 @@ STREAM_LEAST_BYTES: Final = scripts.STREAM_BASE_BYTES + 4096
 TOUCH_MEMO: Final = 8192
 #: Expired entries reaped per script call (the rest on the next call).
 REAP_BATCH: Final = 64
-
+#: Near hits queued for the LRU between two flushes, at most (more wait for the next hit).
+NEAR_TOUCH_QUEUE: Final = 8192
 
 def _bytes(value: Any) -> bytes | None:
     return value.encode() if isinstance(value, str) else value
@@ -103,7 +114,8 @@ class BudgetStore:
     def __init__(self, client: Any, layout: KeyLayout, *, max_bytes: int = 0, node: str = "",
                  clock: Callable[[], float] = time.time,
                  overhead: int = ENTRY_OVERHEAD_BYTES, stream_maxlen: int = STREAM_MAXLEN,
-                 stream_bytes: int | None = None, touch_interval: float = 0.1) -> None:
+                 stream_bytes: int | None = None, touch_interval: float = 0.1,
+                 near: NearCache | None = None) -> None:
         self.redis = client
         self.cluster = isinstance(client, RedisCluster)
         self.layout = layout
@@ -117,6 +129,9 @@ class BudgetStore:
         self._clock = clock
         self.touch_interval = touch_interval
         self._touched: dict[str, float] = {}  # digest -> when this node last touched it
+        self.near = near if near is not None and near.max_bytes > 0 else None
+        self._near_touches: dict[int, set[str]] = {}  # shard -> members hit in the near cache
+        self._get_ttl = client.register_script(scripts.GET_TTL)
         self._put = client.register_script(scripts.PUT)
         self._get_touch = client.register_script(scripts.GET_TOUCH)
         self._delete = client.register_script(scripts.DELETE)
@@ -135,13 +150,38 @@ class BudgetStore:
 
     # -- entries -------------------------------------------------------------------------
 
-    async def get(self, namespace: str, digest: str) -> bytes | None:
+    def held(self, namespace: str, digest: str) -> bytes | None:
+        """The entry's bytes if this process's near cache holds them (no I/O), else None."""
+        if self.near is None:
+            return None
+        value = self.near.get(self.layout.entry(namespace, digest))
+        if value is not None:
+            self._queue_touch(namespace, digest)
+        return value
+
+    async def get(self, namespace: str, digest: str, *, held_checked: bool = False
+                  ) -> bytes | None:
         """The entry's bytes; a hit refreshes its recency when there is a budget to keep.
+        ``held_checked``: the caller asked :meth:`held` already (a near miss).
 
         Recency has a resolution of ``touch_interval`` per node: a key this node touched
         less than that long ago is read with a plain GET (hot keys cost one GET a hit).
         """
         key = self.layout.entry(namespace, digest)
+        if self.near is not None:
+            if not held_checked:
+                value = self.held(namespace, digest)
+                if value is not None:
+                    return value
+            fill = self.near.begin(key)
+            if fill is not None:
+                try:
+                    value, pttl = await self._read_for_near(namespace, digest, key)
+                except BaseException:
+                    self.near.abandon(fill)
+                    raise
+                self.near.install(fill, value, pttl)
+                return value
         now = self._clock()
         if not self.max_bytes or now - self._touched.get(digest, -1e18) < self.touch_interval:
             value = await self.redis.get(key)
@@ -154,6 +194,53 @@ class BudgetStore:
                     self._touched.clear()
                 self._touched[digest] = now
         return _bytes(value)
+
+    async def _read_for_near(self, namespace: str, digest: str, key: str
+                             ) -> tuple[bytes | None, int]:
+        """The entry and its PTTL, refreshing recency as :meth:`get` does."""
+        now = self._clock()
+        touch = bool(self.max_bytes) and (
+            now - self._touched.get(digest, -1e18) >= self.touch_interval)
+        value, pttl = await self._get_ttl(
+            keys=[key, self.layout.shard_keys(self.layout.shard(digest)).lru],
+            args=[self.layout.member(namespace, digest) if touch else "", int(now * 1000)])
+        if touch and value is not None:
+            if len(self._touched) >= TOUCH_MEMO:
+                self._touched.clear()
+            self._touched[digest] = now
+        return _bytes(value), int(pttl)
+
+    def _queue_touch(self, namespace: str, digest: str) -> None:
+        """Note a near hit for the next :meth:`flush_touches` (with a budget to keep)."""
+        if not self.max_bytes:
+            return
+        members = self._near_touches.setdefault(self.layout.shard(digest), set())
+        if len(members) < NEAR_TOUCH_QUEUE:
+            members.add(self.layout.member(namespace, digest))
+
+    async def flush_touches(self) -> None:
+        """Refresh the recency of the entries hit in the near cache since the last flush:
+        one ``ZADD XX`` per shard; failures are ignored (recency is a hint)."""
+        batch, self._near_touches = self._near_touches, {}
+        score = self._score()
+        for shard, members in batch.items():
+            with contextlib.suppress(RedisError, OSError, TimeoutError):
+                await self.redis.zadd(self.layout.shard_keys(shard).lru,
+                                      dict.fromkeys(members, score), xx=True)
+            raise_if_cancelled()
+
+    async def flush_touches_forever(self) -> None:
+        """:meth:`flush_touches` every ``touch_interval`` (a background task)."""
+        while True:
+            await asyncio.sleep(self.touch_interval)
+            if self._near_touches:
+                await self.flush_touches()
+
+    def _forget_near(self, shard: int, members: Iterable[str]) -> None:
+        """Drop entries this node changed from its own near cache now (the tracking
+        connection would too, a moment later)."""
+        if self.near is not None:
+            self.near.invalidate(self.layout.entry_of(shard, m) for m in members)
 
     async def touch(self, namespace: str, digest: str) -> None:
         """Refresh recency (a semantic hit served this entry)."""
@@ -170,7 +257,9 @@ class BudgetStore:
             args=[*self._common(shard), self.layout.member(namespace, digest), entry,
                   vector or b"", ttl_ms or 0, self.shard_budget, self.overhead, self._score(),
                   REAP_BATCH])
-        return PutResult(bool(int(out[0])), int(out[1]), [as_text(m) for m in out[2:]])
+        evicted = [as_text(m) for m in out[2:]]
+        self._forget_near(shard, [self.layout.member(namespace, digest), *evicted])
+        return PutResult(bool(int(out[0])), int(out[1]), evicted)
 
     async def attach_vector(self, namespace: str, digest: str, vector: bytes) -> PutResult:
         """Give an entry stored without a vector record its record (with the entry's
@@ -181,7 +270,9 @@ class BudgetStore:
             keys=list(self.layout.shard_keys(shard)),
             args=[*self._common(shard), self.layout.member(namespace, digest), vector,
                   self.shard_budget, self.overhead, REAP_BATCH])
-        return PutResult(bool(int(out[0])), int(out[1]), [as_text(m) for m in out[2:]])
+        evicted = [as_text(m) for m in out[2:]]
+        self._forget_near(shard, evicted)
+        return PutResult(bool(int(out[0])), int(out[1]), evicted)
 
     async def get_many(self, keys: list[str]) -> list[bytes | None]:
         """Values of raw keys (split by slot on a cluster)."""
@@ -232,6 +323,7 @@ class BudgetStore:
                 existed += int(await self._delete(keys=list(self.layout.shard_keys(shard)),
                                                   args=[*self._common(shard),
                                                         *ms[i:i + batch]]))
+                self._forget_near(shard, ms[i:i + batch])
         return existed
 
     async def delete_matching(self, namespace: str | None, tenant_tag: str | None = None

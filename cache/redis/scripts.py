@@ -336,3 +336,14 @@ local stream = measure_stream()
 redis.call('HSET', K_META, 'bytes', total + stream, 'entries', n, 'stream', stream)
 return {before, total + stream, before_n, n}
 """
+
+
+#: A near cache fill: the entry and its PTTL (-1: no expiry, -2: gone) as one reply, and
+#: the LRU refreshed as :data:`GET_TOUCH` does when ARGV[1] names the member
+#: (KEYS: entry, the shard's lru; ARGV: member or "", score).
+GET_TTL: Final = """
+local v = redis.call('GET', KEYS[1])
+if not v then return {false, -2} end
+if ARGV[1] ~= '' then redis.call('ZADD', KEYS[2], 'XX', ARGV[2], ARGV[1]) end
+return {v, redis.call('PTTL', KEYS[1])}
+"""

@@ -127,13 +127,20 @@ def test_plan_scales_with_entries_and_nodes_and_counts_every_tier() -> None:
     assert exact_only.vector_record_bytes == 0 and exact_only.index_bytes_per_node == 0
     assert exact_only.model_bytes_per_node == exact_only.model_runtime_bytes_per_node == 0
     assert exact_only.memo_bytes_per_node == 0
-    assert exact_only.node_bytes == plan.PROCESS_BYTES
+    # the process, and the exact-hit path's near cache (a sixteenth of a small budget)
+    # and request memo
+    assert exact_only.hot_path_bytes_per_node == (exact_only.max_bytes // 16
+                                                  + plan.REQUEST_MEMO_BYTES)
+    assert exact_only.node_bytes == plan.PROCESS_BYTES + exact_only.hot_path_bytes_per_node
+    no_near = plan.plan(plan.Workload(1000, 500, 2000, semantic=False, near_cache_bytes=0))
+    assert no_near.node_bytes == plan.PROCESS_BYTES + plan.REQUEST_MEMO_BYTES
     # a node with the tier: the process, the model and its runtime, the memo, the index
     # and the first stage, each as the planner states it
     assert small.node_bytes == (plan.PROCESS_BYTES + small.model_bytes_per_node
                                 + small.model_runtime_bytes_per_node
                                 + small.memo_bytes_per_node + small.index_bytes_per_node
-                                + small.first_stage_bytes_per_node)
+                                + small.first_stage_bytes_per_node
+                                + small.hot_path_bytes_per_node)
     smaller_memo = plan.plan(plan.Workload(1000, 500, 2000, first_stage=False,
                                            memo_bytes=1 << 20))
     assert small.node_bytes - smaller_memo.node_bytes == plan.MEMO_BYTES - (1 << 20)

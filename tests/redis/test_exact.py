@@ -41,7 +41,11 @@ class FaultyStore:
         if self.fail is not None:
             raise self.fail
 
-    async def get(self, namespace: str, digest: str) -> bytes | None:
+    def held(self, namespace: str, digest: str) -> bytes | None:
+        return None  # no near cache: every read is a backend call
+
+    async def get(self, namespace: str, digest: str, *, held_checked: bool = False
+                  ) -> bytes | None:
         await self._op()
         return await self.inner.get(namespace, digest)
 

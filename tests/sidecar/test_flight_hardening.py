@@ -186,8 +186,10 @@ class SlowReply:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._store, name)
 
-    async def get(self, namespace: str, digest: str) -> bytes | None:
-        value: bytes | None = await self._store.get(namespace, digest)
+    async def get(self, namespace: str, digest: str, *, held_checked: bool = False
+                  ) -> bytes | None:
+        value: bytes | None = await self._store.get(namespace, digest,
+                                                    held_checked=held_checked)
         if self.armed:
             self.armed = False
             self.read.set()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import zlib
 from typing import Any
 
 import aiohttp
@@ -460,3 +461,31 @@ async def test_unreachable_upstream_is_a_502_in_api_shape_that_names_no_host(
     message = json.loads(raw)["error"]["message"]
     assert status == 502 and message == "the upstream could not be reached"
     assert "127.0.0.1" not in raw.decode() and str(port) not in raw.decode()
+
+
+async def test_a_hit_on_a_deflated_entry_is_sent_as_stored_to_a_caller_that_takes_deflate(
+    fake: FakeUpstream, sidecar: RunningSidecar,
+) -> None:
+    """A long answer is stored deflated; a caller whose Accept-Encoding takes deflate gets
+    those bytes with ``Content-Encoding: deflate``, any other caller (and a streaming one)
+    gets the answer as the upstream sent it."""
+    fake.answer_words = 400  # about 2.5 KB: stored deflated
+    body = chat("Tell me a long story.")
+    async with aiohttp.ClientSession(auto_decompress=False) as raw:
+        status, h, sent = await post(raw, sidecar, body, headers={"Accept-Encoding": "identity"})
+        assert status == 200 and h["X-Cache"] == "MISS" and "Content-Encoding" not in h
+        status, h, deflated = await post(raw, sidecar, body,
+                                         headers={"Accept-Encoding": "gzip, deflate"})
+        assert h["X-Cache"] == "HIT" and h["Content-Encoding"] == "deflate"
+        assert len(deflated) < len(sent) and zlib.decompress(deflated) == sent
+        for refuses in ("identity", "gzip", "deflate;q=0", "br, *;q=0"):
+            _, h, plain = await post(raw, sidecar, body, headers={"Accept-Encoding": refuses})
+            assert h["X-Cache"] == "HIT" and "Content-Encoding" not in h and plain == sent
+    async with aiohttp.ClientSession() as http:  # decodes deflate, as SDKs do
+        _, h, decoded = await post(http, sidecar, body)
+        assert h["X-Cache"] == "HIT" and decoded == sent
+        headers, events, _ = await stream(http, sidecar, body,
+                                          headers={"Accept-Encoding": "deflate"})
+        assert headers["X-Cache"] == "HIT" and "Content-Encoding" not in headers
+        text = json.loads(sent)["choices"][0]["message"]["content"]
+        assert assembled("chat", events)["choices"][0]["message"]["content"] == text
