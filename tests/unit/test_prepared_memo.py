@@ -19,6 +19,7 @@ from promptcache.cache.request import (
     MEMO_ENTRY_BYTES,
     MEMO_MAX_BODY,
     PreparedMemo,
+    accepts_deflate,
     prepare_http,
 )
 
@@ -109,3 +110,14 @@ def test_the_memo_stays_within_its_bytes_least_recently_used_out_first(
     roomy = PreparedMemo()
     prepare_http(engine, CHAT, big, headers(), memo=roomy)
     assert len(roomy) == 0  # a long body is prepared, not kept
+
+
+@pytest.mark.parametrize(("value", "takes"), [
+    (None, False), ("", False), ("gzip, deflate", True), ("DEFLATE", True), ("*", True),
+    ("deflate;q=0", False), ("deflate; q=0.5", True), ("deflate;q=nonsense", False),
+    ("gzip;q=1, *;q=0", False), ("br,,,;;q=,deflate", True), ("identity", False),
+    ("x" * 8000 + ",deflate", True), (";;;;", False),
+])
+def test_accept_encoding_of_any_shape_is_read_without_error(value: str | None,
+                                                             takes: bool) -> None:
+    assert accepts_deflate(value) is takes
