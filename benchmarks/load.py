@@ -12,8 +12,11 @@ time, so an overloaded sidecar cannot hide it).
 
 Reported: throughput, p50/p95/p99 per X-Cache status and per request kind, upstream calls
 (counted by the fake upstream; with --target, estimated as the MISS and BYPASS answers)
-and the calls the cache saved, errors. With ``--baseline`` (own sidecar only) the same
-workload also goes straight to the fake upstream, the no-cache figure of the same run.
+and the calls the cache saved, errors, and the tokens and cost the hits saved (the
+sidecar's ``/stats`` ``savings`` at the end; its own sidecar prices them with ``--prices``,
+by default the example table docs/prices.example.toml). With ``--baseline`` (own sidecar
+only) the same workload also goes straight to the fake upstream, the no-cache figure of the
+same run.
 Writes ``load.json`` (with every latency, by X-Cache status, so the plot can be redrawn) and
 ``load.png`` (latency histogram by cache status) to ``--out``.
 
@@ -46,6 +49,8 @@ from promptcache.cache.redis.embedded import EmbeddedRedis
 
 CHAT = "/v1/chat/completions"
 HEADERS = {"Authorization": "Bearer sk-bench"}
+#: The documented example price table, which the bench's own sidecar is given.
+EXAMPLE_PRICES = Path(__file__).resolve().parents[1] / "docs" / "prices.example.toml"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -79,6 +84,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                      help="filler words in each fake answer (default 150)")
     own.add_argument("--semantic", type=_bool, default=True, metavar="BOOL",
                      help="the sidecar's semantic tier (default true; loads the model)")
+    own.add_argument("--prices", metavar="FILE",
+                     default=str(EXAMPLE_PRICES) if EXAMPLE_PRICES.exists() else "",
+                     help="the sidecar's price table (default: the example, "
+                     "docs/prices.example.toml; '' for none)")
     own.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
                      help="also replay the workload straight at the fake upstream (default on)")
     p.add_argument("--out", default="bench-results", metavar="DIR",
@@ -180,6 +189,7 @@ def own_sidecar(args: argparse.Namespace) -> Iterator[tuple[str, str]]:
                 python_process(["-m", "promptcache", "serve", "--upstream", upstream,
                                 "--redis-url", store.url, "--port", str(sc_port),
                                 "--semantic", str(args.semantic).lower(),
+                                *(["--prices", args.prices] if args.prices else []),
                                 "--log-level", "warning"], sidecar + "/healthz"):
             yield sidecar, upstream
 
@@ -227,6 +237,7 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, list[float]
             if args.baseline:
                 base, base_s = asyncio.run(_run_phase(upstream, bodies, args, "baseline"))
                 result["baseline"] = summarise(workload, base, base_s)
+    result["savings"] = savings(result.get("sidecar_stats"))
     calls = result["upstream"]["calls"]
     result["upstream"] |= {"saved": args.requests - calls,
                            "saved_share": round((args.requests - calls) / args.requests, 4)}
@@ -244,6 +255,28 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, list[float]
     return result, latencies
 
 
+def savings(stats: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The totals of the sidecar's ``/stats`` ``savings`` (None if it has none)."""
+    found = (stats or {}).get("savings")
+    if not isinstance(found, dict):
+        return None
+    keys = ("hits_counted", "tokens_saved", "cost_saved", "currency", "spent",
+            "net_cost_saved", "unpriced_models")
+    return {k: found.get(k) for k in keys}
+
+
+def _savings_line(s: dict[str, Any] | None) -> list[str]:
+    if s is None:
+        return []
+    tokens, spent = s["tokens_saved"], s["spent"]
+    return [f"hits counted {s['hits_counted']}: tokens saved {tokens['input']} in, "
+            f"{tokens['output']} out; cost saved {s['cost_saved']:.6f} {s['currency']} "
+            f"(spent by fallbacks: {spent['calls']} calls, {spent['cost']:.6f}; net "
+            f"{s['net_cost_saved']:.6f})"
+            + (f"; unpriced: {', '.join(s['unpriced_models'])}" if s["unpriced_models"]
+               else "")]
+
+
 def report(r: dict[str, Any]) -> str:
     s = r["sidecar"]
     loop = (f"closed loop, concurrency {r['concurrency']}" if r["mode"] == "closed"
@@ -252,7 +285,8 @@ def report(r: dict[str, Any]) -> str:
              f"p50 {s['p50_ms']} ms, p95 {s['p95_ms']} ms, p99 {s['p99_ms']} ms, "
              f"errors {s['errors']}",
              f"upstream calls {r['upstream']['calls']} ({r['upstream']['counted_by']}), "
-             f"saved {r['upstream']['saved']} ({r['upstream']['saved_share']:.1%})", "",
+             f"saved {r['upstream']['saved']} ({r['upstream']['saved_share']:.1%})",
+             *_savings_line(r.get("savings")), "",
              "| X-Cache | requests | p50 ms | p95 ms | p99 ms |", "|---|---|---|---|---|"]
     for tag, g in s["by_status"].items():
         lines.append(f"| {tag} | {g['requests']} | {g['p50_ms']} | {g['p95_ms']} | "

@@ -25,7 +25,9 @@ X-Cache-Similarity, X-Cache-Coalesced), a cached answer as the caller gets it
 for what is stored (:func:`cacheable`) and shared (:func:`shareable`).
 
 Timings and outcomes go to a :class:`FlowMetrics` (the sidecar's Prometheus metrics; a
-no-op for the in-process cache unless it is given one).
+no-op for the in-process cache unless it is given one); what hits saved, and the upstream
+calls of followers that fell back, to a :class:`~promptcache.cache.savings.Savings`, if
+given one.
 """
 
 from __future__ import annotations
@@ -38,11 +40,13 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
+from promptcache.cache import tracing
 from promptcache.cache.engine import Engine
 from promptcache.cache.entry import Answer, Entry
 from promptcache.cache.errors import CacheUnavailable
 from promptcache.cache.redis.remote_flight import RemoteFlight
 from promptcache.cache.request import Prepared
+from promptcache.cache.savings import Savings
 from promptcache.cache.semantic.tier import SemanticHit
 from promptcache.cache.singleflight import Flight
 from promptcache.cache.sse import replay
@@ -122,7 +126,8 @@ async def lookup(engine: Engine, req: Prepared, metrics: FlowMetrics | None = No
     metrics = metrics or NoMetrics()
     started = time.perf_counter()
     try:
-        found = await _exact(engine, req)
+        found = await (tracing.traced("promptcache.lookup", _exact(engine, req))
+                       if tracing.active() else _exact(engine, req))
     except CacheUnavailable:
         return None, False
     finally:
@@ -132,7 +137,8 @@ async def lookup(engine: Engine, req: Prepared, metrics: FlowMetrics | None = No
     if not (req.semantic_lookup and req.view is not None):
         return None, True
     try:
-        hit = await _semantic_lookup(engine, req, metrics)
+        hit = await (tracing.traced_search(_semantic_lookup(engine, req, metrics))
+                     if tracing.active() else _semantic_lookup(engine, req, metrics))
     except CacheUnavailable:
         return None, False
     if hit is None or not req.control.accepts_age(age := engine.cache.age(hit.entry)):
@@ -199,8 +205,9 @@ class Exchange(Protocol[R_co]):
 
 
 async def handle(engine: Engine, req: Prepared, exchange: Exchange[R],
-                 metrics: FlowMetrics | None = None) -> R:
-    """Answer one prepared request from the cache or the upstream (see the module doc)."""
+                 metrics: FlowMetrics | None = None, savings: Savings | None = None) -> R:
+    """Answer one prepared request from the cache or the upstream (see the module doc);
+    hits, and followers' fallbacks upstream, are counted in ``savings``."""
     metrics = metrics or NoMetrics()
     cc = req.control
     if cc.bypass:
@@ -209,6 +216,8 @@ async def handle(engine: Engine, req: Prepared, exchange: Exchange[R],
     found, cache_ok = (None, True) if cc.no_cache else await lookup(engine, req, metrics)
     if found is not None:
         metrics.on_outcome(req.endpoint, found.status)
+        if savings is not None:
+            savings.hit(req, found.answer, found.key)
         return await exchange.serve(found.answer, Outcome(found.status, found.age, found.key,
                                                           found.similarity))
     status = "MISS" if cache_ok else "BYPASS"
@@ -220,13 +229,14 @@ async def handle(engine: Engine, req: Prepared, exchange: Exchange[R],
         return await _forward(engine, req, exchange, Outcome(status), metrics, store_it=store_it)
     flight, leader = engine.flights.join(req.key.digest)
     if leader:
-        return await _lead(engine, req, exchange, flight, status, store_it, metrics)
+        return await _lead(engine, req, exchange, flight, status, store_it, metrics, savings)
     metrics.on_outcome(req.endpoint, status)
     shared = await _follow(flight, engine.options.flight_timeout)
     if shared is not None:
         metrics.on_coalesced()
         return await exchange.serve(shared, Outcome(status, coalesced=True))
-    return await _forward(engine, req, exchange, Outcome(status), metrics, store_it=store_it)
+    return await _forward(engine, req, exchange, Outcome(status), metrics, store_it=store_it,
+                          spent=savings)
 
 
 async def _follow(flight: Flight[Answer], deadline: float) -> Answer | None:
@@ -239,7 +249,8 @@ async def _follow(flight: Flight[Answer], deadline: float) -> Answer | None:
 
 
 async def _lead(engine: Engine, req: Prepared, exchange: Exchange[R], flight: Flight[Answer],
-                status: str, store_it: bool, metrics: FlowMetrics) -> R:
+                status: str, store_it: bool, metrics: FlowMetrics,
+                savings: Savings | None = None) -> R:
     """Answer as the leader of ``flight``: from the entry, if an identical request stored
     it since this one's lookup; else from upstream. The flight lands as soon as the answer
     is known, and at the latest when this returns."""
@@ -248,11 +259,13 @@ async def _lead(engine: Engine, req: Prepared, exchange: Exchange[R], flight: Fl
         if found is not None:
             engine.flights.land(req.key.digest, flight, found.answer)
             metrics.on_outcome(req.endpoint, found.status)
+            if savings is not None:
+                savings.hit(req, found.answer)
             return await exchange.serve(found.answer, Outcome(found.status, found.age))
         metrics.on_outcome(req.endpoint, status)
         if engine.remote is not None and store_it:
             return await _lead_across_nodes(engine, req, exchange, engine.remote, flight,
-                                            status, metrics)
+                                            status, metrics, savings)
         return await _forward(engine, req, exchange, Outcome(status), metrics,
                               store_it=store_it, flight=flight)
     finally:
@@ -270,11 +283,14 @@ async def _recheck(engine: Engine, req: Prepared) -> Found | None:
 
 async def _forward(engine: Engine, req: Prepared, exchange: Exchange[R], outcome: Outcome,
                    metrics: FlowMetrics, *, store_it: bool = False,
-                   flight: Flight[Answer] | None = None) -> R:
+                   flight: Flight[Answer] | None = None, spent: Savings | None = None) -> R:
     """Forward upstream; the answer, once read, is stored if ``store_it`` and lands
-    ``flight`` (shared only if :func:`shareable`)."""
+    ``flight`` (shared only if :func:`shareable`). ``spent``: the call is a follower's
+    fallback, counted there against the savings."""
     result, answer = await exchange.forward(outcome, _taker(engine, req, metrics, store_it,
                                                             flight))
+    if spent is not None:
+        spent.spent(req, answer)
     if flight is not None:  # for an exchange that returned an answer it did not hand over
         engine.flights.land(req.key.digest, flight, _shared(engine, answer))
     return result
@@ -297,7 +313,7 @@ def _taker(engine: Engine, req: Prepared, metrics: FlowMetrics, store_it: bool,
 
 async def _lead_across_nodes(engine: Engine, req: Prepared, exchange: Exchange[R],
                              remote: RemoteFlight, flight: Flight[Answer], status: str,
-                             metrics: FlowMetrics) -> R:
+                             metrics: FlowMetrics, savings: Savings | None = None) -> R:
     """This node's leader of a miss: call upstream if it gets the Redis lease (or Redis
     fails); otherwise wait for the node holding it to store the answer, and serve that
     (to local followers too)."""
@@ -310,9 +326,9 @@ async def _lead_across_nodes(engine: Engine, req: Prepared, exchange: Exchange[R
             answer = Answer(entry.status, entry.body, entry.content_type)
             engine.flights.land(digest, flight, answer)
             return await exchange.serve(answer, Outcome(status, coalesced=True))
-    try:
+    try:  # without the lease: a follower across nodes, falling back
         return await _forward(engine, req, exchange, Outcome(status), metrics, store_it=True,
-                              flight=flight)
+                              flight=flight, spent=savings if lease is None else None)
     finally:
         if lease is not None:
             await lease.release()
@@ -328,7 +344,8 @@ def cacheable(status: int, body: bytes, max_bytes: int) -> str | None:
         doc = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError):
         return "not_json"
-    if not isinstance(doc, dict) or "error" in doc or doc.get("type") == "error":
+    # A Responses API object carries "error": null when all went well.
+    if not isinstance(doc, dict) or doc.get("error") is not None or doc.get("type") == "error":
         return "error_body"
     return None
 
@@ -355,7 +372,8 @@ async def store(engine: Engine, req: Prepared, answer: Answer,
         return False
     entry = engine.cache.entry_for(answer.status, answer.body, answer.content_type, req.api)
     try:
-        written = await _put(engine, req, entry)
+        written = await (tracing.traced("promptcache.store", _put(engine, req, entry))
+                         if tracing.active() else _put(engine, req, entry))
     except CacheUnavailable as exc:
         metrics.on_not_stored("cache_unavailable")
         log.warning("could not store %s: %s", req.key.digest, exc)

@@ -3,9 +3,11 @@
 An exact entry is keyed by a hash of the canonical JSON of everything that changes the
 answer: the endpoint and the whole request body (model, messages, system prompt, every
 generation parameter, tools...) except the transport-only fields ``stream`` and
-``stream_options``. Canonical JSON sorts keys, drops insignificant whitespace and writes
-integral floats as integers (``1.0`` and ``1`` are the same temperature), so the key never
-depends on how a client serialised its body. String contents are kept byte for byte.
+``stream_options``, and the fields the operator chose to leave out (``--key-ignore``, never
+one of :data:`UNIGNORABLE_FIELDS`). Canonical JSON sorts keys, drops insignificant
+whitespace and writes integral floats as integers (``1.0`` and ``1`` are the same
+temperature), so the key never depends on how a client serialised its body. String
+contents are kept byte for byte.
 
 Keys are scoped: the tenant (a hash of the caller's credential, unless sharing across
 credentials is switched on), the namespace (``X-Cache-Namespace``) and the *variant* (the
@@ -22,13 +24,17 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from typing import Any, Final
 
-from promptcache.cache.errors import RequestError
+from promptcache.cache.errors import ConfigError, RequestError
 
 #: Fields that change how an answer is delivered, not what it is.
 TRANSPORT_FIELDS: Final = frozenset({"stream", "stream_options"})
+#: Fields ``--key-ignore`` may never leave out of the key: they are what is asked.
+UNIGNORABLE_FIELDS: Final = frozenset({"messages", "model", "input", "prompt", "system",
+                                       "instructions", "tools"})
 
 SHARED_TENANT: Final = "shared"
 #: The tenant of requests that carry no credential, where the operator allows caching them.
@@ -108,8 +114,22 @@ def canonical_json(value: Any, *, normalised: bool = False) -> bytes:
     ).encode()
 
 
-def keyed_fields(body: dict[str, Any]) -> dict[str, Any]:
-    """The part of a request body that determines the answer."""
+def check_key_ignore(names: Iterable[str]) -> tuple[str, ...]:
+    """``--key-ignore``'s fields, or ConfigError if one of them is what is asked (the
+    :data:`UNIGNORABLE_FIELDS`): ignoring it would serve answers to other questions."""
+    names = tuple(names)
+    refused = sorted(set(names) & UNIGNORABLE_FIELDS)
+    if refused:
+        raise ConfigError(f"--key-ignore may not leave {', '.join(refused)} out of the key: "
+                          "it changes the answer")
+    return names
+
+
+def keyed_fields(body: dict[str, Any], ignore: Collection[str] = ()) -> dict[str, Any]:
+    """The part of a request body that determines the answer; ``ignore`` is the fields
+    the operator left out of the key (``--key-ignore``)."""
+    if ignore:
+        return {k: v for k, v in body.items() if k not in TRANSPORT_FIELDS and k not in ignore}
     return {k: v for k, v in body.items() if k not in TRANSPORT_FIELDS}
 
 
@@ -121,12 +141,14 @@ def request_key(
     namespace: str = DEFAULT_NAMESPACE,
     variant: str = "",
     normalised: bool = False,
+    ignore: Collection[str] = (),
 ) -> CacheKey:
     """The key of ``body`` sent to ``endpoint`` in a scope; ``variant`` is what else changes
-    the answer (:func:`promptcache.cache.request.variant_of`: query string, version headers)."""
+    the answer (:func:`promptcache.cache.request.variant_of`: query string, version headers);
+    ``ignore``, top-level fields left out (``--key-ignore``)."""
     h = hashlib.sha256(_KEY_VERSION)
     for part in (tenant.encode(), namespace.encode(), endpoint.encode(), variant.encode()):
         h.update(b"\0" + part)
-    h.update(b"\0" + canonical_json(keyed_fields(body), normalised=normalised))
+    h.update(b"\0" + canonical_json(keyed_fields(body, ignore), normalised=normalised))
     digest = h.hexdigest()[:32 - TENANT_TAG_LEN] + tenant_tag(tenant)
     return CacheKey(tenant, namespace, endpoint, digest)

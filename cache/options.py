@@ -67,3 +67,4 @@ class EngineOptions:
     near_cache_bytes: int | None = None  # None: min(64 MiB, max_bytes / 16)
     vector_backlog: int = 4096
     key_prefix: str = "pc:"
+    key_ignore: tuple[str, ...] = ()

@@ -170,8 +170,8 @@ def prepare(engine: Engine, api: Api, endpoint: str, body_bytes: bytes, *,
     prepared before (same body bytes, caller and controls) is answered from it.
 
     A request without a credential is not cached (it passes through as BYPASS) unless the
-    options allow an anonymous tenant. ``max-age`` may only shorten the configured TTL
-    (:func:`retention`).
+    options allow an anonymous tenant; nor is a :func:`stateful` one. ``max-age`` may only
+    shorten the configured TTL (:func:`retention`).
     """
     tenant = ANONYMOUS_TENANT if credential is None else engine.tenant(credential)
     memo_key: tuple[Any, ...] = ()
@@ -200,11 +200,11 @@ def _prepare(engine: Engine, api: Api, endpoint: str, body_bytes: bytes, *, tena
     namespace = check_namespace(namespace)
     options = engine.options
     control = CacheControl.parse(cache_control)
-    if anonymous and not options.anonymous_tenant:
+    if anonymous and not options.anonymous_tenant or stateful(api, body):
         control = CacheControl(no_cache=True, no_store=True)
     control = retention(control, options.default_ttl, options.max_ttl)
     key = request_key(endpoint, body, tenant=tenant, namespace=namespace, variant=variant,
-                      normalised=True)
+                      normalised=True, ignore=options.key_ignore)
     streaming = api in STREAMABLE and body.get("stream") is True
     prepared = Prepared(api, endpoint, body, key, control, streaming)
     if engine.semantic is not None and not control.bypass:
@@ -217,8 +217,18 @@ def _prepare(engine: Engine, api: Api, endpoint: str, body_bytes: bytes, *, tena
         if temperature(body) <= policy.max_temperature:
             prepared.view = semantic_view(api, endpoint, body, tenant=tenant,
                                           namespace=namespace, variant=variant,
-                                          normalised=True)
+                                          normalised=True, ignore=options.key_ignore)
     return prepared
+
+
+def stateful(api: Api, body: dict[str, Any]) -> bool:
+    """Whether the answer depends on state the upstream keeps and the cache cannot see: a
+    Responses API call that continues a stored response (``previous_response_id``) or a
+    conversation (``conversation``), or runs in the background (its answer is fetched later
+    by id). Such requests pass through uncached, as BYPASS."""
+    return api == "responses" and (body.get("previous_response_id") is not None
+                                   or body.get("conversation") is not None
+                                   or body.get("background") is True)
 
 
 def retention(control: CacheControl, default_ttl: float, max_ttl: float) -> CacheControl:

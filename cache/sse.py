@@ -3,11 +3,13 @@
 A ``stream: true`` miss is forwarded byte for byte while :class:`SSEParser` and an assembler
 from :func:`assembler_for` rebuild the body the same request would have got with
 ``stream: false``; that body is what gets stored. A later streaming hit calls :func:`replay`,
-which turns a stored body back into a real event stream. Three APIs stream:
+which turns a stored body back into a real event stream. Four APIs stream:
 
 - ``"chat"``: OpenAI ``/v1/chat/completions`` (``chat.completion.chunk``, ``data: [DONE]``);
 - ``"completions"``: OpenAI legacy ``/v1/completions`` (``text_completion``, ``data: [DONE]``);
-- ``"messages"``: Anthropic ``/v1/messages`` (``event:``-named events, ends at ``message_stop``).
+- ``"messages"``: Anthropic ``/v1/messages`` (``event:``-named events, ends at ``message_stop``);
+- ``"responses"``: OpenAI ``/v1/responses`` (typed events, ends at ``response.completed``;
+  :mod:`promptcache.cache.responses_stream` holds its structure).
 
 Round trip: ``assemble(replay(R, include_usage=True)) == R`` for any body R in the shape the
 APIs return. Normalisations a stream forces on an assembled body:
@@ -37,6 +39,7 @@ from typing import Any, NamedTuple, Protocol
 
 from promptcache.cache.api import Api
 from promptcache.cache.entry import Answer
+from promptcache.cache.responses_stream import ResponsesAssembly, response_events, streamed_chars
 
 _LINE_END = re.compile(r"\r\n|\r|\n")
 # Delta keys that name or tag a thing rather than stream text: replaced, never concatenated.
@@ -141,6 +144,8 @@ def assembler_for(api: Api) -> StreamAssembler:
         return _OpenAIAssembler("text_completion")
     if api == "messages":
         return _AnthropicAssembler()
+    if api == "responses":
+        return _ResponsesAssembler()
     raise ValueError(f"unknown streaming api {api!r}")
 
 
@@ -346,6 +351,22 @@ class _AnthropicAssembler(_Assembler):
         return {**(self._message or {}), "content": content}
 
 
+class _ResponsesAssembler(_Assembler):
+    """Responses API events: the terminal event's response object is the result."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._assembly = ResponsesAssembly()
+
+    def _add(self, event: SSEEvent) -> None:
+        if self._assembly.add(_parse(event.data)):
+            self.complete = True
+
+    def _result(self) -> dict[str, Any]:
+        assert self._assembly.response is not None
+        return self._assembly.response
+
+
 #: A replay cuts its text into about this many pieces at most, whatever the answer's size:
 #: past ``chunk_chars * REPLAY_PIECES`` streamed chars the pieces grow with the text, so the
 #: frame count stays bounded and each frame's JSON envelope is small next to its text.
@@ -369,14 +390,18 @@ def replay(
     then, if ``include_usage``, a ``choices: []`` usage chunk (earlier chunks carry
     ``usage: null``); then ``data: [DONE]``. Messages: ``message_start`` (empty content,
     ``output_tokens`` <= 1), per block start / deltas / stop, ``message_delta`` (stop reason,
-    final ``output_tokens``), ``message_stop``. Arguments are checked eagerly; frames are made
-    lazily, one per ``next``, so a writer can yield to its event loop between them."""
+    final ``output_tokens``), ``message_stop``. Responses: the typed events of
+    :func:`~promptcache.cache.responses_stream.response_events`. Arguments are checked
+    eagerly; frames are made lazily, one per ``next``, so a writer can yield to its event
+    loop between them."""
     if chunk_chars < 1:
         raise ValueError(f"chunk_chars must be >= 1, not {chunk_chars}")
     if api == "messages":
         return _replay_messages(response, chunk_chars)
     if api in ("chat", "completions"):
         return _replay_openai(api, response, include_usage, chunk_chars)
+    if api == "responses":
+        return _replay_responses(response, chunk_chars)
     raise ValueError(f"unknown streaming api {api!r}")
 
 
@@ -500,6 +525,12 @@ def _replay_messages(response: dict[str, Any], chunk_chars: int) -> Iterator[byt
     tail: dict[str, Any] = {"type": "message_delta", "delta": stop}
     yield _frame({**tail, "usage": final_usage} if final_usage else tail, "message_delta")
     yield _frame({"type": "message_stop"}, "message_stop")
+
+
+def _replay_responses(response: dict[str, Any], chunk_chars: int) -> Iterator[bytes]:
+    size = _piece_size(streamed_chars(response), chunk_chars)
+    for kind, data in response_events(response, lambda text: _pieces(text, size)):
+        yield _frame(data, kind)
 
 
 class _BlockParts(NamedTuple):

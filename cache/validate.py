@@ -30,7 +30,7 @@ def validate_body(api: Api, body: Any) -> dict[str, Any]:
     """Return ``body`` if it is a well-typed request of ``api``; raise RequestError if not."""
     _check(isinstance(body, dict), "the request body must be a JSON object", "body")
     assert isinstance(body, dict)
-    if "model" in body or api != "embeddings":
+    if "model" in body or api not in ("embeddings", "responses"):
         _check(isinstance(body.get("model"), str), "'model' must be a string", "model")
     for f in _NUMBER_FIELDS:
         if body.get(f) is not None:
@@ -57,6 +57,8 @@ def validate_body(api: Api, body: Any) -> dict[str, Any]:
     elif api == "embeddings":
         i = body.get("input")
         _check(isinstance(i, str | list), "'input' must be a string or an array", "input")
+    elif api == "responses":
+        _check_responses(body)
     if body.get("stop") is not None:
         s = body["stop"]
         ok = isinstance(s, str) or (isinstance(s, list) and all(isinstance(x, str) for x in s))
@@ -69,6 +71,43 @@ def validate_body(api: Api, body: Any) -> dict[str, Any]:
         if body.get(f) is not None:
             _check(isinstance(body[f], list), f"'{f}' must be an array", f)
     return body
+
+
+#: Responses API fields and the JSON types they take (null is always allowed).
+_RESPONSES_FIELDS: dict[str, tuple[type, ...]] = {
+    "instructions": (str,), "previous_response_id": (str,), "conversation": (str, dict),
+    "text": (dict,), "reasoning": (dict,), "tool_choice": (str, dict), "include": (list,),
+    "metadata": (dict,), "prompt": (dict,), "background": (bool,), "store": (bool,),
+    "parallel_tool_calls": (bool,), "max_output_tokens": (int,), "max_tool_calls": (int,),
+    "truncation": (str,),
+}
+_TYPE_NAMES = {str: "a string", list: "an array", dict: "an object", bool: "a boolean",
+               int: "an integer"}
+
+
+def _check_responses(body: dict[str, Any]) -> None:
+    """``POST /v1/responses``: ``model`` (unless a stored ``prompt`` names it), ``input``
+    as a string or an array of items (objects), and the types of the fields the key
+    and the pass-through rules read."""
+    if body.get("prompt") is None or "model" in body:
+        _check(isinstance(body.get("model"), str), "'model' must be a string", "model")
+    for f, types in _RESPONSES_FIELDS.items():
+        v = body.get(f)
+        if v is not None:
+            ok = isinstance(v, types) and not (isinstance(v, bool) and bool not in types)
+            _check(ok, f"'{f}' must be {' or '.join(_TYPE_NAMES[t] for t in types)}", f)
+    items = body.get("input")
+    if items is None:
+        return
+    _check(isinstance(items, str | list), "'input' must be a string or an array", "input")
+    for i, item in enumerate(items if isinstance(items, list) else []):
+        _check(isinstance(item, dict), f"'input[{i}]' must be an object", f"input[{i}]")
+        if item.get("role") is not None:
+            _check(isinstance(item["role"], str), f"'input[{i}].role' must be a string",
+                   f"input[{i}].role")
+            c = item.get("content")
+            _check(isinstance(c, str | list),
+                   f"'input[{i}].content' must be a string or an array", f"input[{i}].content")
 
 
 def _check_messages(messages: Any) -> None:

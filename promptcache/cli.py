@@ -1,6 +1,6 @@
 """The ``promptcache`` command: ``serve`` runs the sidecar, ``fit`` fits the verifier,
-``plan`` estimates memory, ``reconcile`` checks the byte accounting, ``bench`` runs a
-benchmark.
+``plan`` estimates memory, ``reconcile`` checks the byte accounting, ``export`` and
+``import`` carry entries from one deployment to another, ``bench`` runs a benchmark.
 
 Commands load lazily. :data:`COMMANDS` holds each one's help line and the functions that
 define and run it, which import what the command needs; :func:`main` loads only the command
@@ -151,6 +151,87 @@ def _reconcile(args: argparse.Namespace) -> int:
     return 0 if report.clean else 1
 
 
+def _transfer_arguments(p: argparse.ArgumentParser, importing: bool) -> None:
+    from promptcache.benchmarks.progress import add_quiet
+
+    verb = "import" if importing else "export"
+    p.description = (
+        "Load entries written by `promptcache export` into a deployment, within its byte "
+        "budget (the least recently used entries are evicted to make room, as for any "
+        "write); lines that are malformed, expired, or whose digest does not carry the "
+        "tenant tag recorded beside it are counted and skipped. Prints a JSON report."
+        if importing else
+        "Write every entry of a deployment (request key, answer, TTL left, tenant tag, "
+        "namespace, vector record) as JSON lines, for `promptcache import` to warm "
+        "another deployment with. Prints a JSON report on stderr.")
+    p.add_argument("--redis-url", metavar="URL", required=True,
+                   help=f"the Redis to {verb} {'into' if importing else 'from'} "
+                   "(redis+cluster:// for a cluster)")
+    p.add_argument("--key-prefix", metavar="PREFIX", default="pc:",
+                   help="prefix of the cache's keys; default: pc:")
+    if importing:
+        p.add_argument("--max-bytes", metavar="SIZE", default="0",
+                       help="the target's byte budget (its --max-bytes); default: 0, "
+                       "unbounded")
+        p.add_argument("input", metavar="FILE", help="the export to load, or - for stdin")
+    else:
+        p.add_argument("output", metavar="FILE", help="where to write, or - for stdout")
+    add_quiet(p)
+
+
+def _transfer(args: argparse.Namespace) -> int:
+    import asyncio
+    import contextlib
+    import io
+    import json
+    from typing import IO
+
+    from redis.exceptions import RedisError
+
+    from promptcache.benchmarks.progress import progress
+    from promptcache.cache.redis.client import close_client, redis_client
+    from promptcache.cache.redis.layout import KeyLayout
+    from promptcache.cache.redis.transfer import export_entries, import_entries
+    from promptcache.server.config import parse_size
+
+    importing = args.command == "import"
+    path = args.input if importing else args.output
+    layout = KeyLayout.for_url(args.redis_url, args.key_prefix)
+    try:
+        max_bytes = parse_size(args.max_bytes) if importing else 0
+    except ValueError as exc:
+        print(f"promptcache: error: --max-bytes: {exc}", file=sys.stderr)
+        return 2
+
+    async def run(f: IO[str]) -> dict[str, int]:
+        client = redis_client(args.redis_url, timeout=10.0, max_connections=8)
+        bar = progress(None, args.command, quiet=args.quiet, unit="entry")
+        try:
+            if importing:
+                report = await import_entries(client, layout, f, max_bytes=max_bytes,
+                                              progress=bar.update)
+            else:  # a CLI of its own: nothing else runs on this loop while it writes
+                report = await export_entries(client, layout, f.write, progress=bar.update)
+            return report.as_dict()
+        finally:
+            bar.close()
+            await close_client(client)
+
+    std = sys.stdin if importing else sys.stdout
+    if importing and path == "-" and isinstance(sys.stdin, io.TextIOWrapper):
+        sys.stdin.reconfigure(errors="replace")  # a bad byte makes a malformed line, no crash
+    try:
+        with (contextlib.nullcontext(std) if path == "-"
+              else open(path, "r" if importing else "w", encoding="utf-8",
+                        errors="replace" if importing else None)) as f:
+            report = asyncio.run(run(f))
+    except (RedisError, OSError) as exc:
+        print(f"promptcache: error: cannot {args.command} ({path}): {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(report), file=sys.stderr if path == "-" and not importing else sys.stdout)
+    return 0
+
+
 def _bench_arguments(p: argparse.ArgumentParser, rest: Sequence[str] | None) -> None:
     p.description = "Run a benchmark; each writes JSON to --out."
     kinds = p.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
@@ -175,5 +256,9 @@ COMMANDS: dict[str, Command] = {
                             "estimate the memory each tier needs (Redis, index, model, per node)"),
     "reconcile": Command("recompute the byte accounting from the live keys; report drift",
                          _reconcile_arguments, _reconcile),
+    "export": Command("write a deployment's entries as JSON lines (for a warm start)",
+                      lambda p, _rest: _transfer_arguments(p, importing=False), _transfer),
+    "import": Command("load exported entries into a deployment, within its budget",
+                      lambda p, _rest: _transfer_arguments(p, importing=True), _transfer),
     "bench": Command("benchmarks (see benchmarks/)", _bench_arguments, _bench),
 }

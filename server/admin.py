@@ -25,6 +25,7 @@ from promptcache.cache.request import credential
 from promptcache.cache.resident import memory_split
 from promptcache.cache.semantic.tier import SKIP_REASONS
 from promptcache.cache.strict_json import parse_json_object
+from promptcache.server.dashboard import LATENCY
 from promptcache.server.state import SIDECAR, Sidecar
 
 #: Which process of ``--workers N`` this app runs in (``index``, ``pid``, ``workers``), set by
@@ -100,6 +101,12 @@ def _counts(sc: Sidecar) -> dict[str, dict[str, int]]:
     return out
 
 
+def _upstream_calls(sc: Sidecar) -> int:
+    """Upstream calls the cached routes made (pass-through requests not counted)."""
+    return int(sum(s.value for m in sc.metrics.upstream_seconds.collect()
+                   for s in m.samples if s.name.endswith("_count")))
+
+
 async def stats(request: web.Request) -> web.Response:
     sc = request.app[SIDECAR]
     info = await _refresh_gauges(sc)
@@ -114,6 +121,9 @@ async def stats(request: web.Request) -> web.Response:
                                                   "workers": 1},
             "requests": counts,
             "hit_ratio": round(hits / lookups, 4) if lookups else None,
+            "upstream_calls": _upstream_calls(sc),
+            # p50/p99 over the latest requests of each X-Cache status (the status page's).
+            "latency": request.app[LATENCY].summary(),
             "cache": {
                 "reachable": info is not None,
                 "circuit": sc.cache.breaker.state,
@@ -124,6 +134,8 @@ async def stats(request: web.Request) -> web.Response:
             "index_sync": sc.sync.stats() if sc.sync is not None else None,
             "memory": _memory(sc),
             "near_cache": sc.engine.near.stats(),
+            # Tokens and cost hits saved, less followers' fallbacks (README: Savings).
+            "savings": sc.metrics.savings.stats(),
             "flights_in_progress": len(sc.flights),
             "remote_flights": sc.remote.stats() if sc.remote is not None else None,
             "embedded_redis": (sc.engine.embedded.stats() if sc.engine.embedded is not None

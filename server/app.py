@@ -14,13 +14,15 @@ import aiohttp
 import faiss
 from aiohttp import web
 
+from promptcache.cache import tracing
 from promptcache.cache.api import ENDPOINTS
 from promptcache.cache.engine import open_engine
 from promptcache.cache.errors import ConfigError
 from promptcache.cache.protocols import Embedder
 from promptcache.cache.resident import bound_allocator, trim_forever
+from promptcache.cache.savings import Savings, load_prices
 from promptcache.cache.tasks import stop_task
-from promptcache.server import admin
+from promptcache.server import admin, dashboard
 from promptcache.server.config import Settings, redact_url
 from promptcache.server.handlers import cached_route
 from promptcache.server.metrics import Metrics
@@ -43,10 +45,13 @@ async def _resources(settings: Settings, embedder: Embedder | None,
             auto_decompress=True,
             trust_env=True,
         ))
-        app[SIDECAR] = Sidecar(settings, engine, Upstream(settings, session), Metrics())
+        savings = Savings(load_prices(settings.prices) if settings.prices else None)
+        app[SIDECAR] = Sidecar(settings, engine, Upstream(settings, session), Metrics(savings))
         if app.get(BOUNDED):  # a process of its own (serve): freed pages go back regularly
             trimmer = asyncio.create_task(trim_forever())
             stack.push_async_callback(stop_task, trimmer)
+        if settings.otel and tracing.enable():  # per process: see cache/tracing.py
+            stack.callback(tracing.disable)
         yield
 
 
@@ -71,10 +76,12 @@ def create_app(settings: Settings, *, embedder: Embedder | None = None) -> web.A
     app = web.Application(client_max_size=settings.max_body_bytes,
                           handler_args={"keepalive_timeout": settings.header_timeout})
     app.cleanup_ctx.append(partial(_resources, settings, embedder))
+    app[dashboard.LATENCY] = dashboard.LatencyWindows()
     app.router.add_get("/healthz", admin.healthz)
     app.router.add_get("/readyz", admin.readyz)
     app.router.add_get("/metrics", admin.metrics)
     app.router.add_get("/stats", admin.stats)
+    app.router.add_get("/dashboard", dashboard.dashboard)
     app.router.add_delete("/cache", admin.delete_cache)
     for path in ENDPOINTS:
         app.router.add_post(path, cached_route)

@@ -20,7 +20,9 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from promptcache.cache.errors import ConfigError
+from promptcache.cache.keys import check_key_ignore
 from promptcache.cache.options import EngineOptions, default_data_dir
+from promptcache.cache.savings import load_prices
 
 #: Redis keeps expiries in milliseconds; ~68 years is far beyond any sensible TTL.
 MAX_SECONDS = 2**31
@@ -138,6 +140,31 @@ def _names(value: Any) -> tuple[str, ...]:
     return tuple(i.strip().lower() for i in items if i.strip())
 
 
+def _key_ignore(value: Any) -> tuple[str, ...]:
+    """Body fields left out of the key: a repeated flag, a comma-separated string or a TOML
+    list; never one that is what is asked (:func:`check_key_ignore`)."""
+    if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+        value = ",".join(value)
+    if not isinstance(value, str):
+        raise ValueError(f"expected a comma-separated list of field names, got {value!r}")
+    names = tuple(dict.fromkeys(n.strip() for n in value.split(",") if n.strip()))
+    try:
+        return check_key_ignore(names)
+    except ConfigError as exc:
+        raise ValueError(str(exc)) from exc
+
+
+def _prices(value: Any) -> str | None:
+    """The path of a price table, read and checked now (a bad table stops start-up)."""
+    path = _optional_str(value)
+    if path is not None:
+        try:
+            load_prices(path)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from exc
+    return path
+
+
 def _paths(value: Any) -> tuple[str, ...]:
     paths = tuple(p.strip() for p in (value.split(",") if isinstance(value, str) else value))
     for p in paths:
@@ -155,6 +182,7 @@ class Option:
     help: str
     metavar: str | None = None
     secret: bool = False  # never echoed back in /stats or logs
+    repeat: bool = False  # the flag may be given more than once (a list option)
 
 
 OPTIONS: tuple[Option, ...] = (
@@ -283,9 +311,20 @@ OPTIONS: tuple[Option, ...] = (
            "request path when the model is idle); past it, entries stay exact-only "
            "(counted)", "N"),
     Option("key_prefix", _str, "prefix of every Redis key the cache writes", "PREFIX"),
+    Option("key_ignore", _key_ignore, "a top-level request body field left out of the "
+           "cache key and the semantic scope (repeat the flag, or a comma list); requests "
+           "that differ only in it share an answer within a tenant", "FIELD", repeat=True),
     Option("admin_token", _optional_str, "bearer token for the admin routes "
            "(DELETE /cache); without one they refuse", "TOKEN", secret=True),
+    Option("otel", parse_bool, "OpenTelemetry spans for each cached request (lookup, "
+           "semantic search, upstream call, store) and W3C traceparent sent upstream; needs "
+           "the otel extra; the exporter is configured by the OTEL_* environment "
+           "variables", "BOOL"),
     Option("log_level", _str, "debug, info, warning or error", "LEVEL"),
+    Option("prices", _prices, "TOML price table (per million tokens, by model; see "
+           "docs/prices.example.toml) that prices the tokens hits saved in /stats and "
+           "/metrics; without one tokens are counted at no cost; no price is fetched from "
+           "anywhere", "FILE"),
 )
 
 
@@ -307,7 +346,9 @@ class Settings(EngineOptions):
     upstream_connect_timeout: float = 10.0
     upstream_read_timeout: float = 600.0
     admin_token: str | None = None
+    otel: bool = False
     log_level: str = "info"
+    prices: str | None = None
 
     @property
     def resolved_data_dir(self) -> Path:
@@ -360,13 +401,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for o in OPTIONS:
         env = f"PROMPTCACHE_{o.name.upper()}"
         default = _DEFAULTS.get(o.name)
-        shown = ("see above" if o.name == "data_dir" else "(none)" if default is None
+        shown = ("see above" if o.name == "data_dir" else "(none)" if default in (None, ())
                  else ",".join(default) if isinstance(default, tuple) else default)
         parser.add_argument(
             "--" + o.name.replace("_", "-"),
             dest=o.name,
             metavar=o.metavar,
             default=None,
+            action="append" if o.repeat else "store",
             help=f"{o.help}; env {env}; default: {shown}",
         )
 

@@ -27,18 +27,24 @@ import collections
 import logging
 import time
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 import aiohttp
 from aiohttp import web
 
+from promptcache.cache import tracing
 from promptcache.cache.api import ENDPOINTS, Api, error_body
 from promptcache.cache.entry import Answer
 from promptcache.cache.errors import BodyTimeout, BodyTooLarge, RequestError
 from promptcache.cache.flow import Outcome, Store, cache_headers, handle, served
 from promptcache.cache.request import Prepared, prepare_http
 from promptcache.cache.sse import StreamCollector
+from promptcache.server.dashboard import LATENCY
 from promptcache.server.proxy import abort, upstream_unavailable
 from promptcache.server.state import SIDECAR, Sidecar
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Span
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +83,7 @@ _ERROR_KINDS = {408: "request_timeout", 413: "request_too_large"}
 async def cached_route(request: web.Request) -> web.StreamResponse:
     sc = request.app[SIDECAR]
     route = request.path
+    started = time.perf_counter()
     try:
         body = await read_body(request, sc.settings.max_body_bytes, sc.settings.body_timeout)
         req = prepare_http(sc.engine, route, body, request.headers, request.query.items(),
@@ -89,8 +96,22 @@ async def cached_route(request: web.Request) -> web.StreamResponse:
         if exc.status in _ERROR_KINDS:  # the rest of the body may still be coming
             resp.force_close()
         return resp
-    return await handle(sc.engine, req, SidecarExchange(sc, request, req, body),
-                        sc.metrics)
+    if tracing.TRACER is None:
+        resp = await handle(sc.engine, req, SidecarExchange(sc, request, req, body),
+                            sc.metrics, sc.metrics.savings)
+    else:
+        span, tokens = tracing.start_request(request.headers, route, req.key.namespace)
+        status = similarity = None
+        try:
+            resp = await handle(sc.engine, req, SidecarExchange(sc, request, req, body),
+                                sc.metrics, sc.metrics.savings)
+            status, similarity = (resp.headers.get("X-Cache"),
+                                  resp.headers.get("X-Cache-Similarity"))
+        finally:
+            tracing.end_request(span, tokens, status, similarity)
+    # From arrival to the last byte written (a stream's too), by how it was answered.
+    request.app[LATENCY].record(resp.headers.get("X-Cache"), time.perf_counter() - started)
+    return resp
 
 
 class SidecarExchange:
@@ -120,20 +141,23 @@ class SidecarExchange:
                       ) -> tuple[web.StreamResponse, Answer | None]:
         """Call upstream; return the response sent and the complete answer (or None)."""
         started = time.perf_counter()
+        span = None if tracing.TRACER is None else tracing.upstream_span()
         try:
-            return await self._forward(outcome, store)
+            return await self._forward(outcome, store, span)
         finally:
             self.sc.metrics.upstream_seconds.labels(self.request.path).observe(
                 time.perf_counter() - started)
+            if span is not None:
+                span.end()
 
-    async def _forward(self, outcome: Outcome, store: Store | None
+    async def _forward(self, outcome: Outcome, store: Store | None, span: Span | None
                        ) -> tuple[web.StreamResponse, Answer | None]:
         sc, req, request = self.sc, self.req, self.request
         try:
             up = await sc.upstream.session.post(
                 sc.upstream.url_for(request.raw_path),
                 data=self.body,
-                headers=sc.upstream.request_headers(request),
+                headers=sc.upstream.request_headers(request, span),
                 timeout=sc.upstream.timeout(),
                 allow_redirects=False,
             )

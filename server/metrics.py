@@ -1,10 +1,22 @@
-"""Prometheus metrics of one sidecar, on a registry of its own (no process globals)."""
+"""Prometheus metrics of one sidecar, on a registry of its own (no process globals).
+
+What hits saved (:class:`~promptcache.cache.savings.Savings`) is read at scrape time into
+``promptcache_tokens_saved_total{model,namespace,kind}`` and
+``promptcache_cost_saved_total{model,namespace}``, and what followers' fallbacks spent into
+``promptcache_tokens_spent_total`` and ``promptcache_cost_spent_total`` (the same labels;
+tenants only in ``/stats``, never in a label).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any, Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from promptcache.cache.savings import Savings
 
 _LATENCY_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60,
@@ -63,12 +75,49 @@ NEAR_COUNTERS: Final = {
 }
 
 
+class SavingsCollector(Collector):
+    """The counters of a :class:`Savings`, by model and namespace, made at scrape time."""
+
+    def __init__(self, savings: Savings) -> None:
+        self.savings = savings
+
+    def collect(self) -> Iterator[Metric]:
+        currency = self.savings.prices.currency
+        tokens = CounterMetricFamily(
+            "promptcache_tokens_saved", "Tokens of the stored answers served by hits (their "
+            "usage), by model, namespace and kind (input, output)",
+            labels=["model", "namespace", "kind"])
+        cost = CounterMetricFamily(
+            "promptcache_cost_saved", f"What the tokens hits saved would have cost upstream "
+            f"({currency}, from the --prices table; 0 for unpriced models)",
+            labels=["model", "namespace"])
+        spent_tokens = CounterMetricFamily(
+            "promptcache_tokens_spent", "Tokens of upstream calls counted against the "
+            "savings (single-flight followers that called upstream after waiting)",
+            labels=["model", "namespace", "kind"])
+        spent_cost = CounterMetricFamily(
+            "promptcache_cost_spent", f"What those calls cost ({currency})",
+            labels=["model", "namespace"])
+        for model, namespace, t in self.savings.series():
+            tokens.add_metric([model, namespace, "input"], t.input)
+            tokens.add_metric([model, namespace, "output"], t.output)
+            cost.add_metric([model, namespace], t.cost)
+            if t.calls:
+                spent_tokens.add_metric([model, namespace, "input"], t.spent_input)
+                spent_tokens.add_metric([model, namespace, "output"], t.spent_output)
+                spent_cost.add_metric([model, namespace], t.spent_cost)
+        yield from (tokens, cost, spent_tokens, spent_cost)
+
+
 class Metrics:
     """The sidecar's Prometheus metrics, and the cache flow's reports into them."""
 
-    def __init__(self) -> None:
+    def __init__(self, savings: Savings | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        #: What hits saved (priced by the --prices table, if any).
+        self.savings = savings or Savings()
+        r.register(SavingsCollector(self.savings))
         self.requests = Counter(
             "promptcache_requests", "Requests by route and cache status "
             "(HIT, SEMANTIC-HIT, MISS, BYPASS, ERROR for refused input, PASS for uncached "

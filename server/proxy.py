@@ -20,6 +20,7 @@ What a caller cannot make the sidecar do (the README's Security section):
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
 import aiohttp
@@ -27,9 +28,13 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
+from promptcache.cache import tracing
 from promptcache.cache.api import ENDPOINTS, Api, error_body
 from promptcache.cache.request import CONTROL_HEADERS, VARY_HEADERS
 from promptcache.server.config import Settings
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Span
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +122,10 @@ class Upstream:
             return True
         return any(path == p or path.startswith(p + "/") for p in self.settings.upstream_key_paths)
 
-    def request_headers(self, request: web.Request) -> CIMultiDict[str]:
+    def request_headers(self, request: web.Request, span: Span | None = None
+                        ) -> CIMultiDict[str]:
+        """The headers to send upstream; with a tracing ``span`` (the upstream call's), its
+        W3C ``traceparent`` and ``tracestate`` in place of the caller's."""
         drop = (hop_by_hop(request.headers, self._keep) | FORWARDING | set(CONTROL_HEADERS)
                 | {"host", "content-length"})
         if not self.settings.pass_credentials:
@@ -132,6 +140,8 @@ class Upstream:
                 out["x-api-key"] = key
             else:
                 out["Authorization"] = f"Bearer {key}"
+        if span is not None:
+            tracing.inject(out, span)
         return out
 
     @staticmethod

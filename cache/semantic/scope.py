@@ -6,12 +6,15 @@ generation parameter, tools, the system prompt and all earlier turns) and its *t
 (the final user message). Two requests can share a semantic entry only if their scopes
 are identical; only their texts are compared by meaning. Requests whose final turn is
 not plain user text (an image, a tool result, a list of prompts, an embeddings call) get
-no view: they are cached exactly or not at all.
+no view: they are cached exactly or not at all. For the Responses API the text is
+``input`` when it is a string, else its last item when that is a user message of text;
+``instructions``, like a system prompt, stays in the scope.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -21,6 +24,11 @@ from promptcache.cache.keys import canonical_json, keyed_fields
 _SCOPE_VERSION: Final = b"promptcache/scope/v2"
 #: The APIs' default sampling temperature, for requests that do not set one.
 DEFAULT_TEMPERATURE: Final = 1.0
+
+
+#: Content part types that hold only text: chat's and Anthropic's ``text``, the Responses
+#: API's ``input_text``.
+_TEXT_PARTS: Final = frozenset({"text", "input_text"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,7 +46,7 @@ def _text_of(content: Any) -> str | None:
     if isinstance(content, list) and content:
         parts = []
         for part in content:
-            if not (isinstance(part, dict) and part.get("type") == "text"
+            if not (isinstance(part, dict) and part.get("type") in _TEXT_PARTS
                     and isinstance(part.get("text"), str)
                     and set(part) <= {"type", "text", "cache_control"}):
                 return None
@@ -47,8 +55,9 @@ def _text_of(content: Any) -> str | None:
     return None
 
 
-def _split(api: Api, body: dict[str, Any]) -> tuple[dict[str, Any], str] | None:
-    rest = keyed_fields(body)
+def _split(api: Api, body: dict[str, Any], ignore: Collection[str] = ()
+           ) -> tuple[dict[str, Any], str] | None:
+    rest = keyed_fields(body, ignore)
     if api in ("chat", "messages"):
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
@@ -68,15 +77,37 @@ def _split(api: Api, body: dict[str, Any]) -> tuple[dict[str, Any], str] | None:
             return None
         del rest["prompt"]
         return rest, prompt
+    if api == "responses":
+        return _split_input(body.get("input"), rest)
     return None
 
 
+def _split_input(items: Any, rest: dict[str, Any]) -> tuple[dict[str, Any], str] | None:
+    """A Responses API request's final user text: ``input`` itself if a string, else its
+    last item if a user message (``type: "message"`` or none) of text; ``rest`` keeps the
+    earlier items and the last one's shape."""
+    if isinstance(items, str):
+        rest.pop("input", None)
+        return rest, items
+    if not isinstance(items, list) or not items:
+        return None
+    last = items[-1]
+    if not (isinstance(last, dict) and last.get("role") == "user"
+            and last.get("type", "message") == "message"):
+        return None
+    text = _text_of(last.get("content"))
+    if text is None:
+        return None
+    rest["input"] = [*items[:-1], {k: v for k, v in last.items() if k != "content"}]
+    return rest, text
+
+
 def semantic_view(api: Api, endpoint: str, body: dict[str, Any], *, tenant: str,
-                  namespace: str, variant: str = "", normalised: bool = False
-                  ) -> SemanticView | None:
+                  namespace: str, variant: str = "", normalised: bool = False,
+                  ignore: Collection[str] = ()) -> SemanticView | None:
     """The scope and text of a request, or None if it cannot be matched by meaning;
-    ``variant`` as for :func:`~promptcache.cache.keys.request_key`."""
-    split = _split(api, body)
+    ``variant`` and ``ignore`` as for :func:`~promptcache.cache.keys.request_key`."""
+    split = _split(api, body, ignore)
     if split is None:
         return None
     rest, text = split

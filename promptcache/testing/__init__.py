@@ -21,7 +21,8 @@ gate (``hold``/``release``), sleep ``latency``, then answer (the failure, or the
 ``answer_words=N`` pads every answer with N deterministic filler words, for realistic
 response sizes; ``GET /_fake/stats`` returns the call counts (for a fake in another process).
 
-Routes: ``POST /v1/chat/completions``, ``/v1/completions``, ``/v1/embeddings`` (OpenAI),
+Routes: ``POST /v1/chat/completions``, ``/v1/completions``, ``/v1/embeddings``,
+``/v1/responses`` (OpenAI),
 ``POST /v1/messages`` (Anthropic), ``GET /v1/models``; any other ``/v1/...`` is a 404 in the API's
 own error shape (:func:`error_body`), and ``/echo/...`` echoes the request back.
 
@@ -29,7 +30,8 @@ Only aiohttp (and its multidict) is needed, so benchmarks can import it too; it 
 process: ``python -m promptcache.testing --port 8001`` prints its URL and serves until killed.
 
 Modules, one idea each: :mod:`~promptcache.testing.answers` (the deterministic content),
-:mod:`~promptcache.testing.openai_routes`, :mod:`~promptcache.testing.anthropic_routes`,
+:mod:`~promptcache.testing.openai_routes`, :mod:`~promptcache.testing.responses_routes`,
+:mod:`~promptcache.testing.anthropic_routes`,
 :mod:`~promptcache.testing.echo`, :mod:`~promptcache.testing.errors` (error shapes),
 :mod:`~promptcache.testing.wire` (JSON bodies, SSE framing), :mod:`~promptcache.testing.recording`,
 :mod:`~promptcache.testing.faults`, :mod:`~promptcache.testing.server` and

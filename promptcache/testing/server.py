@@ -11,7 +11,7 @@ from typing import Any
 
 from aiohttp import web
 
-from promptcache.testing import anthropic_routes, openai_routes
+from promptcache.testing import anthropic_routes, openai_routes, responses_routes
 from promptcache.testing.echo import echo
 from promptcache.testing.errors import not_found
 from promptcache.testing.faults import Failure, Faults, StreamBreak
@@ -144,6 +144,7 @@ class FakeUpstream:
         app.router.add_post("/v1/chat/completions", self._handler(openai_routes.chat))
         app.router.add_post("/v1/completions", self._handler(openai_routes.completions))
         app.router.add_post("/v1/embeddings", self._handler(openai_routes.embeddings))
+        app.router.add_post("/v1/responses", self._handler(responses_routes.responses))
         app.router.add_post("/v1/messages", self._handler(anthropic_routes.messages))
         app.router.add_get("/v1/models", self._handler(openai_routes.models))
         app.router.add_get("/_fake/stats", self._stats)

@@ -21,8 +21,11 @@ from promptcache.server.config import (
     parse_bool,
     parse_size,
 )
+from tests.support.paths import ROOT
 
 UPSTREAM = "http://upstream.test"
+#: The documented example price table (--prices), which must stay valid.
+PRICES = ROOT / "docs" / "prices.example.toml"
 
 
 @pytest.fixture(autouse=True)
@@ -123,8 +126,11 @@ def test_every_option_can_come_from_each_source(source: str, tmp_path: Path) -> 
         "embed_backend": "torch",
         "vector_backlog": "10",
         "key_prefix": "x:",
+        "key_ignore": "user, metadata",
         "admin_token": "tok",
+        "otel": "true",
         "log_level": "debug",
+        "prices": str(PRICES),
     }
     assert set(raw) == {o.name for o in OPTIONS}  # a new option needs a line here
     if source == "flag":
@@ -190,8 +196,11 @@ def test_every_option_can_come_from_each_source(source: str, tmp_path: Path) -> 
         embed_backend="torch",
         vector_backlog=10,
         key_prefix="x:",
+        key_ignore=("user", "metadata"),
         admin_token="tok",
+        otel=True,
         log_level="debug",
+        prices=str(PRICES),
     )
 
 
@@ -490,7 +499,7 @@ def test_serve_help_shows_the_real_defaults(
         shown = re.search(r"default: (\S+)", blocks["--" + o.name.replace("_", "-")])
         assert shown is not None, o.name
         default = defaults[o.name]
-        expected = ("(none)" if default is None else ",".join(default)
+        expected = ("(none)" if default in (None, ()) else ",".join(default)
                     if isinstance(default, tuple) else str(default))
         assert shown.group(1) == expected, o.name
     assert str(Settings(upstream=UPSTREAM).resolved_data_dir) in blocks["--data-dir"]

@@ -602,7 +602,7 @@ def test_replay_checks_its_arguments_eagerly() -> None:
     with pytest.raises(ValueError):
         replay("chat", OPENAI_TEXT_BODY, chunk_chars=0)
     with pytest.raises(ValueError):
-        replay("responses", OPENAI_TEXT_BODY)  # type: ignore[arg-type]
+        replay("embeddings", OPENAI_TEXT_BODY)
     with pytest.raises(ValueError):
         assembler_for("embeddings")  # type: ignore[arg-type]
 
@@ -622,6 +622,10 @@ FAKE_REQUESTS: list[tuple[Api, str, dict[str, Any]]] = [
     ("messages", "/v1/messages",
      {"max_tokens": 64, "messages": [{"role": "user", "content": "hello"}],
       "tools": [{"name": "lookup", "input_schema": {"type": "object"}}]}),
+    ("responses", "/v1/responses", {"input": "hello", "instructions": "Be brief."}),
+    ("responses", "/v1/responses",
+     {"input": [{"role": "user", "content": "weather?"}],
+      "tools": [{"type": "function", "name": "lookup", "parameters": {"type": "object"}}]}),
 ]  # fmt: skip
 
 
@@ -634,7 +638,7 @@ async def test_fake_upstream_stream_assembles_to_its_plain_answer(
     from promptcache.testing import running_fake_upstream
 
     streamed = {**payload, "stream": True, "stream_options": {"include_usage": True}}
-    if api == "messages":
+    if api in ("messages", "responses"):
         del streamed["stream_options"]
     async with running_fake_upstream() as fake, aiohttp.ClientSession() as session:
         async with session.post(fake.url + path, json=payload) as resp:
