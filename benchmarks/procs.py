@@ -62,9 +62,13 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / ticks
 
 
-def tree_cpu_seconds(pid: int) -> float:
-    """CPU time of ``pid`` and of its live descendants (a supervisor and its workers)."""
-    children: dict[int, list[int]] = {}
+def children(pid: int) -> list[int]:
+    """The live child processes of ``pid`` (Linux /proc)."""
+    return _children_map().get(pid, [])
+
+
+def _children_map() -> dict[int, list[int]]:
+    out: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -73,11 +77,17 @@ def tree_cpu_seconds(pid: int) -> float:
                 ppid = int(f.read().rsplit(")", 1)[1].split()[1])
         except (OSError, ValueError, IndexError):
             continue  # gone meanwhile
-        children.setdefault(ppid, []).append(int(entry))
+        out.setdefault(ppid, []).append(int(entry))
+    return out
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU time of ``pid`` and of its live descendants (a supervisor and its workers)."""
+    kids = _children_map()
     total, todo = 0.0, [pid]
     while todo:
         p = todo.pop()
         with contextlib.suppress(OSError):
             total += cpu_seconds(p)
-        todo += children.get(p, [])
+        todo += kids.get(p, [])
     return total

@@ -54,7 +54,7 @@ import aiohttp
 from promptcache.benchmarks import plots
 from promptcache.benchmarks.load import CHAT, HEADERS, upstream_calls
 from promptcache.benchmarks.loadgen import Outcome, replay
-from promptcache.benchmarks.procs import free_port, python_process, wait_http
+from promptcache.benchmarks.procs import children, free_port, python_process, wait_http
 from promptcache.benchmarks.progress import add_quiet, progress
 from promptcache.benchmarks.results import command, publish
 from promptcache.benchmarks.workload import (
@@ -99,6 +99,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                      help="the sidecar's semantic tier (default true; loads the model)")
     own.add_argument("--max-rss", type=parse_size, default=None, metavar="SIZE",
                      help="the sidecar's --max-rss (default: none)")
+    own.add_argument("--workers", type=int, default=1, metavar="N",
+                     help="the sidecar's --workers; memory is then sampled per worker, and "
+                     "each sample's figures are the largest worker's (default: 1)")
     own.add_argument("--upstream-latency", type=float, default=0.3, metavar="SECONDS",
                      help="seconds the fake upstream takes per call (default 0.3)")
     own.add_argument("--answer-words", type=int, default=150, metavar="N",
@@ -206,6 +209,7 @@ class Stack:
     upstream: str
     proc: subprocess.Popen[bytes]
     ready_s: float
+    workers: int = 1  # with more, ``proc`` is the supervisor and memory is read per worker
 
 
 @contextlib.contextmanager
@@ -226,13 +230,27 @@ def own_sidecar(args: argparse.Namespace) -> Iterator[Stack]:
             python_process(fake, upstream + "/v1/models"):
         serve = ["-m", "promptcache", "serve", "--upstream", upstream, "--redis-url",
                  store.url, "--port", str(sc_port), "--semantic", str(args.semantic).lower(),
-                 "--log-level", "warning", *limit]
+                 "--log-level", "warning", "--workers", str(args.workers), *limit]
         launched = time.monotonic()
         # python_process waits 30 s for its URL: given the upstream's (answering already),
         # it returns at once, and the sidecar, loading its model, gets --start-timeout here.
         with python_process(serve, upstream + "/v1/models") as proc:
             wait_http(url + "/healthz", proc, within=args.start_timeout)
-            yield Stack(url, upstream, proc, time.monotonic() - launched)
+            yield Stack(url, upstream, proc, time.monotonic() - launched, args.workers)
+
+
+def worker_memory(stack: Stack) -> dict[str, Any]:
+    """The sidecar's memory; with workers, the largest worker's, and each worker's RSS."""
+    if stack.workers == 1:
+        return proc_memory(stack.proc.pid)
+    workers = []
+    for pid in children(stack.proc.pid):
+        with contextlib.suppress(OSError):  # a worker that just exited
+            workers.append(proc_memory(pid))
+    if not workers:
+        return {}
+    largest = max(workers, key=lambda m: m.get("vm_rss_bytes", 0))
+    return {**largest, "workers_rss_bytes": [m.get("vm_rss_bytes", 0) for m in workers]}
 
 
 def proc_memory(pid: int) -> dict[str, int]:
@@ -255,7 +273,7 @@ def numbers(obj: Any) -> dict[str, Any] | None:
 
 async def sample(http: aiohttp.ClientSession, stack: Stack, t: float, tally: Tally
                  ) -> dict[str, Any]:
-    row: dict[str, Any] = {"t_s": round(t, 3), **proc_memory(stack.proc.pid),
+    row: dict[str, Any] = {"t_s": round(t, 3), **worker_memory(stack),
                            "answered": tally.answered, "errors": sum(tally.errors.values()),
                            "x_cache": dict(tally.x_cache)}
     try:
@@ -378,6 +396,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "setup": {"minutes": args.minutes, "clients": args.clients,
                   "sample_seconds": args.sample_seconds, "warmup_minutes": args.warmup_minutes,
                   "semantic": args.semantic, "max_rss_bytes": args.max_rss,
+                  "workers": args.workers,
                   "upstream_latency_s": args.upstream_latency,
                   "answer_words": args.answer_words, "prompts": str(args.prompts),
                   "prompts_in_file": len(prompts), "seed": args.seed,
@@ -419,8 +438,10 @@ def report(r: dict[str, Any]) -> str:
                 if q["fresh_reused"] else "")]
     if r.get("sidecar_exit") is not None:
         lines.append(f"THE SIDECAR EXITED (status {r['sidecar_exit']}) before the end")
+    workers = r["setup"].get("workers", 1)
     lines.append(
-        f"RSS {_mb(m['rss_at_warmup_end_bytes'])} at the end of warm-up "
+        ("" if workers == 1 else f"per worker (the largest of {workers}): ")
+        + f"RSS {_mb(m['rss_at_warmup_end_bytes'])} at the end of warm-up "
         f"({m['warmup_end_s'] / 60:.2f} min), {_mb(m['rss_at_end_bytes'])} at the end: growth "
         f"{m['growth']:+.1%} (target <= {m['growth_target']:.0%}: "
         f"{'met' if m['growth_within_target'] else 'MISSED'}); after warm-up max "

@@ -108,3 +108,26 @@ def test_short_soak_samples_memory_and_answers_every_request(tmp_path: Path) -> 
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert min(matplotlib.image.imread(png).shape[:2]) >= 200
     assert f"growth {m['growth']:+.1%}" in soak.report(r)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+@pytest.mark.skipif(not PROMPTS.exists(), reason=f"{PROMPTS} is not there (shared datasets)")
+def test_a_soak_of_two_workers_samples_each_and_reports_the_largest(tmp_path: Path) -> None:
+    parser = argparse.ArgumentParser()
+    soak.add_arguments(parser)
+    args = parser.parse_args([
+        "--minutes", "0.15", "--sample-seconds", "1", "--warmup-minutes", "0.03",
+        "--semantic", "false", "--clients", "4", "--upstream-latency", "0.02",
+        "--answer-words", "20", "--prompts", str(PROMPTS), "--workers", "2", "--quiet",
+        "--out", str(tmp_path)])
+    assert soak.main(args) == 0
+    r = json.loads((tmp_path / "soak.json").read_text())
+
+    assert r["setup"]["workers"] == 2 and r["requests"]["errors"] == 0
+    sampled = [s for s in r["samples"] if s.get("workers_rss_bytes")]
+    assert len(sampled) >= len(r["samples"]) - 1  # the first may come before both started
+    for s in sampled:
+        assert len(s["workers_rss_bytes"]) == 2 and all(b > 20e6 for b in s["workers_rss_bytes"])
+        assert s["vm_rss_bytes"] == max(s["workers_rss_bytes"])  # the largest worker's
+    assert "per worker (the largest of 2)" in soak.report(r)
