@@ -29,6 +29,10 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
                "a restarted node loading its semantic index from Redis: time to serve"),
     "soak": ("promptcache.benchmarks.soak",
              "mixed traffic for minutes against its own sidecar: RSS and its parts over time"),
+    "conversations": ("promptcache.benchmarks.conversations",
+                      "multi-turn pairs through a sidecar: served and false hits by kind"),
+    "audit": ("promptcache.benchmarks.audit",
+              "the false-hit audit on labelled pairs: estimate vs truth, the bound, its cost"),
     "report": ("promptcache.benchmarks.report",
                "gather the latest results into docs/benchmarks.md with tables and plots"),
 }

@@ -39,6 +39,7 @@ from promptcache.cache.redis.layout import KeyLayout
 from promptcache.cache.redis.near import NearCache, NearTracking, near_cache_bytes
 from promptcache.cache.redis.remote_flight import RemoteFlight
 from promptcache.cache.resident import MemoryGuard, model_bytes
+from promptcache.cache.semantic.audit import AnswerJudge, Auditor
 from promptcache.cache.semantic.embedding import BatchingEmbedder, load_embedder, resolve_tuning
 from promptcache.cache.semantic.first_stage import (
     FirstStage,
@@ -69,6 +70,7 @@ class Engine:
     guard: MemoryGuard | None = None  # --max-rss, when set
     near: NearCache = field(default_factory=lambda: NearCache(0))  # hot entries, in process
     tracking: NearTracking | None = None  # keeps ``near`` coherent, when it is on
+    audit: Auditor | None = None  # --audit-rate: the false-hit audit, when it is on
 
     def memory(self) -> dict[str, int]:
         """The parts of this process's memory the engine knows it holds, in bytes."""
@@ -146,10 +148,16 @@ async def open_engine(options: EngineOptions, stack: contextlib.AsyncExitStack, 
                           timeout=options.redis_timeout) if options.flight_lease else None
     guard = (_memory_guard(stack, options.max_rss, semantic, near) if options.max_rss
              else None)
+    audit = None
+    if semantic is not None and options.audit_rate > 0:
+        audit = Auditor(options.audit_rate, AnswerJudge(semantic.embedder),
+                        threshold=options.similarity_threshold,
+                        max_rate=options.max_false_hit_rate or None, pairs=options.audit_pairs)
+        _background(stack, audit.run())
     return Engine(options, url, cache, semantic, remote=remote, sync=sync, guard=guard,
                   model_bytes=(model_bytes(semantic.embedder.embedder) if semantic is not None
                                else 0),
-                  embedded=keeper, near=near, tracking=tracking)
+                  embedded=keeper, near=near, tracking=tracking, audit=audit)
 
 
 async def _start_near(stack: contextlib.AsyncExitStack, client: Any, layout: KeyLayout,

@@ -118,6 +118,7 @@ class Found:
     age: int
     key: str | None = None  # the matched entry, when it is not the request's own
     similarity: float | None = None
+    text: str | None = None  # the matched entry's prompt (a semantic hit's)
 
 
 async def lookup(engine: Engine, req: Prepared, metrics: FlowMetrics | None = None
@@ -136,16 +137,20 @@ async def lookup(engine: Engine, req: Prepared, metrics: FlowMetrics | None = No
         return found, True
     if not (req.semantic_lookup and req.view is not None):
         return None, True
+    threshold = req.threshold  # raised in a namespace by the false-hit bound, or None: off
+    if engine.audit is not None and (threshold := engine.audit.floor(
+            req.key.namespace, req.threshold)) is None:
+        return None, True
     try:
-        hit = await (tracing.traced_search(_semantic_lookup(engine, req, metrics))
-                     if tracing.active() else _semantic_lookup(engine, req, metrics))
+        hit = await (tracing.traced_search(_semantic_lookup(engine, req, metrics, threshold))
+                     if tracing.active() else _semantic_lookup(engine, req, metrics, threshold))
     except CacheUnavailable:
         return None, False
     if hit is None or not req.control.accepts_age(age := engine.cache.age(hit.entry)):
         return None, True
     e = hit.entry
     return Found(Answer(e.status, e.body, e.content_type), "SEMANTIC-HIT", age, hit.digest,
-                 hit.similarity), True
+                 hit.similarity, hit.text), True
 
 
 async def _exact(engine: Engine, req: Prepared) -> Found | None:
@@ -158,13 +163,13 @@ async def _exact(engine: Engine, req: Prepared) -> Found | None:
                  age)
 
 
-async def _semantic_lookup(engine: Engine, req: Prepared, metrics: FlowMetrics
-                           ) -> SemanticHit | None:
+async def _semantic_lookup(engine: Engine, req: Prepared, metrics: FlowMetrics,
+                           threshold: float | None) -> SemanticHit | None:
     """The semantic tier's answer; a failure of the model is a miss, never an error."""
     assert engine.semantic is not None and req.view is not None
     started = time.perf_counter()
     try:
-        return await engine.semantic.lookup(req.view, threshold=req.threshold)
+        return await engine.semantic.lookup(req.view, threshold=threshold)
     except CacheUnavailable:
         raise
     except Exception:
@@ -218,8 +223,12 @@ async def handle(engine: Engine, req: Prepared, exchange: Exchange[R],
         metrics.on_outcome(req.endpoint, found.status)
         if savings is not None:
             savings.hit(req, found.answer, found.key)
-        return await exchange.serve(found.answer, Outcome(found.status, found.age, found.key,
-                                                          found.similarity))
+        result = await exchange.serve(found.answer, Outcome(found.status, found.age, found.key,
+                                                            found.similarity))
+        if engine.audit is not None:  # sampled, queued for the background: O(1)
+            engine.audit.offer(req, found.answer, exact=found.status == "HIT", origin=exchange,
+                               candidate=found.text)
+        return result
     status = "MISS" if cache_ok else "BYPASS"
     if not cache_ok:
         metrics.on_bypass()

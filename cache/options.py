@@ -66,5 +66,9 @@ class EngineOptions:
     max_rss: int = 0
     near_cache_bytes: int | None = None  # None: min(64 MiB, max_bytes / 16)
     vector_backlog: int = 4096
+    context_match: str = "strict"  # strict | dependent (cache/semantic/context.py)
+    audit_rate: float = 0.0
+    max_false_hit_rate: float = 0.0  # 0: no bound
+    audit_pairs: str | None = None
     key_prefix: str = "pc:"
     key_ignore: tuple[str, ...] = ()

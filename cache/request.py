@@ -216,6 +216,7 @@ def _prepare(engine: Engine, api: Api, endpoint: str, body_bytes: bytes, *, tena
         prepared.threshold = max(policy.threshold, _threshold(threshold))
         if temperature(body) <= policy.max_temperature:
             prepared.view = semantic_view(api, endpoint, body, tenant=tenant,
+                                          context=options.context_match,
                                           namespace=namespace, variant=variant,
                                           normalised=True, ignore=options.key_ignore)
     return prepared

@@ -61,6 +61,8 @@ async def _refresh_gauges(sc: Sidecar) -> dict[str, Any] | None:
         for reason in SKIP_REASONS:
             m.semantic_skipped.labels(reason).set(sc.semantic.counts[reason])
     m.set_near(sc.engine.near.stats())
+    if sc.engine.audit is not None:
+        m.set_audit(sc.engine.audit.stats())
     memory = _memory(sc)
     m.set_gauges(rss=memory["rss_bytes"], memory_shed=int(memory.get("shedding", False)),
                  memory_sheds=memory.get("sheds", 0))
@@ -136,6 +138,8 @@ async def stats(request: web.Request) -> web.Response:
             "near_cache": sc.engine.near.stats(),
             # Tokens and cost hits saved, less followers' fallbacks (README: Savings).
             "savings": sc.metrics.savings.stats(),
+            # The false-hit audit's estimate and bound (README: False-hit audit).
+            "audit": sc.engine.audit.stats() if sc.engine.audit is not None else None,
             "flights_in_progress": len(sc.flights),
             "remote_flights": sc.remote.stats() if sc.remote is not None else None,
             "embedded_redis": (sc.engine.embedded.stats() if sc.engine.embedded is not None

@@ -24,7 +24,7 @@ from promptcache.cache.savings import Savings, load_prices
 from promptcache.cache.tasks import stop_task
 from promptcache.server import admin, dashboard
 from promptcache.server.config import Settings, redact_url
-from promptcache.server.handlers import cached_route
+from promptcache.server.handlers import audit_ask, cached_route
 from promptcache.server.metrics import Metrics
 from promptcache.server.proxy import Upstream
 from promptcache.server.state import SIDECAR, Sidecar
@@ -47,6 +47,8 @@ async def _resources(settings: Settings, embedder: Embedder | None,
         ))
         savings = Savings(load_prices(settings.prices) if settings.prices else None)
         app[SIDECAR] = Sidecar(settings, engine, Upstream(settings, session), Metrics(savings))
+        if engine.audit is not None:  # --audit-rate: re-asks upstream, counted as spent
+            engine.audit.connect(audit_ask(app[SIDECAR]), savings.spent)
         if app.get(BOUNDED):  # a process of its own (serve): freed pages go back regularly
             trimmer = asyncio.create_task(trim_forever())
             stack.push_async_callback(stop_task, trimmer)

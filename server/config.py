@@ -100,6 +100,14 @@ def _index_kind(value: Any) -> str:
     return str(value)
 
 
+def _context_match(value: Any) -> str:
+    from promptcache.cache.semantic.scope import CONTEXT_MODES
+
+    if _str(value) not in CONTEXT_MODES:
+        raise ValueError(f"expected one of {', '.join(CONTEXT_MODES)}, got {value!r}")
+    return str(value)
+
+
 def _embed_backend(value: Any) -> str:
     if _str(value) not in ("onnx", "torch"):
         raise ValueError(f"expected onnx or torch, got {value!r}")
@@ -310,6 +318,19 @@ OPTIONS: tuple[Option, ...] = (
     Option("vector_backlog", _int, "new entries waiting for their vector (computed off the "
            "request path when the model is idle); past it, entries stay exact-only "
            "(counted)", "N"),
+    Option("context_match", _context_match, "how a multi-turn request's earlier turns scope "
+           "its semantic matches: strict (they must be byte-identical) or dependent (a final "
+           "message that stands alone matches across histories; one that depends on them "
+           "only where the facts it depends on match)", "MODE"),
+    Option("audit_rate", _number, "share of semantic hits (and, as a control, of exact "
+           "hits) re-asked upstream in the background at the operator's expense, to "
+           "estimate the false-hit rate; 0 = no audit", "R"),
+    Option("max_false_hit_rate", _number, "with --audit-rate: when the upper end of a "
+           "namespace's 95 percent interval of false hits passes this, its similarity floor "
+           "is raised (then the tier turned off there) until it is back under; 0 = no bound",
+           "F"),
+    Option("audit_pairs", _optional_str, "append audited semantic hits to FILE as labelled "
+           "pairs (JSON lines of a, b, label) for promptcache fit", "FILE"),
     Option("key_prefix", _str, "prefix of every Redis key the cache writes", "PREFIX"),
     Option("key_ignore", _key_ignore, "a top-level request body field left out of the "
            "cache key and the semantic scope (repeat the flag, or a comma list); requests "
@@ -482,6 +503,8 @@ def _check_ranges(v: dict[str, Any]) -> None:
         (0 <= v["embed_niceness"] <= 19, "--embed-niceness must be 0-19"),
         (v["embed_timeout"] > 0, "--embed-timeout must be > 0"),
         (v["vector_backlog"] >= 0, "--vector-backlog must be >= 0"),
+        (0 <= v["audit_rate"] <= 1, "--audit-rate must be 0-1"),
+        (0 <= v["max_false_hit_rate"] < 1, "--max-false-hit-rate must be in [0, 1)"),
         (v["upstream_connect_timeout"] > 0, "--upstream-connect-timeout must be > 0"),
         (v["upstream_read_timeout"] > 0, "--upstream-read-timeout must be > 0"),
         (v["log_level"].lower() in ("debug", "info", "warning", "error"),

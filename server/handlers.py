@@ -24,10 +24,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import json
 import logging
 import time
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from aiohttp import web
@@ -38,6 +39,7 @@ from promptcache.cache.entry import Answer
 from promptcache.cache.errors import BodyTimeout, BodyTooLarge, RequestError
 from promptcache.cache.flow import Outcome, Store, cache_headers, handle, served
 from promptcache.cache.request import Prepared, prepare_http
+from promptcache.cache.semantic.audit import Ask
 from promptcache.cache.sse import StreamCollector
 from promptcache.server.dashboard import LATENCY
 from promptcache.server.proxy import abort, upstream_unavailable
@@ -112,6 +114,41 @@ async def cached_route(request: web.Request) -> web.StreamResponse:
     # From arrival to the last byte written (a stream's too), by how it was answered.
     request.app[LATENCY].record(resp.headers.get("X-Cache"), time.perf_counter() - started)
     return resp
+
+
+def audit_ask(sc: Sidecar) -> Ask:
+    """The false-hit audit's upstream call (:class:`~promptcache.cache.semantic.audit.Ask`):
+    the hit's request sent again, not streamed, with the operator's key in place of the
+    caller's credentials where one is configured (else with the caller's headers)."""
+
+    async def ask(req: Prepared, origin: Any) -> Answer | None:
+        if not isinstance(origin, SidecarExchange):
+            return None
+        request, body = origin.request, origin.body
+        if req.streaming:
+            body = json.dumps({k: v for k, v in req.body.items()
+                               if k not in ("stream", "stream_options")}).encode()
+        headers = sc.upstream.request_headers(request)
+        key = sc.settings.upstream_api_key
+        if key:
+            for name in sc.settings.credential_headers:
+                headers.popall(name, None)
+            if request.path.startswith("/v1/messages"):
+                headers["x-api-key"] = key
+            else:
+                headers["Authorization"] = f"Bearer {key}"
+        try:
+            async with sc.upstream.session.post(
+                    sc.upstream.url_for(request.raw_path), data=body, headers=headers,
+                    timeout=sc.upstream.timeout(), allow_redirects=False) as up:
+                data = await read_up_to(up, sc.settings.max_response_bytes)
+                ctype = up.headers.get("Content-Type", "application/json")
+                return None if data is None else Answer(up.status, data, ctype)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            log.info("audit call upstream failed: %r", exc)
+            return None
+
+    return ask
 
 
 class SidecarExchange:

@@ -164,6 +164,21 @@ class Metrics:
             "exact_only (an entry left without a vector: the backlog was full)",
             ["reason"], registry=r,
         )
+        self.audit_audited = Counter(
+            "promptcache_audit_audited", "Semantic hits re-asked upstream and judged by the "
+            "false-hit audit (--audit-rate)", registry=r)
+        self.audit_disagreed = Counter(
+            "promptcache_audit_disagreed", "Audited semantic hits whose fresh answer the "
+            "judge found different from the one served", registry=r)
+        self.audit_rate = Gauge(
+            "promptcache_audit_false_hit_rate", "The audit's false-hit estimate (corrected "
+            "by the exact-hit control), by namespace (read at scrape time)", ["namespace"],
+            registry=r)
+        self.audit_exceeded = Gauge(
+            "promptcache_audit_bound_exceeded", "1 while --max-false-hit-rate holds a "
+            "namespace's similarity floor raised (or its semantic tier off)", ["namespace"],
+            registry=r)
+        self._audit_seen = (0, 0)
         self.memory = Gauge(
             "promptcache_memory_bytes", "This sidecar's memory by part: anon and file (RSS's "
             "anonymous and file-backed pages), model (weights), near (the near cache), "
@@ -182,6 +197,19 @@ class Metrics:
             if grew > 0:
                 counter.inc(grew)
             self._near_seen[key] = stats[key]
+
+    def set_audit(self, stats: dict[str, Any]) -> None:
+        """The audit's figures from its :meth:`stats` (counters advance by what they grew)."""
+        audited, disagreed = self._audit_seen
+        if stats["audited"] > audited:
+            self.audit_audited.inc(stats["audited"] - audited)
+        if stats["disagreed"] > disagreed:
+            self.audit_disagreed.inc(stats["disagreed"] - disagreed)
+        self._audit_seen = (stats["audited"], stats["disagreed"])
+        for name, ns in stats["namespaces"].items():
+            if ns["false_hit_rate"] is not None:
+                self.audit_rate.labels(name).set(ns["false_hit_rate"])
+            self.audit_exceeded.labels(name).set(int(ns["bound_exceeded"]))
 
     def set_gauges(self, **values: float) -> None:
         """Set gauges of :data:`GAUGES` by key (read at scrape time)."""

@@ -9,6 +9,15 @@ not plain user text (an image, a tool result, a list of prompts, an embeddings c
 no view: they are cached exactly or not at all. For the Responses API the text is
 ``input`` when it is a string, else its last item when that is a user message of text;
 ``instructions``, like a system prompt, stays in the scope.
+
+The earlier turns of a chat (or Anthropic messages) enter the scope byte for byte in
+``strict`` mode, the default. In ``dependent`` mode (:data:`CONTEXT_MODES`) the leading
+system messages still do, but the other turns, when all are plain user or assistant text,
+are replaced: by a ``standalone`` marker when the final message does not depend on them,
+else by the facts it depends on (:func:`~.context.context_facts`: each user turn's numbers,
+names and negations as the verifier's rules read them, each assistant turn's words, small
+talk left out); and the text is the final message without a leading acknowledgement
+("Thanks! ..."). Requests without earlier turns get the same view in both modes.
 """
 
 from __future__ import annotations
@@ -20,8 +29,17 @@ from typing import Any, Final
 
 from promptcache.cache.api import Api
 from promptcache.cache.keys import canonical_json, keyed_fields
+from promptcache.cache.semantic.context import (
+    context_facts,
+    depends_on_history,
+    without_acknowledgement,
+)
 
 _SCOPE_VERSION: Final = b"promptcache/scope/v2"
+#: How the earlier turns of a multi-turn chat enter the scope: ``strict``, byte for byte;
+#: ``dependent``, not at all when the final message stands alone, else their facts
+#: (:mod:`.context`).
+CONTEXT_MODES: Final = ("strict", "dependent")
 #: The APIs' default sampling temperature, for requests that do not set one.
 DEFAULT_TEMPERATURE: Final = 1.0
 
@@ -55,8 +73,32 @@ def _text_of(content: Any) -> str | None:
     return None
 
 
-def _split(api: Api, body: dict[str, Any], ignore: Collection[str] = ()
-           ) -> tuple[dict[str, Any], str] | None:
+def _history(earlier: list[Any], text: str) -> list[Any] | None:
+    """The ``dependent`` form of a chat's earlier messages: leading system messages as they
+    are, then one marker for the rest (standalone, or the facts the final ``text`` depends
+    on); None (strict) when any of the rest is not a plain user or assistant text."""
+    lead = 0
+    while lead < len(earlier) and isinstance(earlier[lead], dict) \
+            and earlier[lead].get("role") in ("system", "developer"):
+        lead += 1
+    turns = []
+    for m in earlier[lead:]:
+        if not (isinstance(m, dict) and m.get("role") in ("user", "assistant")
+                and set(m) <= {"role", "content"}):
+            return None
+        turn = _text_of(m.get("content"))
+        if turn is None:
+            return None
+        turns.append((str(m["role"]), turn))
+    if not turns:
+        return None
+    if not depends_on_history(text, [t for _, t in turns]):
+        return [*earlier[:lead], {"context": "standalone"}]
+    return [*earlier[:lead], {"context": context_facts(turns, text)}]
+
+
+def _split(api: Api, body: dict[str, Any], ignore: Collection[str] = (),
+           context: str = "strict") -> tuple[dict[str, Any], str] | None:
     rest = keyed_fields(body, ignore)
     if api in ("chat", "messages"):
         messages = body.get("messages")
@@ -69,8 +111,9 @@ def _split(api: Api, body: dict[str, Any], ignore: Collection[str] = ()
         if text is None:
             return None
         shape = {k: v for k, v in last.items() if k != "content"}
-        rest["messages"] = [*messages[:-1], shape]
-        return rest, text
+        earlier = _history(messages[:-1], text) if context == "dependent" else None
+        rest["messages"] = [*(earlier or messages[:-1]), shape]
+        return rest, text if earlier is None else without_acknowledgement(text)
     if api == "completions":
         prompt = body.get("prompt")
         if not isinstance(prompt, str):
@@ -104,10 +147,12 @@ def _split_input(items: Any, rest: dict[str, Any]) -> tuple[dict[str, Any], str]
 
 def semantic_view(api: Api, endpoint: str, body: dict[str, Any], *, tenant: str,
                   namespace: str, variant: str = "", normalised: bool = False,
-                  ignore: Collection[str] = ()) -> SemanticView | None:
+                  ignore: Collection[str] = (), context: str = "strict"
+                  ) -> SemanticView | None:
     """The scope and text of a request, or None if it cannot be matched by meaning;
-    ``variant`` and ``ignore`` as for :func:`~promptcache.cache.keys.request_key`."""
-    split = _split(api, body, ignore)
+    ``variant`` and ``ignore`` as for :func:`~promptcache.cache.keys.request_key`;
+    ``context`` one of :data:`CONTEXT_MODES` (chat and Anthropic messages only)."""
+    split = _split(api, body, ignore, context)
     if split is None:
         return None
     rest, text = split

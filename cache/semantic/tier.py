@@ -99,6 +99,7 @@ class SemanticHit(NamedTuple):
     entry: Entry
     similarity: float
     digest: str
+    text: str = ""  # the entry's prompt (its vector record's text)
 
 
 class _Queued(NamedTuple):
@@ -261,7 +262,7 @@ class SemanticCache:
             if verdict.ok:
                 self.counts["hits"] += 1
                 await self.exact.touch(record.namespace, record.digest)
-                return SemanticHit(entry, similarity, record.digest)
+                return SemanticHit(entry, similarity, record.digest, record.text)
             self.counts[f"rejected_{verdict.reason or 'model'}"] += 1
         return None
 
