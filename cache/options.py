@@ -8,10 +8,14 @@ ones, so an option has one name and one default everywhere. Nothing heavy is imp
 
 from __future__ import annotations
 
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import platformdirs
+
+from promptcache.cache.errors import ConfigError
 
 
 def default_data_dir() -> str:
@@ -72,3 +76,15 @@ class EngineOptions:
     audit_pairs: str | None = None
     key_prefix: str = "pc:"
     key_ignore: tuple[str, ...] = ()
+
+
+def read_toml(path: str, what: str) -> dict[str, Any]:
+    """The TOML file at ``path``; a ConfigError naming ``what`` it is (e.g. "config file")
+    if it cannot be read or parsed."""
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{what} {path} is not valid TOML: {exc}") from exc

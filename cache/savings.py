@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import tomllib
 import zlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Final, NamedTuple
 from promptcache.cache.entry import Answer
 from promptcache.cache.errors import ConfigError
 from promptcache.cache.keys import TENANT_TAG_LEN
+from promptcache.cache.options import read_toml
 
 if TYPE_CHECKING:  # the price table is read by the configuration, which loads no engine
     from promptcache.cache.request import Prepared
@@ -88,14 +88,7 @@ class PriceTable:
 def load_prices(path: str) -> PriceTable:
     """The price table in the TOML file ``path``; ConfigError (naming the file, and the
     line or key) if it cannot be read or is not a valid table."""
-    try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except OSError as exc:
-        raise ConfigError(f"cannot read price table {path}: {exc.strerror}") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"price table {path} is not valid TOML: {exc}") from exc
-    return parse_prices(data, source=path)
+    return parse_prices(read_toml(path, "price table"), source=path)
 
 
 def parse_prices(data: Mapping[str, Any], *, source: str = "price table") -> PriceTable:

@@ -12,7 +12,6 @@ import argparse
 import math
 import os
 import re
-import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
@@ -21,7 +20,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from promptcache.cache.errors import ConfigError
 from promptcache.cache.keys import check_key_ignore
-from promptcache.cache.options import EngineOptions, default_data_dir
+from promptcache.cache.options import EngineOptions, default_data_dir, read_toml
 from promptcache.cache.savings import load_prices
 
 #: Redis keeps expiries in milliseconds; ~68 years is far beyond any sensible TTL.
@@ -435,13 +434,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _load_toml(path: str) -> dict[str, Any]:
-    try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+    data = read_toml(path, "config file")
     section = data.get("promptcache", data)  # a [promptcache] table, or top-level keys
     return {k.replace("-", "_"): v for k, v in section.items()}
 
