@@ -6,9 +6,9 @@ A hit (HIT or SEMANTIC-HIT) saved the upstream call that made the stored answer:
 and the Responses API's ``input_tokens``/``output_tokens``, the embeddings API's
 ``prompt_tokens``) priced by the operator's :class:`PriceTable` (``--prices FILE``, TOML; see
 ``docs/prices.example.toml``; no price is ever fetched from anywhere). Calls the cache
-itself caused count against the savings (:meth:`Savings.spent`): today a single-flight
-follower that waited for a leader and then called upstream after all; an audit that
-re-asks the upstream is to report its calls the same way.
+itself caused count against the savings (:meth:`Savings.spent`): a single-flight
+follower that waited for a leader and then called upstream after all, and every call of
+the false-hit audit (:mod:`promptcache.cache.semantic.audit`), which re-asks the upstream.
 
 Reading a hit's usage costs one JSON parse per entry, not per hit: the model and usage of
 recent entries are memoised by digest (a bounded dict). Every label set is bounded too
