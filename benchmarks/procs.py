@@ -13,11 +13,22 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator, Sequence
 
+#: Ports :func:`free_port` handed out in this process: never handed out twice.
+_ISSUED: set[int] = set()
+
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback port that was free a moment ago, and that this process was not given
+    before: two calls in a row could otherwise get the same port (the kernel may reuse a
+    port as soon as the probe closes), and the second server would fail to bind while the
+    first answered its readiness check."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _ISSUED:
+            _ISSUED.add(port)
+            return port
 
 
 def wait_http(url: str, proc: subprocess.Popen[bytes], within: float = 30.0) -> None:

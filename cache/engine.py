@@ -109,6 +109,8 @@ async def open_engine(options: EngineOptions, stack: contextlib.AsyncExitStack, 
     with contextlib.suppress(RedisError, OSError, asyncio.TimeoutError):
         await asyncio.wait_for(client.ping(), timeout=max(5.0, options.redis_timeout))
         reachable = True
+        if getattr(client, "lane", None) is not None:  # the lookups' GET lane, likewise
+            await client.lane.connect(within=max(5.0, options.redis_timeout))
     if keeper is None:  # someone else's Redis: may it evict our keys behind our back?
         if reachable:
             await check_eviction_policy(client, max_bytes=options.max_bytes)

@@ -154,11 +154,16 @@ class GetLane:
         result: bytes | None = await fut
         return result
 
-    async def _connect(self) -> _Protocol:
+    async def connect(self, within: float) -> None:
+        """Open the connection now, allowing it ``within`` seconds (start-up: the first
+        lookup's budget is for the GET, not for connecting)."""
+        await self._connect(within)
+
+    async def _connect(self, within: float | None = None) -> _Protocol:
         """The lane's connection, opened once for all callers that need it at the same
         time; shielded, so a caller that gives up does not leave it half open."""
         if self._connecting is None:
-            self._connecting = asyncio.ensure_future(self._open())
+            self._connecting = asyncio.ensure_future(self._open(within or self.timeout))
             self._connecting.add_done_callback(self._opened)
         return await asyncio.shield(self._connecting)
 
@@ -167,10 +172,10 @@ class GetLane:
         if not task.cancelled() and task.exception() is None:
             self._conn = task.result()
 
-    async def _open(self) -> _Protocol:
+    async def _open(self, within: float) -> _Protocol:
         loop = asyncio.get_running_loop()
         try:
-            async with asyncio.timeout(self.timeout):
+            async with asyncio.timeout(within):
                 if len(self.address) == 1:
                     _, conn = await loop.create_unix_connection(lambda: _Protocol(self),
                                                                 self.address[0])
