@@ -193,7 +193,9 @@ class NearCache:
         size = len(fill.key) + len(value) + self.overhead
         if size > self.max_bytes:
             return False
-        deadline = float("inf") if pttl_ms < 0 else fill.started + pttl_ms / 1000
+        # PTTL is whole milliseconds of Redis's clock, read after ``started``; a millisecond
+        # off it covers Redis rounding its expiry to the millisecond it was set in.
+        deadline = float("inf") if pttl_ms < 0 else fill.started + (pttl_ms - 1) / 1000
         self._drop(fill.key)
         while self.bytes + size > self.max_bytes and self._entries:
             _, old = self._entries.popitem(last=False)
