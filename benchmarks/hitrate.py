@@ -54,8 +54,9 @@ from promptcache.benchmarks.pairs import (
 )
 from promptcache.benchmarks.progress import add_quiet, progress
 from promptcache.benchmarks.results import command, publish
+from promptcache.cache.options import EngineOptions
 from promptcache.cache.semantic.rules import CHECKS, RULES, STOPWORDS, words
-from promptcache.cache.semantic.verifier import Verifier, VerifierConfig
+from promptcache.cache.semantic.verifier import Verifier, VerifierConfig, required_similarity
 
 THRESHOLDS = np.round(np.arange(0.70, 0.9976, 0.0025), 4)
 TARGETS = (0.01, 0.05)
@@ -212,15 +213,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if variant[key]["threshold"] is not None and base["threshold"] is not None:
                 variant[key]["hr_vs_raw"] = variant[key]["hr"] / max(base["hr"], 1e-9)
     default = _default_point(verifier, test, accepted["verifier"][1])
+    default_hits = None
     if default["threshold"] is not None:
         default |= raw_at_same_fhr(base_test, default)
-        default["false_hits"] = audit_false_hits(
-            test, accepted["verifier"][1] & (test.similarity >= default["threshold"]))
+        default_hits = accepted["verifier"][1] & (
+            test.similarity >= default_floor(default["threshold"], test))
+        default["false_hits"] = audit_false_hits(test, default_hits)
         default["ceiling"] = noise_ceiling(base_test, default["false_hits"], default["fhr"])
     recommendation = (tuning.recommend(train, test, accepted, args.target_fhr, curve, choose)
                       if args.target_fhr is not None else None)
     field, categories = tuning.read_categories(args.pairs, args.limit)
     points = tuning.operating_points(test, accepted, s_test, variants, recommendation)
+    if default_hits is not None:
+        points["default"] = default_hits
     timings["total_s"] = time.perf_counter() - started
     return {
         "benchmark": "hitrate", "date": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()),
@@ -241,13 +246,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def default_floor(threshold: float, test: Lookups, relief: float | None = None) -> np.ndarray:
+    """Each lookup's similarity floor at the sidecar's defaults: ``threshold`` less the
+    length relief (``--length-relief``) its pair earns."""
+    relief = EngineOptions().length_relief if relief is None else relief
+    return np.array([required_similarity(threshold, relief, q, c)
+                     for q, c in zip(test.query, test.candidate, strict=True)])
+
+
 def _default_point(verifier: Verifier, test: Lookups, accepted: np.ndarray) -> dict[str, Any]:
-    """The verifier at the similarity threshold `promptcache fit` chose (if any)."""
+    """The verifier at the similarity threshold `promptcache fit` chose (if any), with the
+    default length relief, as the sidecar runs it."""
     threshold = verifier.params.get("similarity_threshold")
     if threshold is None:
         return {"threshold": None}
-    rows = curve(test, accepted & (test.similarity >= threshold))
-    return {**rows[0], "threshold": float(threshold)}
+    rows = curve(test, accepted & (test.similarity >= default_floor(threshold, test)))
+    return {**rows[0], "threshold": float(threshold),
+            "length_relief": EngineOptions().length_relief}
 
 
 def _raw_best(raw: Lookups, fhr: float) -> tuple[float, float | None]:
@@ -359,7 +374,8 @@ def report(result: dict[str, Any]) -> str:
         lines.append(f"raw cosine at FHR <= {d['fhr']:.2%} (threshold chosen on the held-out "
                      f"split): HR {d.get('raw_hr_at_same_fhr', 0):.1%}; default/raw "
                      + (f"{ratio:.2f}x" if ratio else "n/a"))
-        lines.append(f"default verifier at similarity >= {d['threshold']}: HR {d['hr']:.1%}, "
+        lines.append(f"default verifier at similarity >= {d['threshold']} (less up to "
+                     f"{d.get('length_relief', 0)} for long prompts): HR {d['hr']:.1%}, "
                      f"FHR {d['fhr']:.2%}, wrong {d['wrong']:.1%}, precision {d['precision']:.0%}")
         f = d["false_hits"]
         lines.append(f"its {f['count']} false hits: {f['same_content_words']} keep every "

@@ -272,7 +272,7 @@ async def _semantic(options: EngineOptions, cache: ExactCache, embedder: Embedde
                 threads=options.embed_threads, model_dir=options.static_model_dir))
     config = VerifierConfig(
         numbers=options.verify_numbers, negation=options.verify_negation,
-        entities=options.verify_entities,
+        entities=options.verify_entities, contrast=options.verify_contrast,
         model=None if options.verifier_model == "none" else options.verifier_model,
     )
     verifier = await asyncio.to_thread(Verifier, config, embedder=model)
@@ -285,6 +285,7 @@ async def _semantic(options: EngineOptions, cache: ExactCache, embedder: Embedde
         PartitionedIndex(model.dim, options.index_kind),
         verifier,
         SemanticPolicy(threshold=options.similarity_threshold,
+                       length_relief=options.length_relief,
                        max_temperature=options.semantic_max_temperature,
                        max_index_bytes=options.index_max_bytes,
                        wait_budget=options.semantic_wait_budget,

@@ -48,6 +48,7 @@ class EngineOptions:
     breaker_reset: float = 1.0
     semantic: bool = True
     similarity_threshold: float = 0.975
+    length_relief: float = 0.045
     semantic_max_temperature: float = 1.0
     embedding_model: str | None = None
     embedding_tuning: str | None = None
@@ -60,6 +61,7 @@ class EngineOptions:
     verify_numbers: bool = True
     verify_negation: bool = True
     verify_entities: bool = True
+    verify_contrast: bool = True
     embed_window: float = 0.001
     embed_max_batch: int = 64
     embed_threads: int = 1

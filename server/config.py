@@ -263,6 +263,9 @@ OPTIONS: tuple[Option, ...] = (
            "semantic tier); false = exact matches only, and no model is loaded", "BOOL"),
     Option("similarity_threshold", _unit, "lowest cosine similarity a semantic candidate "
            "needs before the verifier sees it (X-Cache-Threshold may only raise it)", "COSINE"),
+    Option("length_relief", _unit, "how far the similarity floor falls for long prompts: "
+           "none up to 10 words (the shorter text of a pair), all of it from 15; 0 = the "
+           "same floor for every length", "COSINE"),
     Option("semantic_max_temperature", _number, "requests with a higher temperature skip the "
            "semantic tier (an absent temperature counts as 1)", "T"),
     Option("embedding_model", _optional_str, "directory of a sentence-transformers model; "
@@ -281,6 +284,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("verify_negation", parse_bool, "reject candidates whose negation differs", "BOOL"),
     Option("verify_entities", parse_bool, "reject candidates whose names, identifiers, "
            "quoted strings, URLs or file names differ", "BOOL"),
+    Option("verify_contrast", parse_bool, "reject candidates that differ by an opposite "
+           "(enable/disable, upload/download, uninstall) or by one swapped content word "
+           "(reset my password / my PIN)", "BOOL"),
     Option("first_stage", parse_bool, "the cascade's first stage: a static model distilled "
            "from the embedding model decides in well under a millisecond whether any entry "
            "could match, so most misses never wait for the transformer", "BOOL"),
@@ -324,10 +330,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("audit_rate", _number, "share of semantic hits (and, as a control, of exact "
            "hits) re-asked upstream in the background at the operator's expense, to "
            "estimate the false-hit rate; 0 = no audit", "R"),
-    Option("max_false_hit_rate", _number, "with --audit-rate: when the upper end of a "
-           "namespace's 95 percent interval of false hits passes this, its similarity floor "
-           "is raised (then the tier turned off there) until it is back under; 0 = no bound",
-           "F"),
+    Option("max_false_hit_rate", _number, "with --audit-rate: when a namespace's audited "
+           "false hits show it over this, its similarity floor is raised at once to the "
+           "lowest one whose audited hits show it under (or the tier turned off there); it "
+           "comes back down a step at a time after a clean record; 0 = no bound", "F"),
     Option("audit_pairs", _optional_str, "append audited semantic hits to FILE as labelled "
            "pairs (JSON lines of a, b, label) for promptcache fit", "FILE"),
     Option("key_prefix", _str, "prefix of every Redis key the cache writes", "PREFIX"),

@@ -7,7 +7,10 @@
   without, none, nothing, cannot, unable, ...), idioms such as "no matter" and "or not" aside;
 - ``entities``: named things agree (capitalised names not at a sentence start, acronyms, code
   identifiers, quoted strings, URLs, file names), and the ones both prompts share appear in
-  the same order, so "Alice pays Bob" never matches "Bob pays Alice".
+  the same order, so "Alice pays Bob" never matches "Bob pays Alice";
+- ``contrast``: no opposite between the words the prompts do not share (enable/disable,
+  upload/download, install/uninstall, ...) and no lone content word swapped for another
+  ("reset my password" / "reset my PIN"): see :mod:`.contrast`.
 
 Pure functions of two strings; :mod:`.verifier` runs them, :mod:`.scorers` uses their flags
 as features. Each considers at most :data:`MAX_TOKENS` tokens of a text and judges a longer
@@ -25,6 +28,8 @@ import itertools
 import operator
 import re
 from collections import Counter
+
+from promptcache.cache.semantic.contrast import contrast_agrees
 
 # --- tokens ------------------------------------------------------------------------------
 
@@ -496,8 +501,25 @@ def _inside(x: tuple[str, ...], y: tuple[str, ...]) -> bool:
     return any(y[i:i + len(x)] == x for i in range(len(y) - len(x) + 1))
 
 
-RULES = ("numbers", "negation", "entities")
-CHECKS = {"numbers": numbers_agree, "negation": negation_agrees, "entities": names_agree}
+def opposites_agree(query: str, candidate: str) -> bool:
+    """No opposite and no lone swapped content word between the prompts: see
+    :mod:`.contrast`."""
+    if _too_long(query, candidate):
+        return False
+    return contrast_agrees(query, candidate, stopwords=_FUNCTION, words=words(query),
+                           other=words(candidate))
+
+
+#: Words that are no content of their own for :mod:`.contrast`: stopwords, the negation
+#: cues the ``negation`` rule counts ("can't" / "unable" is no swapped word), and the number
+#: words the ``numbers`` rule reads ("two" / "2").
+_FUNCTION = frozenset(STOPWORDS | _NEGATIONS | set(_SMALL) | set(_TENS) | set(_SCALES)
+                      | set(_OTHER))
+
+
+RULES = ("numbers", "negation", "entities", "contrast")
+CHECKS = {"numbers": numbers_agree, "negation": negation_agrees, "entities": names_agree,
+          "contrast": opposites_agree}
 
 
 def rule_flags(query: str, candidate: str) -> dict[str, bool]:

@@ -24,18 +24,22 @@ from typing import Any
 import numpy as np
 
 from promptcache.cache.errors import ConfigError
-from promptcache.cache.semantic.rules import RULES, STOPWORDS, rule_flags, words
+from promptcache.cache.semantic.rules import STOPWORDS, rule_flags, words
 
 _QUESTION_WORDS = frozenset(
     "what how why when where which who whom whose is are can do does did should would will "
     "could".split())
+#: The rules whose flags are features: the three the shipped model was fitted with. The
+#: ``contrast`` rule came later; like every rule it vetoes a pair before any model scores
+#: it, so a fitted model never sees a pair it rejected.
+MODEL_RULES = ("numbers", "negation", "entities")
 FEATURES = ("similarity", "word_jaccard", "content_jaccard", "unmatched_query",
             "unmatched_candidate", "length_ratio", "log_length", "first_word_equal",
-            "question_words_equal", *(f"rule_{r}" for r in RULES))
+            "question_words_equal", *(f"rule_{r}" for r in MODEL_RULES))
 
 
 #: The rule flags of a pair that every rule passed (or that a rule switched off did not judge).
-ALL_AGREE: Mapping[str, bool] = MappingProxyType(dict.fromkeys(RULES, True))
+ALL_AGREE: Mapping[str, bool] = MappingProxyType(dict.fromkeys(MODEL_RULES, True))
 
 
 def pair_features(query: str, candidate: str, similarity: float,
@@ -55,7 +59,7 @@ def pair_features(query: str, candidate: str, similarity: float,
             float(len(cq - cc)), float(len(cc - cq)), min(lq, lc) / max(lq, lc),
             math.log(max(lq, lc)), float(bool(wq) and bool(wc) and wq[0] == wc[0]),
             float((sq & _QUESTION_WORDS) == (sc & _QUESTION_WORDS)),
-            *(float(flags[r]) for r in RULES)]
+            *(float(flags[r]) for r in MODEL_RULES)]
 
 
 class LinearScorer:

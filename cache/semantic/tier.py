@@ -53,6 +53,7 @@ from promptcache.cache.semantic.first_stage import CODE_BYTES, FirstStage
 from promptcache.cache.semantic.index import PartitionedIndex
 from promptcache.cache.semantic.record import VectorRecord, vector_id
 from promptcache.cache.semantic.scope import SemanticView
+from promptcache.cache.semantic.verifier import DEFAULT_LENGTH_RELIEF, required_similarity
 from promptcache.cache.tasks import raise_if_cancelled, stop_task
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,8 @@ class SemanticPolicy:
     """The tier's thresholds: similarity, temperature, candidates searched, index bound."""
 
     threshold: float = 0.975
+    #: How far the floor falls for long prompts (:func:`~.verifier.required_similarity`).
+    length_relief: float = DEFAULT_LENGTH_RELIEF
     max_temperature: float = 1.0
     candidates: int = 4
     #: Bound of this node's index (0 = none). When reached, new vectors are not indexed
@@ -190,6 +193,8 @@ class SemanticCache:
                      ) -> SemanticHit | None:
         """The best verified entry of ``view``'s scope, or None. May raise CacheUnavailable."""
         threshold = self.policy.threshold if threshold is None else threshold
+        relief = self.policy.length_relief
+        cut = threshold - relief  # what a long enough pair needs; shorter ones need more
         self.counts["lookups"] += 1
         if self.memory_shed:
             self.counts["memory"] += 1
@@ -226,7 +231,7 @@ class SemanticCache:
         else:
             found = [(i, s) for i, s in self.index.search(view.scope, vector,
                                                           self.policy.candidates)
-                     if s >= threshold and i in self._refs]
+                     if s >= cut and i in self._refs]
             if not found:
                 self.counts["below_threshold"] += 1
                 return None
@@ -243,8 +248,9 @@ class SemanticCache:
                 if record.model != self.model or record.vector.shape != vector.shape:
                     continue  # another model's vector: not comparable
                 similarity = float(np.dot(record.vector, vector))
-                if similarity < threshold:
-                    continue
+            if similarity < threshold and similarity < required_similarity(
+                    threshold, relief, view.text, record.text):
+                continue
             candidates.append((similarity, entry, record))
         if fs is not None:
             candidates.sort(key=lambda c: -c[0])

@@ -3,8 +3,8 @@
 A cached answer is served for a paraphrase only if the two prompts ask the same thing.
 Cosine similarity alone cannot tell that: "cancel my subscription" and "don't cancel my
 subscription" score above 0.95. Before a candidate is served, :class:`Verifier` runs the rule
-checks of :mod:`.rules` (``numbers``, ``negation``, ``entities``), then the fitted model of
-:mod:`.scorers` on the pairs they let through:
+checks of :mod:`.rules` (``numbers``, ``negation``, ``entities``, ``contrast``), then the
+fitted model of :mod:`.scorers` on the pairs they let through:
 
 - ``model``: what ``promptcache fit`` wrote: a logistic regression over cheap features
   (similarity, word overlap, length ratio, the rule flags), a fine-tuned cross-encoder
@@ -31,13 +31,34 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from promptcache.cache.protocols import Scorer, Verdict
-from promptcache.cache.semantic.rules import CHECKS, RULES
+from promptcache.cache.semantic.rules import CHECKS, RULES, words
 from promptcache.cache.semantic.scorers import load_model
 
 if TYPE_CHECKING:
     from promptcache.cache.semantic.embedding import SentenceTransformerEmbedder
 
 DEFAULT_PARAMS = Path(__file__).resolve().parent / "models" / "verifier.json"
+
+#: How far the similarity floor falls for long prompts (``--length-relief``): rewrites of a
+#: long prompt change more words, so they sit at a lower cosine than rewrites of a short
+#: question (LLM rewrites of 18-word sentences at 0.85-0.95), while the near-miss questions
+#: the floor keeps out are short. The shorter text of a pair decides: up to
+#: :data:`RELIEF_FROM_WORDS` words the floor is the threshold, from :data:`RELIEF_FULL_WORDS`
+#: it is the threshold less the relief, linear between. The rules (``contrast`` among them:
+#: an opposite or one swapped word, which long prompts hide best) still judge every pair.
+DEFAULT_LENGTH_RELIEF = 0.045
+RELIEF_FROM_WORDS = 10
+RELIEF_FULL_WORDS = 15
+
+
+def required_similarity(threshold: float, relief: float, query: str, candidate: str) -> float:
+    """The similarity a candidate needs: ``threshold`` less the part of ``relief`` the
+    shorter text's length earns (see :data:`DEFAULT_LENGTH_RELIEF`)."""
+    if relief <= 0:
+        return threshold
+    n = min(len(words(query)), len(words(candidate)))
+    share = min(max(n - RELIEF_FROM_WORDS, 0) / (RELIEF_FULL_WORDS - RELIEF_FROM_WORDS), 1.0)
+    return threshold - relief * share
 
 
 @dataclass(frozen=True)
@@ -51,6 +72,7 @@ class VerifierConfig:
     numbers: bool = True
     negation: bool = True
     entities: bool = True
+    contrast: bool = True
     model: str | None = "default"
     max_chars: int = 32_768
 

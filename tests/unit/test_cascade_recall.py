@@ -52,3 +52,32 @@ def test_the_first_stage_keeps_the_precise_models_hits_and_skips_most_lookups(
     assert kept / len(precise_hits) >= 0.97, (kept, len(precise_hits))
     skipped = sum(not stage.plausible("scope", b) for _, b in pairs)
     assert skipped / len(pairs) >= 0.3, skipped  # lookups that never wait for MiniLM
+
+
+def test_the_first_stage_keeps_long_rewrites_the_length_relief_lets_through(
+        embedder: Embedder) -> None:
+    """Under the length relief a long rewrite is a hit down to 0.93: the first stage (tuned
+    at the threshold) must still keep those among its candidates."""
+    from promptcache.cache.options import EngineOptions
+    from promptcache.cache.semantic.verifier import required_similarity
+
+    path = DATASETS / "gptcache_mock_pairs.jsonl.gz"
+    if not path.exists():
+        pytest.skip(f"{path} is not there")
+    with gzip.open(path, "rt") as f:
+        rows = [json.loads(line) for line in f][:500]
+    pairs = [(r["a"], r["b"]) for r in rows]
+    static = find_static_model()
+    assert static is not None
+    stage = FirstStage(StaticEmbedder(static))
+    a_texts = [a for a, _ in pairs]
+    stage.add_codes("scope", np.arange(len(pairs), dtype=np.int64), stage.codes(a_texts))
+    similarity = embedder.encode([b for _, b in pairs]) @ embedder.encode(a_texts).T
+    nearest = similarity.argmax(axis=1)
+    relief = EngineOptions().length_relief
+    relieved = [n for n in range(len(pairs))
+                if THRESHOLD > similarity[n, nearest[n]] >= required_similarity(
+                    THRESHOLD, relief, pairs[n][1], pairs[int(nearest[n])][0])]
+    assert len(relieved) >= 50, "too few relieved hits to measure recall on"
+    kept = sum(int(nearest[n]) in stage.plausible("scope", pairs[n][1]) for n in relieved)
+    assert kept / len(relieved) >= 0.97, (kept, len(relieved))

@@ -50,19 +50,44 @@ NAME_TRAPS = [
     ("Summarise https://example.com/a", "Summarise https://example.com/b"),
     ("What does config.yaml configure?", "What does config.json configure?"),
     ("Does the NHS cover this?", "Does the IRS cover this?"),
+    ("Who founded Google?", "Who was the founder of Microsoft?"),  # more than one word swapped
     # content words that trade places change the question as much as names do
     ("Why are westerners more polite than Asians?", "Why are Asians more polite than westerners?"),
     ("How do I convert a pdf to a word file?", "How do I convert a word file to a pdf?"),
     ("Can I work abroad after studying law in India?",
      "Can I work in India after studying law abroad?"),
 ]
+CONTRAST_TRAPS = [
+    ("How do I enable two-factor login for every user on the admin console of our team?",
+     "How do I disable two-factor login for every user on the admin console of our team?"),
+    ("How do I upload my photos to the shared album?",
+     "How do I download my photos from the shared album?"),
+    ("What is the maximum file size for an attachment?",
+     "What is the minimum file size for an attachment?"),
+    ("How do I install the printer driver on a Mac?",
+     "How do I uninstall the printer driver on a Mac?"),
+    ("How do I encrypt a folder before sending it?",
+     "How do I decrypt a folder before sending it?"),
+    ("Should I stretch before running?", "Should I stretch after running?"),
+    ("How do I reset my password on the banking app?", "How do I reset my pin on the banking app?"),
+    ("Our nightly builds on the build server keep failing with a timeout, how do I raise it?",
+     "Our weekly builds on the build server keep failing with a timeout, how do I raise it?"),
+    # quantifiers
+    ("Do all the plans include phone support?", "Do any of the plans include phone support?"),
+    ("Can I refund every order from last week at once?",
+     "Can I refund only some orders from last week at once?"),
+    # two blocks trading places around the same words
+    ("How do I merge main into my feature branch?", "How do I merge my feature branch into main?"),
+    ("Our dog keeps chasing the new kitten around the house, what should we do?",
+     "Our new kitten keeps chasing the dog around the house, what should we do?"),
+]
 TRAPS = [("negation", p) for p in NEGATION_TRAPS] + [("numbers", p) for p in NUMBER_TRAPS] + [
-    ("entities", p) for p in NAME_TRAPS]
+    ("entities", p) for p in NAME_TRAPS] + [("contrast", p) for p in CONTRAST_TRAPS]
 PARAPHRASES = [
     ("How do I reset my password?", "How can I reset my password?"),
     ("What is the best way to learn Python?", "How do I learn python?"),
     ("What Is The Best Way To Learn Guitar?", "How can I learn guitar fast?"),
-    ("Book a table for two people at 7pm", "Reserve a table for 2 people at 7 pm"),
+    ("Book a table for two people at 7pm", "Book a table for 2 people at 7 pm"),
     ("Is it safe to eat raw eggs or not?", "Is it safe to eat raw eggs?"),
     ("No matter what, how do I stay calm?", "How do I stay calm whatever happens?"),
     ("Why can't I sleep at night?", "Why am I unable to sleep at night?"),
@@ -99,7 +124,7 @@ def test_trap_pairs_are_rejected_by_their_rule(rules: Verifier, check: str,
         assert not verdict.ok
         alone = Verifier(VerifierConfig(
             numbers=check == "numbers", negation=check == "negation",
-            entities=check == "entities", model=None))
+            entities=check == "entities", contrast=check == "contrast", model=None))
         assert alone.verify(query, candidate, HIGH).reason == check
 
 
@@ -154,7 +179,7 @@ def _linear_params(tmp_path: Path, threshold: float = 0.5) -> str:
 def test_a_fitted_model_rejects_what_it_scores_below_its_threshold(tmp_path: Path) -> None:
     verifier = Verifier(VerifierConfig(model=_linear_params(tmp_path)))
     low = verifier.verify("How do I bake bread?", "How do I fix my bike?", 0.85)
-    high = verifier.verify("How do I bake bread?", "How do I bake a loaf?", 0.95)
+    high = verifier.verify("How do I bake bread?", "How can I bake bread at home?", 0.95)
     assert not low.ok and low.reason == "model" and low.score < 0.5
     assert high.ok and high.reason is None and high.score > 0.5
     trap = verifier.verify("cancel my plan", "don't cancel my plan", 0.99)
@@ -169,7 +194,7 @@ def test_a_bad_model_path_is_a_config_error(tmp_path: Path) -> None:
         Verifier(VerifierConfig(model=str(tmp_path / "other.json")))
 
 
-@pytest.mark.parametrize("check", ["numbers", "negation", "entities"])
+@pytest.mark.parametrize("check", ["numbers", "negation", "entities", "contrast"])
 def test_each_check_can_be_switched_off(check: str) -> None:
     """With one check off, its traps that no other rule catches pass."""
     off = Verifier(VerifierConfig(model=None, **{check: False}))  # type: ignore[arg-type]
@@ -214,3 +239,64 @@ def test_named_things_skip_sentence_starts_and_title_case() -> None:
     assert named_things("Call numpy.linalg.norm on my_array in main.py") == [
         "numpy.linalg.norm", "my_array", "main.py"]
     assert "https://example.com/x?q=1" in named_things("See https://example.com/x?q=1.")
+
+
+def test_the_floor_falls_with_the_shorter_texts_length() -> None:
+    from promptcache.cache.semantic.verifier import (
+        RELIEF_FROM_WORDS,
+        RELIEF_FULL_WORDS,
+        required_similarity,
+    )
+
+    def text(n: int) -> str:
+        return " ".join(f"w{i}" for i in range(n))
+
+    long = text(40)
+    assert required_similarity(0.975, 0.045, text(RELIEF_FROM_WORDS), long) == 0.975
+    assert required_similarity(0.975, 0.045, long, text(RELIEF_FULL_WORDS)) == pytest.approx(0.93)
+    middle = (RELIEF_FROM_WORDS + RELIEF_FULL_WORDS) // 2
+    assert 0.93 < required_similarity(0.975, 0.045, text(middle), long) < 0.975
+    assert required_similarity(0.975, 0.0, long, long) == 0.975  # --length-relief 0: off
+    assert required_similarity(0.99, 0.045, long, long) == pytest.approx(0.945)  # below any
+
+
+@pytest.mark.parametrize(("query", "candidate"), [
+    ("Is it safe to lock the screen remotely?", "Is it safe to unlock the screen remotely?"),
+    ("Can I compress the backup?", "Can I decompress the backup?"),
+    ("Why is the token invalid after an hour?", "Why is the token valid after an hour?"),
+    ("Sort the users in ascending order of signup date",
+     "Sort the users in descending order of signup date"),
+])
+def test_the_contrast_rule_sees_opposites_made_with_a_prefix_or_listed(
+        rules: Verifier, query: str, candidate: str) -> None:
+    assert rules.verify(query, candidate, HIGH).reason == "contrast"
+    assert rules.verify(candidate, query, HIGH).reason == "contrast"
+
+
+@pytest.mark.parametrize(("query", "candidate"), [
+    # several words changed: a rewrite, for the model and the similarity to judge
+    ("Gradio is a tool to build machine learning demos in a few lines of Python.",
+     "Gradio enables developers to create machine learning demos with a few lines of Python."),
+    # numbers and negation cues are the other rules' business, not a swapped word
+    ("Book a table for two people", "Book a table for 2 people"),
+    ("Why can't I sleep at night?", "Why am I unable to sleep at night?"),
+    # only function words differ
+    ("How can one avoid arguments?", "How do you avoid arguments?"),
+])
+def test_the_contrast_rule_lets_rewrites_through(query: str, candidate: str) -> None:
+    from promptcache.cache.semantic.rules import opposites_agree
+
+    assert opposites_agree(query, candidate) and opposites_agree(candidate, query)
+
+
+def test_the_contrast_rule_bounds_its_pairwise_search() -> None:
+    from promptcache.cache.semantic.contrast import MAX_LEFT
+    from promptcache.cache.semantic.rules import opposites_agree
+
+    def made_up(stem: str, i: int) -> str:
+        return stem + chr(97 + i % 26) + chr(97 + i // 26)
+
+    a = " ".join(made_up("alpha", i) for i in range(MAX_LEFT + 1)) + " enable"
+    b = " ".join(made_up("beta", i) for i in range(MAX_LEFT + 1)) + " disable"
+    assert opposites_agree(a, b)  # too many leftovers to compare: left to the other judges
+    assert not opposites_agree(a.split()[-1], b.split()[-1])
