@@ -5,7 +5,9 @@ holds two chat requests ``a`` and ``b`` with the same system prompt, a ``kind``,
 (1: one answer serves both; 0: it must not) and a ``split`` (``fit`` or ``held_out``, by a
 hash of the id; only ``held_out`` figures are judged). Kinds with label 1:
 ``standalone_after_unrelated``, ``context_reworded``, ``context_smalltalk``; with label 0:
-``same_final_other_context``, ``changed_detail``, ``confirm_other_offer``.
+``same_final_other_context``, ``changed_detail``, ``confirm_other_offer``,
+``other_question_same_context`` (the same conversation, a follow-up that asks another
+thing: "How do I add the second node?" / "How do I remove the second node?").
 
 The command starts its own sidecar in this process (semantic tier on, default settings but
 ``--context-match`` when given) in front of the fake upstream, on a private Redis. For each
@@ -51,7 +53,8 @@ CHAT = "/v1/chat/completions"
 MODEL = "gpt-4o-mini"
 SERVED = frozenset({"HIT", "SEMANTIC-HIT"})
 KINDS = {"standalone_after_unrelated": 1, "context_reworded": 1, "context_smalltalk": 1,
-         "same_final_other_context": 0, "changed_detail": 0, "confirm_other_offer": 0}
+         "same_final_other_context": 0, "changed_detail": 0, "confirm_other_offer": 0,
+         "other_question_same_context": 0}
 TARGET_SERVED = 0.40
 
 

@@ -35,9 +35,39 @@ def chat(*turns: str, system: str = "You are a billing assistant.") -> list[dict
     "And with the TV add-on?", "What about the blue one?", "Yes please.", "Sure, go ahead",
     "the annual one", "What would annual billing cost us?", "How much is the credit?",
     "Can I get a refund?", "Are Team seats transferable?",  # "Team" and "seats" were said
+    # A how-to or may-I question that does not name its subject asks about the history's.
+    "How do I add shell completions?", "Can I pay monthly?", "Is it possible to pay yearly?",
+    "How do I read a config file as a fallback?", "Will there be any downtime?",
+    # Whether one may, and when, is the user's own case even when it names its subject.
+    "Can we get a discount on Ledgerly?", "When can I expect a refund from Ledgerly?",
+    # Comparing without saying with what; "the" the message does not define.
+    "Which option is easier?", "Does the yearly plan work out cheaper for Acme?",
+    "Is the discount applied before tax?", "Thanks, that helps. How do I add it?",
 ])
 def test_messages_that_point_back_or_speak_of_the_users_case_depend(text: str) -> None:
     assert depends_on_history(text, HISTORY)
+
+
+@pytest.mark.parametrize("text", [
+    # Generic how-to and may-I questions that name their subject.
+    "How do I change my Ledgerly password?", "How can we settle Ledgerly invoices with PayPal?",
+    "Is there a Ledgerly app for Android?", "Where can I download my Ledgerly data?",
+    # "the" defined in the message; "instead of"; an acknowledgement before the question.
+    "What is the difference between cash and accrual accounting?",
+    "Does Ledgerly send paper invoices instead of email?",
+    "Thanks, that helps. Does Ledgerly charge VAT for EU customers?",
+])
+def test_generic_questions_that_name_their_subject_stand_alone(text: str) -> None:
+    assert not depends_on_history(text, HISTORY)
+    assert not depends_on_history(text, ["My card ending 4421 was declined.",
+                                         "We will retry it in 3 days."])
+
+
+def test_a_name_said_before_that_the_message_names_itself_is_no_cue() -> None:
+    history = ["Ledgerly charged my card twice on 3 May.",
+               "I see a duplicate charge of $49 on 3 May; it will be refunded."]
+    assert not depends_on_history("Does Ledgerly integrate with Stripe?", history)
+    assert depends_on_history("Does Ledgerly refund duplicate charges?", history)  # "charge"
 
 
 @pytest.mark.parametrize("text", [
@@ -70,6 +100,44 @@ def test_facts_ignore_wording_and_small_talk_but_not_numbers_names_or_the_reply(
                   [("user", "I'm not on the Team plan with 12 seats."),
                    ("assistant", HISTORY[1])]):
         assert context_facts(turns, "Does it?") != base
+
+
+def test_small_talk_that_shares_only_light_words_occasions_or_each_others_words_is_left_out(
+        ) -> None:
+    """Light verbs ("take your time", "go ahead"), contractions, "second time", and words
+    that two small-talk exchanges share with each other do not tie small talk to the topic."""
+    base = context_facts([("user", HISTORY[0]), ("assistant", HISTORY[1])], "Does it?")
+    chatty = context_facts([
+        ("user", "Sorry, I'm typing with a coffee in my hand, quick typos ahead."),
+        ("assistant", "No problem, take your time!"),
+        ("user", HISTORY[0]), ("assistant", HISTORY[1]),
+        ("user", "Hello again, second time I've asked here."),
+        ("assistant", "Welcome back! Go ahead."),
+        ("user", "And thanks for the quick replies."),
+        ("assistant", "You're welcome, I'm glad it helps."),
+    ], "Does it?")
+    assert chatty == base
+
+
+def test_answers_and_choices_are_never_small_talk() -> None:
+    """An exchange that accepts an offer ("Yes please." / "Done.") or picks an option
+    ("The second one, please.") stays in the facts, though short and without digits."""
+    offer = "I can switch you to annual billing or add seats. Which would you like?"
+    turns = [("user", HISTORY[0]), ("assistant", offer)]
+    yes = context_facts([*turns, ("user", "Yes please."), ("assistant", "Done.")], "Does it?")
+    assert yes != context_facts(turns, "Does it?")
+    first, second = (context_facts([*turns, ("user", f"The {pick} one, please."),
+                                    ("assistant", "Done!")], "When?")
+                     for pick in ("first", "second"))
+    assert first != second
+
+
+def test_a_named_generic_question_matches_across_histories_an_unnamed_one_does_not() -> None:
+    other = ["My card ending 4421 was declined.", "We will retry it in 3 days."]
+    named = "How do I change my Ledgerly password?"
+    assert view(chat(*HISTORY, named)).scope == view(chat(*other, named)).scope
+    unnamed = "How do I add shell completions?"
+    assert view(chat(*HISTORY, unnamed)).scope != view(chat(*other, unnamed)).scope
 
 
 def test_strict_mode_keeps_every_earlier_turn_and_is_the_default() -> None:
