@@ -14,8 +14,9 @@ with a plural, past or -ing ending taken off):
   install/reinstall, compress/decompress); or
 - two blocks of the same words **trade places** around the same words ("merge main into my
   branch" / "merge my branch into main"; not "X and Y", nor a clause moved whole); or
-- exactly **one content word** is left on each side (function words aside): "reset my
-  password" / "reset my PIN", "nightly builds" / "weekly builds". A rewrite that means
+- exactly **one content word** is left on each side (function words aside), and the two
+  are not forms of one word ("differ" / "difference"): "reset my password" / "reset my
+  PIN", "nightly builds" / "weekly builds". A rewrite that means
   the same changes more than one word; a prompt edited in one word is the signature of a
   different question, and a miss costs less than a wrong answer.
 
@@ -156,4 +157,16 @@ def contrast_agrees(query: str, candidate: str, *, stopwords: frozenset[str] | s
         w = written[base]
         return w not in stopwords and "'" not in w and not any(ch.isdigit() for ch in w)
 
-    return not sum(map(content, left_q)) == sum(map(content, left_c)) == 1
+    swapped_q, swapped_c = [w for w in left_q if content(w)], [w for w in left_c if content(w)]
+    return not (len(swapped_q) == len(swapped_c) == 1
+                and not same_family(swapped_q[0], swapped_c[0]))
+
+
+def same_family(x: str, y: str) -> bool:
+    """Two forms of one word ("differ" / "difference", "deliver" / "delivery"): the shorter
+    (of 4 letters or more) starts the longer, or does but for a final "e" or "y" ("realise"
+    / "realising", "apply" / "applies" aside). Not "internal" / "international"."""
+    short, long_ = (x, y) if len(x) <= len(y) else (y, x)
+    if len(short) >= 4 and long_.startswith(short):
+        return True
+    return len(short) >= 6 and short[-1] in "ey" and long_.startswith(short[:-1])

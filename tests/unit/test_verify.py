@@ -300,3 +300,12 @@ def test_the_contrast_rule_bounds_its_pairwise_search() -> None:
     b = " ".join(made_up("beta", i) for i in range(MAX_LEFT + 1)) + " disable"
     assert opposites_agree(a, b)  # too many leftovers to compare: left to the other judges
     assert not opposites_agree(a.split()[-1], b.split()[-1])
+
+
+def test_two_forms_of_one_word_are_no_swap_but_look_alikes_are() -> None:
+    from promptcache.cache.semantic.rules import opposites_agree
+
+    assert opposites_agree("What is the difference between a list and a tuple in Python?",
+                           "How do a list and a tuple differ in Python?")
+    assert not opposites_agree("What is the fee for an internal transfer?",
+                               "What is the fee for an international transfer?")
