@@ -43,7 +43,7 @@ def test_bench_hitrate_writes_sane_json(tmp_path: Path) -> None:
     assert hitrate.main(args) == 0
     result = json.loads((tmp_path / "hitrate.json").read_text())
     assert set(result["variants"]) == {"raw", "embedder", "numbers", "negation", "entities",
-                                       "rules", "verifier"}
+                                       "contrast", "rules", "verifier"}
     assert result["embedding_tuning"] == str(resolve_tuning(None))
     assert result["lookups"]["test"]["label1"] > 0 and result["lookups"]["test"]["label0"] > 0
     for name, variant in result["variants"].items():
