@@ -39,7 +39,7 @@ from promptcache.cache.redis.layout import KeyLayout
 from promptcache.cache.redis.near import NearCache, NearTracking, near_cache_bytes
 from promptcache.cache.redis.remote_flight import RemoteFlight
 from promptcache.cache.resident import MemoryGuard, model_bytes
-from promptcache.cache.semantic.audit import AnswerJudge, Auditor
+from promptcache.cache.semantic.audit import AnswerJudge, Auditor, model_busy
 from promptcache.cache.semantic.embedding import BatchingEmbedder, load_embedder, resolve_tuning
 from promptcache.cache.semantic.first_stage import (
     FirstStage,
@@ -154,7 +154,8 @@ async def open_engine(options: EngineOptions, stack: contextlib.AsyncExitStack, 
     if semantic is not None and options.audit_rate > 0:
         audit = Auditor(options.audit_rate, AnswerJudge(semantic.embedder),
                         threshold=options.similarity_threshold,
-                        max_rate=options.max_false_hit_rate or None, pairs=options.audit_pairs)
+                        max_rate=options.max_false_hit_rate or None, pairs=options.audit_pairs,
+                        busy=model_busy(semantic.embedder))
         _background(stack, audit.run())
     return Engine(options, url, cache, semantic, remote=remote, sync=sync, guard=guard,
                   model_bytes=(model_bytes(semantic.embedder.embedder) if semantic is not None

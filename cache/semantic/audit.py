@@ -2,11 +2,12 @@
 
 ::
 
-    flow, after a hit is served -> Auditor.offer(req, answer, exact)   O(1), never awaits
+    flow, after a hit is served -> Auditor.offer(req, answer, exact, similarity)   O(1)
         sampled at --audit-rate R (exact hits too, as the control, while they are fewer
         than the semantic audits); a full queue drops the audit (counted ``dropped``)
-    worker (Auditor.run) -> ask(req, origin): the request sent upstream again (the front
-        end's callable: with the operator's key where one is configured) -> spent(req, fresh)
+    worker (Auditor.run): one audit at a time, while the model has no lookup (``busy``)
+        -> ask(req, origin): the request sent upstream again (the front end's callable:
+        with the operator's key where one is configured) -> spent(req, fresh)
         -> Judge.disagree(api, served, fresh) -> the tallies (per namespace and overall)
         -> the bound (--max-false-hit-rate) -> the pair, labelled, to --audit-pairs
 
@@ -21,13 +22,27 @@ the same answer by construction) it disagreed on a share p0 (sampling noise at t
 its 95% interval the Wilson interval of k/n corrected the same way (the upper end with the
 control's lower end, the lower end with its upper end, so the control's own noise widens it).
 
-The bound: with ``max_rate`` F, once a namespace has enough audits at its present floor that a
-clean record could show it under F (z^2 (1 - F) / F of them, 381 for F = 0.01), an upper end
-over F (or, after 30, a lower end over F) raises its similarity floor by ``step`` (and past
-``cap`` turns the tier off there); an
-upper end under F lowers it a step. Each change starts the namespace's evidence afresh, is
-logged, and is listed in :meth:`Auditor.stats`. A namespace turned off gets no hits, so no
-evidence: after ``hold`` seconds it is tried again at the top floor.
+The bound: with ``max_rate`` F, each namespace keeps a record of its last ``keep`` (4,096)
+audited semantic hits: the similarity of each, the floor it was served under, and the verdict.
+A hit served at similarity s would be served under any floor up to s, so the records at or
+above a floor t, served under a floor at most t, are a sample of what floor t serves: the
+bound reads every candidate floor's estimate from the one record (floors a ``step`` of 0.01
+apart from the configured one up to ``cap``), and no change throws evidence away. After each
+audit, the present floor is *over* F if its lower end is over F (on 30 audits or more), or,
+on a full record (z^2 (1 - F) / F audits: 381 for F = 0.01), if it is not *under* F: its
+upper end under F, or its estimate under F/2 on 100 audits or more. An over floor rises at
+once to the lowest floor that is under F; if none is, to the lowest one not shown over; and
+the tier is turned off in the namespace when every floor above is shown over, or the
+highest with 30 audits is over beyond doubt (its lower end over F). Nothing under the floor
+is audited, so it comes down only a step at a time, to explore: after a full record at the
+present floor that is under F, and only if the record does not show the floor below over
+F. Each change is logged and listed in :meth:`Auditor.stats`. A namespace turned
+off gets no hits, so no evidence: after ``hold`` seconds it is tried again at the top floor,
+its record started afresh.
+
+The worker yields to traffic: it audits one hit at a time, asks and judges only while the
+request path's model has no lookup queued and no batch running (``busy``), and drops an
+audit that waited ``max_wait`` seconds (counted ``expired``).
 """
 
 from __future__ import annotations
@@ -63,8 +78,16 @@ Z95: Final = 1.959964
 QUEUE: Final = 64
 #: Characters of an answer the judge's embedder reads (a prefix of a longer one).
 JUDGE_CHARS: Final = 2000
-#: Audits in a namespace's window before its lower end alone may raise the floor.
+#: Audits above a floor before its interval alone may call it over (or under) the bound.
 MIN_AUDITS: Final = 30
+#: Audits above a floor before its estimate may call it under the bound with the margin.
+MIN_UNDER: Final = 100
+#: A floor whose estimate is under MARGIN * F (on MIN_UNDER audits) is under the bound.
+MARGIN: Final = 0.5
+#: Audits a namespace's record keeps, the last ones (similarity, floor, verdict).
+KEPT: Final = 4096
+#: The bound's floors: the configured floor, then a step of this each.
+STEP: Final = 0.01
 #: Changes of the bound kept for /stats.
 CHANGES_KEPT: Final = 50
 
@@ -142,6 +165,12 @@ class AnswerJudge:
         return all(CHECKS[name](a, b) for name in self.rules)
 
 
+def model_busy(embedder: BatchingEmbedder) -> Callable[[], bool]:
+    """The auditor's ``busy``: the request path's model has a lookup queued or a batch
+    running (O(1))."""
+    return lambda: embedder.queued[0] > 0 or embedder.expected_wait() > 0
+
+
 # -- the estimator ---------------------------------------------------------------------------
 
 
@@ -184,12 +213,13 @@ class Estimate:
     high: float
 
 
-def estimate(t: Tally, control: Tally) -> Estimate:
-    """The corrected false-hit rate of ``t`` (see the module doc)."""
+def estimate(t: Tally, control: Tally, z: float = Z95) -> Estimate:
+    """The corrected false-hit rate of ``t`` (see the module doc), its interval at ``z``."""
     if t.audited == 0:
         return Estimate(None, 0.0, 1.0)
-    lo, hi = wilson(t.disagreed, t.audited)
-    c_lo, c_hi = wilson(control.disagreed, control.audited) if control.audited else (0.0, 0.0)
+    lo, hi = wilson(t.disagreed, t.audited, z)
+    c_lo, c_hi = (wilson(control.disagreed, control.audited, z) if control.audited
+                  else (0.0, 0.0))
     p0 = control.disagreed / control.audited if control.audited else 0.0
     return Estimate(corrected(t.disagreed / t.audited, p0), corrected(lo, c_hi),
                     corrected(hi, c_lo))
@@ -200,15 +230,55 @@ def enough(max_rate: float, z: float = Z95) -> int:
     return math.ceil(z * z * (1 - max_rate) / max_rate)
 
 
-# -- the auditor -----------------------------------------------------------------------------
+# -- the bound -------------------------------------------------------------------------------
 
 
 @dataclass(slots=True)
 class _Namespace:
+    """A namespace's audits, its floor, and the record the bound chooses the floor from."""
+
+    levels: int  # floors 0 .. levels - 1 (the configured one, then a step each)
+    keep: int
     total: Tally = field(default_factory=Tally)
-    window: Tally = field(default_factory=Tally)  # since the floor last changed
-    level: int = 0  # steps above the configured floor; past the cap: off
+    level: int = 0  # the floor's step above the configured one
+    off: bool = False
     off_since: float = 0.0
+    since: int = 0  # audits since the floor last changed
+    # (level served under, highest level the similarity passes, disagreed) of the last audits
+    records: deque[tuple[int, int, bool]] = field(default_factory=deque)
+    # what floor k would have served: +1 at a record's served level, -1 past its own level
+    # (a difference array, so each floor's tally is a running sum: O(levels) a decision)
+    n: list[int] = field(default_factory=list)
+    k: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.n, self.k = [0] * (self.levels + 1), [0] * (self.levels + 1)
+
+    def add(self, served: int, passes: int, disagreed: bool) -> None:
+        if len(self.records) >= self.keep:
+            self._count(*self.records.popleft(), -1)
+        self.records.append((served, passes, disagreed))
+        self._count(served, passes, disagreed, 1)
+
+    def _count(self, served: int, passes: int, disagreed: bool, sign: int) -> None:
+        self.n[served] += sign
+        self.n[passes + 1] -= sign
+        if disagreed:
+            self.k[served] += sign
+            self.k[passes + 1] -= sign
+
+    def evidence(self) -> list[Tally]:
+        """Per floor k: the recorded audits that floor k would also have served and whose
+        floor then was at most k (so they are a sample of what floor k serves)."""
+        out, n, k = [], 0, 0
+        for level in range(self.levels):
+            n, k = n + self.n[level], k + self.k[level]
+            out.append(Tally(n, k))
+        return out
+
+    def clear(self) -> None:
+        self.records.clear()
+        self.n, self.k = [0] * (self.levels + 1), [0] * (self.levels + 1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,25 +289,36 @@ class _Job:
     origin: Any
     query: str
     candidate: str | None
+    similarity: float | None
+    level: int  # the floor it was served under
+    at: float  # when it was offered, on the auditor's clock
 
 
 class Auditor:
     """Samples hits, re-asks them upstream in the background, keeps the estimate and the bound.
 
     ``threshold`` is the configured similarity floor; ``max_rate`` the bound (None: none);
-    ``pairs`` a file audited pairs are appended to as ``{"a", "b", "label"}`` lines.
+    ``pairs`` a file audited pairs are appended to as ``{"a", "b", "label"}`` lines;
+    ``busy`` says whether the request path's model has work (the worker waits while it has,
+    ``pause`` seconds at a time, and drops an audit that has waited ``max_wait`` seconds).
     :meth:`connect` gives it the front end's upstream call; until then offers are ignored.
     """
 
     def __init__(self, rate: float, judge: Judge, *, threshold: float,
-                 max_rate: float | None = None, pairs: str | None = None, step: float = 0.02,
+                 max_rate: float | None = None, pairs: str | None = None, step: float = STEP,
                  cap: float = 0.999, hold: float = 600.0, queue: int = QUEUE,
-                 timeout: float = 120.0, rng: random.Random | None = None,
+                 keep: int = KEPT, timeout: float = 120.0,
+                 busy: Callable[[], bool] | None = None, pause: float = 0.005,
+                 max_wait: float = 60.0, rng: random.Random | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.rate, self.judge, self.threshold = rate, judge, threshold
         self.max_rate, self.step, self.cap, self.hold = max_rate, step, cap, hold
+        self.levels = max(1, int((cap - threshold) / step + 1e-9) + 1)
+        self.keep = keep
         self.pairs = Path(pairs) if pairs else None
         self.timeout = timeout
+        self.pause, self.max_wait = pause, max_wait
+        self._busy = busy or (lambda: False)
         self._rng = rng or random.Random()
         self._clock = clock
         self._queue: asyncio.Queue[_Job] = asyncio.Queue(maxsize=queue)
@@ -247,20 +328,32 @@ class Auditor:
         self.namespaces: dict[str, _Namespace] = {}
         self.overall = Tally()
         self.control = Tally()
-        self.counts = {"offered": 0, "queued": 0, "dropped": 0, "asked": 0, "failed": 0,
-                       "pairs": 0}
+        self.counts = {"offered": 0, "queued": 0, "dropped": 0, "expired": 0, "waited": 0,
+                       "asked": 0, "failed": 0, "pairs": 0}
         self.changes: deque[dict[str, Any]] = deque(maxlen=CHANGES_KEPT)
 
     def connect(self, ask: Ask, spent: Spent | None = None) -> None:
         """The front end's upstream call (and where its cost is counted)."""
         self._ask, self._spent = ask, spent
 
+    def floor_at(self, level: int) -> float:
+        """The similarity floor ``level`` steps above the configured one."""
+        return round(self.threshold + level * self.step, 6)
+
+    def _passes(self, similarity: float | None, served: int) -> int:
+        """The highest floor a hit at ``similarity`` passes (at least the one it passed)."""
+        if similarity is None:
+            return served
+        level = math.floor((similarity - self.threshold) / self.step + 1e-3)
+        return min(self.levels - 1, max(served, level))
+
     # -- the request path: O(1) ---------------------------------------------------------
 
     def offer(self, req: Prepared, served: Answer, *, exact: bool, origin: Any = None,
-              candidate: str | None = None) -> None:
+              candidate: str | None = None, similarity: float | None = None) -> None:
         """A hit was served: sample it for an audit (never waits: a full queue drops it).
-        ``candidate`` is the matched entry's prompt, for the pairs file."""
+        ``candidate`` is the matched entry's prompt, for the pairs file; ``similarity`` the
+        semantic hit's, for the bound."""
         if self._ask is None or req.view is None and not exact:
             return
         self.counts["offered"] += 1
@@ -268,7 +361,9 @@ class Auditor:
             return
         if exact and self.control.audited + self._queue.qsize() > max(50, self.overall.audited):
             return  # the control costs at most as many calls as the semantic audits
-        job = _Job(req, served, exact, origin, req.view.text if req.view else "", candidate)
+        ns = self.namespaces.get(self._labels(req.key.namespace)) if not exact else None
+        job = _Job(req, served, exact, origin, req.view.text if req.view else "", candidate,
+                   similarity, ns.level if ns is not None else 0, self._clock())
         try:
             self._queue.put_nowait(job)
             self.counts["queued"] += 1
@@ -280,29 +375,43 @@ class Auditor:
         None: the semantic tier is off there."""
         ns = self.namespaces.get(namespace)
         base = self.threshold if requested is None else max(requested, self.threshold)
-        if ns is None or ns.level == 0:
+        if ns is None:
             return base
-        raised = self.threshold + ns.level * self.step
-        if raised > self.cap:
+        if ns.off:
             if self._clock() - ns.off_since < self.hold:
                 return None
-            self._change(namespace, ns, ns.level - 1, "tried again after hold")
-            raised = self.threshold + ns.level * self.step
-        return max(base, raised)
+            ns.clear()  # its evidence is ``hold`` old, and turned it off: start afresh
+            self._change(namespace, ns, self.levels - 1, False, "tried again after hold")
+        return max(base, self.floor_at(ns.level))
 
     # -- the worker ---------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Audit queued hits one at a time, until cancelled."""
+        """Audit queued hits one at a time, while the request path's model is idle, until
+        cancelled."""
         while True:
             job = await self._queue.get()
             try:
-                await self.audit(job)
+                if await self._wait(job):
+                    await self.audit(job)
             except asyncio.CancelledError:
                 raise
             except Exception:
                 self.counts["failed"] += 1
                 log.exception("audit failed")
+
+    async def _wait(self, job: _Job) -> bool:
+        """Wait while the request path is busy; False (counted ``expired``) once the audit
+        has waited ``max_wait`` since it was offered."""
+        waited = False
+        while self._busy():
+            if self._clock() - job.at > self.max_wait:
+                self.counts["expired"] += 1
+                return False
+            waited = True
+            await asyncio.sleep(self.pause)
+        self.counts["waited"] += waited
+        return True
 
     async def audit(self, job: _Job) -> None:
         assert self._ask is not None
@@ -317,50 +426,86 @@ class Auditor:
         if fresh is None or not 200 <= fresh.status < 300:
             self.counts["failed"] += 1
             return
+        if not await self._wait(job):  # the call is paid; the judging waits for traffic too
+            return
         disagreed = await self.judge.disagree(job.req.api, job.served, fresh)
-        self.record(job.req.key.namespace, disagreed, exact=job.exact)
+        self.record(job.req.key.namespace, disagreed, exact=job.exact,
+                    similarity=job.similarity, level=job.level)
         if self.pairs is not None and not job.exact and job.candidate is not None:
             await asyncio.to_thread(self._write_pair, job.query, job.candidate, disagreed)
 
-    def record(self, namespace: str, disagreed: bool, *, exact: bool) -> None:
-        """One audit's verdict; the bound is checked after a semantic one."""
+    def record(self, namespace: str, disagreed: bool, *, exact: bool,
+               similarity: float | None = None, level: int | None = None) -> None:
+        """One audit's verdict (``similarity``: the semantic hit's; ``level``: the floor it
+        was served under, by default the namespace's present one); the bound is checked
+        after a semantic one."""
         if exact:
             self.control.add(disagreed)
             return
         self.overall.add(disagreed)
         name = self._labels(namespace)
-        ns = self.namespaces.setdefault(name, _Namespace())
+        ns = self.namespaces.get(name)
+        if ns is None:
+            ns = self.namespaces[name] = _Namespace(self.levels, self.keep)
         ns.total.add(disagreed)
-        ns.window.add(disagreed)
-        if self.max_rate is not None:
+        served = min(self.levels - 1, ns.level if level is None else level)
+        ns.add(served, self._passes(similarity, served), disagreed)
+        ns.since += 1
+        if self.max_rate is not None and not ns.off:
             self._bound(name, ns, self.max_rate)
 
     def _bound(self, name: str, ns: _Namespace, f: float) -> None:
-        if ns.window.audited < MIN_AUDITS:
-            return
-        est = estimate(ns.window, self.control)
-        if est.low > f:  # over F beyond doubt: no need to wait for a full record
-            self._change(name, ns, ns.level + 1, f"lower end {est.low:.4f} over {f}")
-        elif ns.window.audited < enough(f):
-            return
-        elif est.high > f:
-            self._change(name, ns, ns.level + 1, f"upper end {est.high:.4f} over {f}")
-        elif ns.level > 0:
-            self._change(name, ns, ns.level - 1, f"upper end {est.high:.4f} under {f}")
+        """Choose the namespace's floor from its record (see the module doc)."""
+        tallies = ns.evidence()
+        ests = [estimate(t, self.control) for t in tallies]
+        full = enough(f)
 
-    def _change(self, name: str, ns: _Namespace, level: int, why: str) -> None:
-        if self.threshold + ns.level * self.step > self.cap and level > ns.level:
-            return  # off already
-        ns.level, ns.window = level, Tally()
-        raised = self.threshold + level * self.step
-        off = raised > self.cap
+        def clearly_over(i: int) -> bool:
+            return tallies[i].audited >= MIN_AUDITS and ests[i].low > f
+
+        def under(i: int) -> bool:  # shown under F, or under it with a margin
+            n, e = tallies[i].audited, ests[i]
+            return (n >= MIN_AUDITS and e.high <= f
+                    or n >= MIN_UNDER and e.rate is not None and e.rate <= MARGIN * f)
+
+        def over(i: int) -> bool:  # clearly over F, or not under it on a full record
+            return clearly_over(i) or tallies[i].audited >= full and not under(i)
+
+        def why(i: int, verdict: str) -> str:
+            e = ests[i]
+            return (f"{verdict} at {self.floor_at(i):.4f}: {tallies[i].disagreed} of "
+                    f"{tallies[i].audited} disagreed, estimate {e.rate or 0:.4f} "
+                    f"[{e.low:.4f}, {e.high:.4f}], F = {f}")
+
+        cur = ns.level
+        if over(cur):
+            higher = range(cur + 1, self.levels)
+            target = next((i for i in higher if under(i)), None)
+            if target is not None:
+                self._change(name, ns, target, False,
+                             f"{why(cur, 'over')}; {why(target, 'under')}")
+                return
+            known = [i for i in higher if tallies[i].audited >= MIN_AUDITS]
+            target = next((i for i in higher if not over(i)), None)
+            if target is None or known and clearly_over(known[-1]):
+                top = known[-1] if known else cur
+                self._change(name, ns, cur, True, why(top, "over even"))
+            else:  # nothing above shown under: the lowest floor not shown over
+                self._change(name, ns, target, False, f"{why(cur, 'over')}; "
+                             f"{self.floor_at(target):.4f} is not shown over")
+        elif cur > 0 and ns.since >= full and under(cur) and not over(cur - 1):
+            self._change(name, ns, cur - 1, False, f"{why(cur, 'under')}; a step down")
+
+    def _change(self, name: str, ns: _Namespace, level: int, off: bool, why: str) -> None:
+        ns.level, ns.off, ns.since = level, off, 0
         if off:
             ns.off_since = self._clock()
+        floor = self.floor_at(level)
         change = {"at": time.time(), "namespace": name, "level": level,
-                  "floor": None if off else round(raised, 4), "off": off, "why": why}
+                  "floor": None if off else floor, "off": off, "why": why}
         self.changes.append(change)
         log.warning("false-hit bound: namespace %r %s (%s)", name,
-                    "semantic tier off" if off else f"similarity floor {raised:.4f}", why)
+                    "semantic tier off" if off else f"similarity floor {floor:.4f}", why)
 
     def _write_pair(self, query: str, candidate: str, disagreed: bool) -> None:
         assert self.pairs is not None
@@ -374,7 +519,7 @@ class Auditor:
     def exceeded(self, namespace: str) -> bool:
         """Whether the bound holds ``namespace`` above its configured floor (or off)."""
         ns = self.namespaces.get(namespace)
-        return ns is not None and ns.level > 0
+        return ns is not None and (ns.level > 0 or ns.off)
 
     def _summary(self, t: Tally) -> dict[str, Any]:
         est = estimate(t, self.control)
@@ -386,10 +531,12 @@ class Auditor:
         """The /stats "audit" section."""
         namespaces = {}
         for name, ns in self.namespaces.items():
-            raised = self.threshold + ns.level * self.step
             namespaces[name] = {**self._summary(ns.total),
-                                "floor": None if raised > self.cap else round(raised, 4),
-                                "off": raised > self.cap, "bound_exceeded": ns.level > 0}
+                                "floor": None if ns.off else self.floor_at(ns.level),
+                                "off": ns.off, "bound_exceeded": ns.level > 0 or ns.off,
+                                "recorded": len(ns.records),
+                                "floors": {f"{self.floor_at(i):.2f}": [t.audited, t.disagreed]
+                                           for i, t in enumerate(ns.evidence()) if t.audited}}
         p0 = self.control.disagreed / self.control.audited if self.control.audited else None
         return {**self._summary(self.overall), "rate": self.rate, "max_false_hit_rate":
                 self.max_rate, "control": {"audited": self.control.audited,
