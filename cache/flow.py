@@ -138,12 +138,15 @@ async def lookup(engine: Engine, req: Prepared, metrics: FlowMetrics | None = No
     if not (req.semantic_lookup and req.view is not None):
         return None, True
     threshold = req.threshold  # raised in a namespace by the false-hit bound, or None: off
-    if engine.audit is not None and (threshold := engine.audit.floor(
-            req.key.namespace, req.threshold)) is None:
-        return None, True
+    relief = None  # the tier's length relief
+    if engine.audit is not None:
+        if (threshold := engine.audit.floor(req.key.namespace, req.threshold)) is None:
+            return None, True
+        if engine.audit.exceeded(req.key.namespace):
+            relief = 0.0  # a floor the bound raised is the least similarity it lets through
+    lookup = _semantic_lookup(engine, req, metrics, threshold, relief)
     try:
-        hit = await (tracing.traced_search(_semantic_lookup(engine, req, metrics, threshold))
-                     if tracing.active() else _semantic_lookup(engine, req, metrics, threshold))
+        hit = await (tracing.traced_search(lookup) if tracing.active() else lookup)
     except CacheUnavailable:
         return None, False
     if hit is None or not req.control.accepts_age(age := engine.cache.age(hit.entry)):
@@ -164,12 +167,13 @@ async def _exact(engine: Engine, req: Prepared) -> Found | None:
 
 
 async def _semantic_lookup(engine: Engine, req: Prepared, metrics: FlowMetrics,
-                           threshold: float | None) -> SemanticHit | None:
+                           threshold: float | None, relief: float | None
+                           ) -> SemanticHit | None:
     """The semantic tier's answer; a failure of the model is a miss, never an error."""
     assert engine.semantic is not None and req.view is not None
     started = time.perf_counter()
     try:
-        return await engine.semantic.lookup(req.view, threshold=threshold)
+        return await engine.semantic.lookup(req.view, threshold=threshold, relief=relief)
     except CacheUnavailable:
         raise
     except Exception:
@@ -227,7 +231,7 @@ async def handle(engine: Engine, req: Prepared, exchange: Exchange[R],
                                                             found.similarity))
         if engine.audit is not None:  # sampled, queued for the background: O(1)
             engine.audit.offer(req, found.answer, exact=found.status == "HIT", origin=exchange,
-                               candidate=found.text)
+                               candidate=found.text, similarity=found.similarity)
         return result
     status = "MISS" if cache_ok else "BYPASS"
     if not cache_ok:

@@ -189,11 +189,12 @@ class SemanticCache:
         return (self.index.nbytes + (fs.nbytes if fs is not None else 0)
                 + len(self._refs) * REF_BYTES)
 
-    async def lookup(self, view: SemanticView, *, threshold: float | None = None
-                     ) -> SemanticHit | None:
-        """The best verified entry of ``view``'s scope, or None. May raise CacheUnavailable."""
+    async def lookup(self, view: SemanticView, *, threshold: float | None = None,
+                     relief: float | None = None) -> SemanticHit | None:
+        """The best verified entry of ``view``'s scope, or None. May raise CacheUnavailable.
+        ``threshold`` and ``relief`` replace the policy's for this lookup."""
         threshold = self.policy.threshold if threshold is None else threshold
-        relief = self.policy.length_relief
+        relief = self.policy.length_relief if relief is None else relief
         cut = threshold - relief  # what a long enough pair needs; shorter ones need more
         self.counts["lookups"] += 1
         if self.memory_shed:

@@ -54,3 +54,24 @@ async def test_a_long_rewrite_is_served_under_the_relief_and_only_then(
             assert (hit is not None and hit.response == {"answer": LONG}) is served
             assert await cache.lookup(body(SHORT_REWRITE), namespace=ns) is None  # 6 words
             assert await cache.lookup(body(LONG_OPPOSITE), namespace=ns) is None  # opposite
+
+
+async def test_a_floor_the_false_hit_bound_raised_gets_no_relief(
+        redis_url: str, embedder: Embedder) -> None:
+    """The bound chooses a floor from the similarities of audited hits, so a floor it
+    raised is the least similarity served there: the relief does not reach under it."""
+    async with AsyncCache(redis_url=redis_url, embedder=embedder, embed_timeout=30.0,
+                          semantic_wait_budget=5.0, audit_rate=1.0,
+                          max_false_hit_rate=0.01) as cache:
+        ns = "bound-raised"
+        assert await cache.store(body(LONG), {"answer": LONG}, namespace=ns)
+        assert cache.engine.semantic is not None and cache.engine.audit is not None
+        await cache.engine.semantic.drain()
+        auditor = cache.engine.audit
+        hit = await cache.lookup(body(LONG_REWRITE), namespace=ns)
+        assert hit is not None  # at the configured floor, the relief serves it
+        for _ in range(40):  # wrong answers at the configured floor: the bound raises it
+            auditor.record(ns, True, exact=False, similarity=0.976)
+        assert auditor.exceeded(ns) and auditor.floor(ns, None) is not None
+        assert await cache.lookup(body(LONG_REWRITE), namespace=ns) is None
+        assert await cache.lookup(body(LONG), namespace=ns) is not None  # exact still hits
