@@ -28,6 +28,7 @@ import itertools
 import operator
 import re
 from collections import Counter
+from collections.abc import Iterator
 
 from promptcache.cache.semantic.contrast import contrast_agrees
 
@@ -61,18 +62,22 @@ def _too_long(*texts: str) -> bool:
     return any(len(t) > MAX_TOKENS and len(_tokens(t)) > MAX_TOKENS for t in texts)
 
 
+def iter_words(text: str) -> Iterator[str]:
+    """:func:`words`, lazily: reading the first few costs only those."""
+    for m in _TOKEN.finditer(text):
+        t = m.group(0)
+        if t[0] == "`":
+            yield from iter_words(t[1:-1])
+        elif t[0].isalnum() or t[0] in "_$€£¥₹":
+            yield t.removesuffix("()").casefold().replace("’", "'")
+
+
 def words(text: str) -> list[str]:
     """Casefolded words, numbers and identifiers, without punctuation.
 
     Code is compared as written without its markup: `load_dataset()` is load_dataset.
     """
-    out: list[str] = []
-    for t in _tokens(text):
-        if t[0] == "`":
-            out += words(t[1:-1])
-        elif t[0].isalnum() or t[0] in "_$€£¥₹":
-            out.append(t.removesuffix("()").casefold().replace("’", "'"))
-    return out
+    return list(iter_words(text))
 
 
 # --- numbers -----------------------------------------------------------------------------

@@ -25,13 +25,14 @@ milliseconds a check on the worst inputs found, 5-20 ms on a 2,500-word pair.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from promptcache.cache.protocols import Scorer, Verdict
-from promptcache.cache.semantic.rules import CHECKS, RULES, words
+from promptcache.cache.semantic.rules import CHECKS, RULES, iter_words
 from promptcache.cache.semantic.scorers import load_model
 
 if TYPE_CHECKING:
@@ -51,12 +52,17 @@ RELIEF_FROM_WORDS = 10
 RELIEF_FULL_WORDS = 15
 
 
+def _count_words(text: str) -> int:
+    return sum(1 for _ in itertools.islice(iter_words(text), RELIEF_FULL_WORDS))
+
+
 def required_similarity(threshold: float, relief: float, query: str, candidate: str) -> float:
     """The similarity a candidate needs: ``threshold`` less the part of ``relief`` the
     shorter text's length earns (see :data:`DEFAULT_LENGTH_RELIEF`)."""
     if relief <= 0:
         return threshold
-    n = min(len(words(query)), len(words(candidate)))
+    # counted up to where the relief is full: a long text costs no more than a short one
+    n = min(_count_words(query), _count_words(candidate))
     share = min(max(n - RELIEF_FROM_WORDS, 0) / (RELIEF_FULL_WORDS - RELIEF_FROM_WORDS), 1.0)
     return threshold - relief * share
 

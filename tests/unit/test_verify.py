@@ -309,3 +309,17 @@ def test_two_forms_of_one_word_are_no_swap_but_look_alikes_are() -> None:
                            "How do a list and a tuple differ in Python?")
     assert not opposites_agree("What is the fee for an internal transfer?",
                                "What is the fee for an international transfer?")
+
+
+def test_the_relief_reads_no_more_of_a_huge_text_than_it_needs() -> None:
+    """On the tier's loop, per candidate: the words are counted only up to where the
+    relief is full, so a megabyte of text costs what fifteen words do."""
+    import time
+
+    from promptcache.cache.semantic.verifier import required_similarity
+
+    huge = "word " * 200_000
+    started = time.process_time()
+    for _ in range(100):
+        assert required_similarity(0.975, 0.045, huge, huge) == pytest.approx(0.93)
+    assert time.process_time() - started < 0.1
